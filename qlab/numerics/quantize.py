@@ -1,0 +1,407 @@
+"""quantize / dequantize / fake_quant, and the QTensor they share.
+
+All arithmetic runs in float32 whatever the input dtype; outputs come back in the input dtype.
+``fake_quant(x, spec)`` is bit-identical to ``dequantize(quantize(x, spec))`` for every finite
+or infinite input (a NaN has no integer code: quantize stores code 0 for it, fake_quant
+propagates the NaN so that training notices).
+
+Non-finite values never set a range: absmax, min-max and percentiles look at finite values
+only, +-inf then saturates to the largest code. An all-zero (or all non-finite) group gets
+scale 1, so zeros come back as zeros and nothing divides by zero.
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> x = jnp.array([[0.1, -0.5, 0.25, 1.0]])
+    >>> q = quantize(x, "int4/ch0")
+    >>> q.codes.tolist()
+    [[1, -4, 2, 7]]
+    >>> bool((dequantize(q) == fake_quant(x, "int4/ch0")).all())
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qlab.numerics.granularity import from_view, to_view
+from qlab.numerics.spec import MSE, Fixed, Percentile, QuantSpec, as_spec
+
+__all__ = ["QTensor", "quantize", "dequantize", "fake_quant", "quant_error", "sqnr_db"]
+
+_F32 = jnp.float32
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass(frozen=True)
+class QTensor:
+    """Quantized array: integer/bit-pattern ``codes`` + ``scale`` (+ ``zero_point``) + ``spec``.
+
+    ``codes`` has the original shape (int8/uint8); ``scale`` and ``zero_point`` have the
+    grouped-view shape of the spec's granularity (see ``qlab.numerics.granularity``);
+    ``tensor_scale`` is the optional second-level f32 scale (NVFP4).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> q = quantize(jnp.ones((4, 256)), "int4/g128")
+        >>> q.packed_bytes   # 1024 codes * 4 bits + 8 scales * 16 bits
+        528
+    """
+
+    codes: jax.Array
+    scale: jax.Array
+    zero_point: jax.Array | None
+    tensor_scale: jax.Array | None
+    spec: QuantSpec
+    shape: tuple
+    dtype: np.dtype
+
+    def tree_flatten(self):
+        return (self.codes, self.scale, self.zero_point, self.tensor_scale), (
+            self.spec,
+            self.shape,
+            self.dtype,
+        )
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children, *aux)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def packed_bytes(self) -> int:
+        """Bytes this tensor occupies packed: codes at ``bits`` bits, scales, zero points."""
+        from qlab.numerics.packing import packed_nbytes
+
+        return packed_nbytes(self.spec, self.shape)
+
+    @property
+    def bits_per_weight(self) -> float:
+        from qlab.numerics.packing import bits_per_weight
+
+        return bits_per_weight(self.spec, self.shape)
+
+    def __repr__(self):
+        return (
+            f"QTensor(spec={str(self.spec)!r}, shape={self.shape}, dtype={np.dtype(self.dtype).name}, "
+            f"scale_shape={tuple(self.scale.shape)}, packed_bytes={self.packed_bytes})"
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# Ranges
+
+
+def _finite(x):
+    return jnp.isfinite(x)
+
+
+def _absmax(xv, axes):
+    # Fast path: a plain max(|x|) fuses into one pass; only when it comes out non-finite
+    # (an inf or NaN in the group) do we pay for the masked reduction.
+    a = jnp.max(jnp.abs(xv), axis=axes, keepdims=True)
+    return jax.lax.cond(
+        jnp.all(jnp.isfinite(a)),
+        lambda: a,
+        lambda: jnp.max(jnp.where(_finite(xv), jnp.abs(xv), 0.0), axis=axes, keepdims=True),
+    )
+
+
+def _minmax(xv, axes):
+    lo = jnp.min(xv, axis=axes, keepdims=True)
+    hi = jnp.max(xv, axis=axes, keepdims=True)
+
+    def masked():
+        fin = _finite(xv)
+        return (
+            jnp.min(jnp.where(fin, xv, 0.0), axis=axes, keepdims=True),
+            jnp.max(jnp.where(fin, xv, 0.0), axis=axes, keepdims=True),
+        )
+
+    lo, hi = jax.lax.cond(jnp.all(jnp.isfinite(lo) & jnp.isfinite(hi)), lambda: (lo, hi), masked)
+    return jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
+
+
+def _base_range(xv, axes, spec: QuantSpec):
+    """(lo, hi) before any clip search; symmetric specs return (-amax, amax)."""
+    rng = spec.range
+    if isinstance(rng, Fixed):
+        shape = tuple(1 if i in axes else s for i, s in enumerate(xv.shape))
+        lo = jnp.full(shape, min(rng.lo, 0.0), _F32)
+        hi = jnp.full(shape, max(rng.hi, 0.0), _F32)
+        if spec.symmetric:
+            a = jnp.maximum(-lo, hi)
+            return -a, a
+        return lo, hi
+    if isinstance(rng, Percentile):
+        xn = jnp.where(_finite(xv), xv, jnp.nan)
+        if spec.symmetric:
+            a = jnp.nanpercentile(jnp.abs(xn), rng.q, axis=axes, keepdims=True)
+            a = jnp.nan_to_num(a, nan=0.0)
+            return -a, a
+        lo = jnp.nan_to_num(jnp.nanpercentile(xn, 100 - rng.q, axis=axes, keepdims=True), nan=0.0)
+        hi = jnp.nan_to_num(jnp.nanpercentile(xn, rng.q, axis=axes, keepdims=True), nan=0.0)
+        return jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
+    if spec.symmetric:
+        a = _absmax(xv, axes)
+        return -a, a
+    return _minmax(xv, axes)
+
+
+# ---------------------------------------------------------------------------------------
+# Scales
+
+
+def _store_scale(s, spec: QuantSpec, qmax_abs: float):
+    """Round a positive scale to its storage dtype; zero/non-finite scales become 1."""
+    ok = (s > 0) & jnp.isfinite(s)
+    s = jnp.where(ok, s, 1.0)
+    d = spec.scale_dtype
+    if d == "f32":
+        return s
+    if d == "f16":
+        return jnp.clip(s, 2.0**-24, 65504.0).astype(jnp.float16).astype(_F32)
+    if d == "bf16":
+        return s.astype(jnp.bfloat16).astype(_F32)
+    if d == "e4m3":
+        return jnp.clip(s, 2.0**-9, 448.0).astype(jnp.float8_e4m3fn).astype(_F32)
+    # e8m0, OCP MX rule: the shared exponent is floor(log2(amax)) - floor(log2(qmax)), where
+    # s was computed as amax/qmax by the caller; we recover amax to apply the rule exactly.
+    amax = s * qmax_abs
+    _, e = jnp.frexp(amax)  # amax = f * 2**e, f in [0.5, 1): floor(log2 amax) = e - 1
+    exp = jnp.clip(e - 1 - int(math.floor(math.log2(qmax_abs))), -127, 127)
+    return jnp.where(ok, jnp.ldexp(jnp.ones_like(s), exp.astype(jnp.int32)), 1.0)
+
+
+def _scale_and_zero(lo, hi, spec: QuantSpec, tscale):
+    """Scale (stored precision) and zero point (or None) for a clip range [lo, hi]."""
+    fmt = spec.fmt
+    if spec.symmetric:
+        amax = jnp.maximum(-lo, hi)
+        denom = fmt.max_abs if spec.absmax_to == "qmax" else float(-fmt.qmin)
+        raw = amax / denom
+        if tscale is not None:
+            raw = raw / tscale
+        return _store_scale(raw, spec, denom), None
+    qmin, qmax = float(fmt.qmin), float(fmt.qmax)
+    raw = (hi - lo) / (qmax - qmin)
+    scale = _store_scale(raw, spec, qmax - qmin)
+    if spec.zero_point == "int":
+        zp = jnp.clip(qmin - jnp.round(lo / scale), qmin, qmax)
+    else:
+        zp = (qmin - lo / scale).astype(_F32)
+        if spec.scale_dtype in ("f16", "bf16"):
+            zp = zp.astype(jnp.float16 if spec.scale_dtype == "f16" else jnp.bfloat16).astype(_F32)
+    return scale, zp
+
+
+def _effective(scale, tscale):
+    return scale if tscale is None else scale * tscale
+
+
+def _tensor_scale(xv, spec: QuantSpec):
+    """NVFP4-style second-level scale: maps the tensor's absmax to qmax * max(scale dtype)."""
+    amax = _absmax(xv, tuple(range(xv.ndim))).reshape(())
+    smax = {"e4m3": 448.0, "e8m0": 2.0**127, "f16": 65504.0, "bf16": 3.0e38, "f32": 3.0e38}[spec.scale_dtype]
+    ts = amax / (spec.fmt.max_abs * smax)
+    return jnp.where((ts > 0) & jnp.isfinite(ts), ts, 1.0).astype(_F32)
+
+
+# ---------------------------------------------------------------------------------------
+# Core
+
+
+def _round_codes(v, spec: QuantSpec, noise):
+    return spec.fmt.round(v, noise)
+
+
+def _qparams(xv, axes, spec: QuantSpec, noise):
+    """(scale, zero_point, tensor_scale) for the grouped view ``xv``."""
+    tscale = _tensor_scale(xv, spec) if spec.tensor_scale else None
+    lo, hi = _base_range(xv, axes, spec)
+    if isinstance(spec.range, MSE):
+        lo, hi = _mse_search(xv, axes, spec, lo, hi, tscale)
+    scale, zp = _scale_and_zero(lo, hi, spec, tscale)
+    return scale, zp, tscale, (lo, hi)
+
+
+def _grid_values(xv, scale, zp, tscale, spec, noise):
+    eff = _effective(scale, tscale)
+    v = xv / eff
+    if zp is not None:
+        v = v + zp
+    return _round_codes(v, spec, noise)
+
+
+def _reconstruct(r, scale, zp, tscale):
+    if zp is not None:
+        r = r - zp
+    return r * _effective(scale, tscale)
+
+
+def _mse_search(xv, axes, spec: QuantSpec, lo, hi, tscale):
+    m: MSE = spec.range
+    ratios = jnp.linspace(1.0, m.min_ratio, m.grid, dtype=_F32)
+
+    def err_for(r):
+        s, z = _scale_and_zero(lo * r, hi * r, spec, tscale)
+        y = _reconstruct(_grid_values(xv, s, z, tscale, spec, None), s, z, tscale)
+        d = jnp.where(_finite(xv), jnp.abs(y - xv), 0.0)
+        return jnp.sum(d**m.norm, axis=axes, keepdims=True)
+
+    def body(carry, r):
+        best_err, best_r = carry
+        e = err_for(r)
+        better = e < best_err
+        return (jnp.where(better, e, best_err), jnp.where(better, r, best_r)), None
+
+    e0 = err_for(ratios[0])
+    (_, best_r), _ = jax.lax.scan(body, (e0, jnp.ones_like(e0)), ratios[1:])
+    return lo * best_r, hi * best_r
+
+
+def _noise(key, shape, spec: QuantSpec):
+    if spec.rounding != "stochastic":
+        return None
+    if key is None:
+        raise ValueError(
+            "QuantSpec.rounding='stochastic' needs a PRNG key: pass key=jax.random.key(seed)"
+        )
+    return jax.random.uniform(key, shape, _F32)
+
+
+def _check_input(x):
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"x: expected a floating-point array, got dtype {x.dtype}")
+    return x
+
+
+def quantize(x, spec, *, key=None) -> QTensor:
+    """Quantize ``x`` to codes + scales under ``spec`` (a QuantSpec or a spec string).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> q = quantize(jnp.linspace(-1, 1, 256).reshape(2, 128), "int8/g128")
+        >>> q.codes.dtype, q.scale.shape
+        (dtype('int8'), (2, 1, 1))
+    """
+    spec = as_spec(spec)
+    x = _check_input(x)
+    xv, axes = to_view(x.astype(_F32), spec.granularity)
+    noise = _noise(key, xv.shape, spec)
+    scale, zp, tscale, _ = _qparams(xv, axes, spec, noise)
+    r = _grid_values(xv, scale, zp, tscale, spec, noise)
+    r = jnp.where(jnp.isnan(r), 0.0 if zp is None else zp, r)
+    codes = spec.fmt.encode(r)
+    codes = from_view(codes, spec.granularity, x.shape)
+    return QTensor(codes, scale, zp, tscale, spec, tuple(x.shape), x.dtype)
+
+
+def dequantize(q: QTensor):
+    """Values of a QTensor, in its original dtype.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> x = jnp.array([0.5, -1.0, 0.25])
+        >>> dequantize(quantize(x, "int8")).dtype
+        dtype('float32')
+    """
+    spec = q.spec
+    cv, _ = to_view(q.codes, spec.granularity)
+    r = spec.fmt.decode(cv)
+    y = _reconstruct(r, q.scale, q.zero_point, q.tensor_scale)
+    return from_view(y, spec.granularity, q.shape).astype(q.dtype)
+
+
+def _fq_forward(x, spec: QuantSpec, noise):
+    xv, axes = to_view(x.astype(_F32), spec.granularity)
+    scale, zp, tscale, (lo, hi) = _qparams(xv, axes, spec, noise)
+    r = _grid_values(xv, scale, zp, tscale, spec, noise)
+    y = _reconstruct(r, scale, zp, tscale)
+    y = from_view(y, spec.granularity, x.shape).astype(x.dtype)
+    if spec.ste == "identity":
+        return y, None
+    inside = (xv >= lo) & (xv <= hi)
+    return y, from_view(inside, spec.granularity, x.shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _fake_quant(x, spec, noise):
+    return _fq_forward(x, spec, noise)[0]
+
+
+def _fake_quant_fwd(x, spec, noise):
+    y, mask = _fq_forward(x, spec, noise)
+    return y, mask
+
+
+def _fake_quant_bwd(spec, mask, g):
+    gx = g if mask is None else jnp.where(mask, g, jnp.zeros_like(g))
+    return gx, None
+
+
+_fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
+
+
+def fake_quant(x, spec, *, key=None):
+    """Quantize and dequantize in one step, with a straight-through gradient.
+
+    The forward value is bit-identical to ``dequantize(quantize(x, spec, key=key))``. The
+    gradient is 1 inside the clip range ``[lo, hi]`` that the range method chose (absmax:
+    ``[-absmax, absmax]``, so nothing finite is masked; ``fixed(-1,1)``: ``[-1, 1]``; MSE and
+    percentile: the searched range), boundary included (``x == hi`` passes its gradient), and
+    0 outside it; with ``spec.ste == "identity"`` it is 1 everywhere. Scales computed from ``x`` are treated as
+    constants (no gradient flows through the range statistics).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> x = jnp.array([0.3, -2.0, 1.0])
+        >>> jax.grad(lambda v: fake_quant(v, "int8/fixed(-1,1)").sum())(x).tolist()
+        [1.0, 0.0, 1.0]
+    """
+    spec = as_spec(spec)
+    x = _check_input(x)
+    if spec.rounding == "stochastic":
+        noise = _noise(key, spec.granularity.view(x.shape)[0], spec)
+    else:
+        noise = None
+    return _fake_quant(x, spec, noise)
+
+
+def quant_error(x, spec, *, key=None):
+    """Mean squared error of ``fake_quant(x, spec)`` against ``x`` (finite entries).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> float(quant_error(jnp.zeros(8), "int4"))
+        0.0
+    """
+    x = jnp.asarray(x)
+    y = fake_quant(x, spec, key=key)
+    d = jnp.where(jnp.isfinite(x), (y.astype(_F32) - x.astype(_F32)) ** 2, 0.0)
+    return jnp.mean(d)
+
+
+def sqnr_db(x, y):
+    """Signal-to-quantization-noise ratio of ``y`` against reference ``x``, in dB.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> round(float(sqnr_db(jnp.ones(4), jnp.ones(4) * 1.01)), 1)
+        40.0
+    """
+    x = jnp.asarray(x, _F32)
+    y = jnp.asarray(y, _F32)
+    sig = jnp.sum(x**2)
+    noise = jnp.sum((x - y) ** 2)
+    return 10 * jnp.log10(sig / jnp.maximum(noise, 1e-30))
+
