@@ -361,6 +361,11 @@ def _field(reader, key, default=None):
     return f.contents()
 
 
+def _f32(v) -> float:
+    """A float32 metadata value as the short decimal it was written from (1e-06, not 9.99999997e-07)."""
+    return float(str(np.float32(v)))
+
+
 def read_gguf_config(reader) -> Gemma3Config:
     """Gemma3Config from GGUF metadata (``reader``: a ``gguf.GGUFReader`` or a path), with consistency checks."""
     import gguf
@@ -393,11 +398,12 @@ def read_gguf_config(reader) -> Gemma3Config:
         ffn_dim=int(g("feed_forward_length")),
         sliding_window=int(g("attention.sliding_window")),
         sliding_window_pattern=int(pattern),
-        rope_base_local=float(g("rope.freq_base_swa", 10_000.0)),
-        rope_base_global=float(g("rope.freq_base", 1_000_000.0)),
-        rms_eps=float(np.float32(g("attention.layer_norm_rms_epsilon"))),
+        rope_base_local=_f32(g("rope.freq_base_swa", 10_000.0)),
+        rope_base_global=_f32(g("rope.freq_base", 1_000_000.0)),
+        rms_eps=_f32(g("attention.layer_norm_rms_epsilon")),
         # llama.cpp: f_attention_scale = 1/sqrt(head_dim) for every gemma3 size except 27B; honoured if stored.
-        query_pre_attn_scalar=float(head_dim) if g("attention.scale") is None else float(g("attention.scale")) ** -2,
+        query_pre_attn_scalar=(float(head_dim) if g("attention.scale") is None
+                               else float(f"{float(g('attention.scale')) ** -2:.6g}")),
         context_length=int(g("context_length", 32_768)),
         bos_id=int(_field(reader, "tokenizer.ggml.bos_token_id", 2)),
         eos_id=int(_field(reader, "tokenizer.ggml.eos_token_id", 1)),
@@ -424,9 +430,13 @@ def _dequantize_all(reader) -> dict[str, np.ndarray]:
     return out
 
 
+_CACHE_FORMAT = 2  # bump when what is cached (weights layout, config fields, tokenizer build) changes
+
+
 def _file_key(path: Path) -> str:
     st = path.stat()
-    return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    key = f"{_CACHE_FORMAT}:{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def load_gguf_weights(path: str | os.PathLike, *, cache: str | os.PathLike | None = None,
