@@ -1,0 +1,269 @@
+"""Figures from result tables (pandas DataFrames); this module knows no models.
+
+Every function returns a :class:`matplotlib.figure.Figure` (shown inline when it is a notebook cell's
+value; not registered with pyplot, so nothing leaks or shows twice). ``save(fig, path)`` writes a PNG.
+
+Example:
+    >>> import pandas as pd
+    >>> t = pd.DataFrame({"method": ["float", "ptq_rtn", "ptq_rtn"], "model_mib": [1.0, 0.25, 0.13],
+    ...                   "accuracy": [0.97, 0.96, 0.80], "weight": [None, "int8/ch", "int4/ch"],
+    ...                   "bits_per_weight": [32.0, 8.25, 4.25]})
+    >>> fig = pareto(t, label="weight")
+    >>> fig.axes[0].get_xlabel()
+    'model size (MiB)'
+    >>> pareto_front(t)
+    [2, 1, 0]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+from typing import Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+
+__all__ = ["pareto", "pareto_front", "metric_vs_bits", "layer_bars", "weight_histogram", "save", "LABELS"]
+
+#: Axis labels (with units) for the usual result columns.
+LABELS = {
+    "model_mib": "model size (MiB)",
+    "model_bytes": "model size (bytes)",
+    "float_mib": "float model size (MiB)",
+    "bits_per_weight": "bits / weight",
+    "accuracy": "test accuracy",
+    "float_accuracy": "float test accuracy",
+    "accuracy_drop": "accuracy drop vs float",
+    "weight_sqnr_db": "weight SQNR (dB)",
+    "weight_rel_error": "relative weight error ||Wq-W||²/||W||²",
+    "sensitivity_drop": "accuracy drop (only this layer quantized)",
+    "packed_bytes": "packed size (bytes)",
+    "wall_s": "wall time (s)",
+    "params": "parameters",
+    "perplexity": "perplexity",
+}
+
+
+def _label(col: str) -> str:
+    return LABELS.get(col, col.replace("_", " "))
+
+
+def _fig(ax=None, figsize=(6.4, 4.4)):
+    if ax is not None:
+        return ax.figure, ax
+    fig = Figure(figsize=figsize, layout="constrained")
+    return fig, fig.add_subplot()
+
+
+def save(fig: Figure, path, dpi: int = 120) -> pathlib.Path:
+    """Write ``fig`` as PNG (or the path's suffix format); returns the path.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = save(Figure(), pathlib.Path(tempfile.mkdtemp()) / "f.png"); p.suffix
+        '.png'
+    """
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name("." + path.name + ".tmp" + path.suffix)
+    fig.savefig(tmp, dpi=dpi)
+    tmp.replace(path)
+    return path
+
+
+def pareto_front(table, x: str = "model_mib", y: str = "accuracy", maximize: bool = True) -> list:
+    """Index labels of the Pareto-optimal rows (smallest ``x`` for the best ``y``), sorted by ``x``.
+
+    A row is on the front if no other row has ``x`` <= and ``y`` better-or-equal with one strictly.
+
+    Example:
+        >>> import pandas as pd
+        >>> pareto_front(pd.DataFrame({"model_mib": [1, 2, 3], "accuracy": [0.5, 0.4, 0.9]}))
+        [0, 2]
+    """
+    t = table[[x, y]].dropna()
+    sign = 1.0 if maximize else -1.0
+    order = sorted(t.index, key=lambda i: (t.at[i, x], -sign * t.at[i, y]))
+    front, best = [], -math.inf
+    for i in order:
+        v = sign * t.at[i, y]
+        if v > best:
+            front.append(i)
+            best = v
+    return front
+
+
+def pareto(table, x: str = "model_mib", y: str = "accuracy", hue: str | None = "method", label: str | None = None,
+           *, maximize: bool = True, logx: bool | None = None, ax=None, title: str | None = None) -> Figure:
+    """Scatter ``y`` against ``x`` coloured by ``hue``, the Pareto frontier drawn as a step line and
+    its points ringed; ``label`` (a column) annotates every point.
+
+    Example:
+        >>> import pandas as pd
+        >>> fig = pareto(pd.DataFrame({"model_mib": [1, 2], "accuracy": [0.5, 0.7], "method": ["a", "b"]}))
+        >>> len(fig.axes)
+        1
+    """
+    fig, ax = _fig(ax)
+    t = table.dropna(subset=[x, y])
+    groups = [(None, t)] if not hue or hue not in t else list(t.groupby(hue, sort=False, dropna=False))
+    for name, g in groups:
+        ax.scatter(g[x], g[y], s=36, alpha=0.85, label=None if name is None else str(name), zorder=3)
+    front = pareto_front(t, x, y, maximize)
+    if front:
+        fx, fy = t.loc[front, x].to_numpy(), t.loc[front, y].to_numpy()
+        ax.step(fx, fy, where="post", color="0.3", lw=1.2, ls="--", zorder=2, label="Pareto frontier")
+        ax.scatter(fx, fy, s=110, facecolors="none", edgecolors="k", lw=1.2, zorder=4)
+    if label and label in t:
+        for i, row in t.iterrows():
+            txt = row[label]
+            if txt is None or (isinstance(txt, float) and math.isnan(txt)):
+                txt = str(row[hue]) if hue and hue in t else ""
+            ax.annotate(str(txt), (row[x], row[y]), xytext=(4, 3), textcoords="offset points",
+                        fontsize=7, alpha=0.9 if i in front else 0.6)
+    if logx is None:
+        vals = t[x][t[x] > 0]
+        logx = len(vals) > 1 and vals.max() / vals.min() > 20
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel(_label(x))
+    ax.set_ylabel(_label(y))
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    if title:
+        ax.set_title(title)
+    return fig
+
+
+def metric_vs_bits(table, y: str = "accuracy", x: str = "bits_per_weight", hue: str = "method",
+                   by: str | None = "granularity", *, ax=None, title: str | None = None,
+                   reference: str | None = "float") -> Figure:
+    """``y`` against bits/weight, one line per ``hue`` (and per ``by`` value, as line styles); seeds
+    are averaged (error bars: standard deviation). Rows whose ``hue`` equals ``reference`` (float)
+    are drawn as a horizontal line.
+
+    Example:
+        >>> import pandas as pd
+        >>> t = pd.DataFrame({"method": ["q", "q"], "bits_per_weight": [4.0, 8.0], "accuracy": [0.8, 0.9]})
+        >>> metric_vs_bits(t, by=None).axes[0].get_xlabel()
+        'bits / weight'
+    """
+    fig, ax = _fig(ax)
+    t = table.dropna(subset=[y])
+    if reference is not None and hue in t:
+        ref = t[t[hue] == reference]
+        if len(ref):
+            ax.axhline(ref[y].mean(), color="0.4", ls=":", lw=1.2, label=f"{reference} ({ref[y].mean():.3g})")
+        t = t[t[hue] != reference]
+    keys = [k for k in (hue, by) if k and k in t and t[k].nunique(dropna=False) > 0]
+    styles = ["-", "--", ":", "-."]
+    by_vals = list(dict.fromkeys(t[by])) if by and by in t else [None]
+    for name, g in (t.groupby(keys, sort=False, dropna=False) if keys else [((), t)]):
+        name = name if isinstance(name, tuple) else (name,)
+        agg = g.groupby(x)[y].agg(["mean", "std"]).reset_index().sort_values(x)
+        ls = styles[by_vals.index(name[-1]) % len(styles)] if by and by in t and len(name) == len(keys) else "-"
+        ax.errorbar(agg[x], agg["mean"], yerr=agg["std"].fillna(0), marker="o", ms=4, ls=ls, capsize=2,
+                    label=" / ".join(str(n) for n in name))
+    ax.set_xlabel(_label(x))
+    ax.set_ylabel(_label(y))
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, ncol=2 if len(ax.get_lines()) > 6 else 1)
+    if title:
+        ax.set_title(title)
+    return fig
+
+
+def layer_bars(layers, y: str = "weight_sqnr_db", layer: str = "layer", hue: str | None = None,
+               *, order: str | None = "order", ax=None, title: str | None = None) -> Figure:
+    """Grouped bars of a per-layer quantity (error, SQNR, sensitivity): one group per layer (in
+    ``order``), one bar per ``hue`` value (averaged over duplicates).
+
+    Example:
+        >>> import pandas as pd
+        >>> d = pd.DataFrame({"layer": ["a", "b"], "weight_sqnr_db": [20.0, 25.0]})
+        >>> [t.get_text() for t in layer_bars(d).axes[0].get_xticklabels()]
+        ['a', 'b']
+    """
+    t = layers.dropna(subset=[y])
+    t = t[np.isfinite(t[y].astype(float))]
+    if order and order in t:
+        names = list(t.sort_values(order)[layer].drop_duplicates())
+    else:
+        names = list(dict.fromkeys(t[layer]))
+    hues = list(dict.fromkeys(t[hue])) if hue and hue in t else [None]
+    fig, ax = _fig(ax, figsize=(max(6.4, 0.5 * len(names) * max(1, len(hues)) ** 0.5 + 3), 4.4))
+    width = 0.8 / len(hues)
+    xs = np.arange(len(names))
+    for j, h in enumerate(hues):
+        g = t if h is None else t[t[hue] == h]
+        vals = g.groupby(layer)[y].mean().reindex(names)
+        ax.bar(xs + (j - (len(hues) - 1) / 2) * width, vals.to_numpy(dtype=float), width,
+               label=None if h is None else str(h))
+    ax.set_xticks(xs, names, rotation=30 if len(names) > 6 else 0, ha="right" if len(names) > 6 else "center")
+    ax.set_xlabel("layer")
+    ax.set_ylabel(_label(y))
+    ax.grid(True, axis="y", alpha=0.3)
+    if hues != [None]:
+        ax.legend(fontsize=7, ncol=2 if len(hues) > 6 else 1)
+    if title:
+        ax.set_title(title)
+    return fig
+
+
+def quant_grid(w, spec) -> np.ndarray:
+    """The representable values of ``spec`` over ``w``'s full range (one per-tensor scale), sorted.
+
+    Example:
+        >>> import numpy as np
+        >>> quant_grid(np.linspace(-1, 1, 11), "int2").tolist()
+        [-1.0, 0.0, 1.0]
+    """
+    from qlab.numerics import Fixed, PerTensor, fake_quant, parse_spec
+
+    spec = parse_spec(spec)
+    w = np.asarray(w, np.float32)
+    lo, hi = float(np.nanmin(w)), float(np.nanmax(w))
+    rng = spec.range if isinstance(spec.range, Fixed) else Fixed(min(lo, 0.0), max(hi, 0.0))
+    tensor = dataclasses.replace(spec, granularity=PerTensor(), range=rng, rounding="nearest")
+    xs = np.linspace(rng.lo, rng.hi, 65537, dtype=np.float32)
+    return np.unique(np.asarray(fake_quant(xs, tensor))) + 0.0  # no -0.0
+
+
+def weight_histogram(w, spec=None, *, bins: int = 120, ax=None, title: str | None = None,
+                     show_quantized: bool = True) -> Figure:
+    """Histogram of weights ``w`` with ``spec``'s quantization grid overlaid (vertical lines at the
+    representable values for one scale spanning the tensor's range; per-channel/group specs have
+    one such grid per scale group, so their actual grids are finer). With ``show_quantized``,
+    the histogram of ``fake_quant(w, spec)`` is drawn too.
+
+    Example:
+        >>> import numpy as np
+        >>> fig = weight_histogram(np.random.default_rng(0).normal(size=(64, 32)), "int3")
+        >>> "int3" in fig.axes[0].get_title()
+        True
+    """
+    from qlab.numerics import fake_quant, parse_spec, sqnr_db
+
+    fig, ax = _fig(ax)
+    w = np.asarray(w, np.float32)
+    flat = w.ravel()
+    ax.hist(flat, bins=bins, color="C0", alpha=0.6, label=f"weights ({flat.size:,})")
+    head = "weights"
+    if spec is not None:
+        spec = parse_spec(spec)
+        grid = quant_grid(w, spec)
+        for k, g in enumerate(grid if len(grid) <= 256 else grid[:: math.ceil(len(grid) / 256)]):
+            ax.axvline(g, color="C3", lw=0.8, alpha=0.7, label=f"grid ({len(grid)} values)" if k == 0 else None)
+        if show_quantized and w.ndim >= 1:
+            wq = np.asarray(fake_quant(w if w.ndim >= 2 else w[None], spec)).reshape(w.shape)
+            ax.hist(wq.ravel(), bins=bins, histtype="step", color="C1", lw=1.2, label="fake-quantized")
+            head = f"{spec}: SQNR {float(sqnr_db(w, wq)):.1f} dB"
+        else:
+            head = str(spec)
+    ax.set_xlabel("weight value")
+    ax.set_ylabel("count")
+    ax.legend(fontsize=7)
+    ax.set_title(title or head)
+    return fig
