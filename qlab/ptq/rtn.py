@@ -1,0 +1,157 @@
+"""Round-to-nearest (RTN) for a layer kernel, plus the small helpers every PTQ algorithm shares.
+
+Kernels are Flax layout ``(in, out)``: the contraction axis is 0 and the channel axis is 1, so a
+per-channel spec gets one scale per output column and ``g128`` groups 128 consecutive *input* rows
+of one output column (``spec.resolve(channel_axis=1, contract_axis=0)``).
+
+Every algorithm in ``qlab.ptq`` returns a :class:`qlab.QTensor` whose ``dequantize`` is the weight the
+layer uses, so memory is always counted by ``qlab.packed_nbytes`` rules and nothing is stored twice.
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> W = jnp.linspace(-1, 1, 256 * 8).reshape(256, 8)
+    >>> q = rtn(W, "int4/g128")
+    >>> q.scale.shape        # (in / 128 groups, 1, out)
+    (2, 1, 8)
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from qlab.numerics.formats import IntFormat
+from qlab.numerics.granularity import PerChannel, PerGroup, PerTensor
+from qlab.numerics.quantize import (
+    QTensor,
+    _base_range,
+    _grid_values,
+    _mse_search,
+    _reconstruct,
+    _scale_and_zero,
+    _tensor_scale,
+    quantize,
+)
+from qlab.numerics.spec import MSE, QuantSpec, as_spec
+
+__all__ = [
+    "rtn",
+    "resolve_weight_spec",
+    "group_size",
+    "group_params",
+    "grid_round",
+    "qtensor_from_grid",
+    "tensor_scale_of",
+]
+
+_F32 = jnp.float32
+
+
+def resolve_weight_spec(spec, *, require_rows: bool = False) -> QuantSpec:
+    """``spec`` (a QuantSpec or string) resolved for an ``(in, out)`` kernel.
+
+    ``require_rows=True`` (GPTQ, HQQ, AWQ) additionally checks that every scale covers whole input
+    rows of one output column or whole columns: per-tensor, per-channel on axis 1, or groups along
+    axis 0 without padding; deterministic rounding only.
+
+    Example:
+        >>> resolve_weight_spec("int4/g64").granularity
+        PerGroup(size=64, axis=0, pad=False)
+    """
+    spec = as_spec(spec)
+    if spec is None:
+        raise ValueError("weight spec is None (keep float): nothing to quantize")
+    spec = spec.resolve(channel_axis=1, contract_axis=0)
+    if require_rows:
+        g = spec.granularity
+        ok = (
+            isinstance(g, PerTensor)
+            or (isinstance(g, PerChannel) and g.axis in (1, -1))
+            or (isinstance(g, PerGroup) and g.axis == 0 and not g.pad)
+        )
+        if not ok:
+            raise ValueError(
+                f"spec {str(spec)!r}: this algorithm needs per-tensor, per-channel (output axis 1) or "
+                f"per-group along the input axis 0 without padding; got {g!r}"
+            )
+        if spec.rounding != "nearest":
+            raise ValueError(f"spec {str(spec)!r}: stochastic rounding is not supported here; use rne")
+    return spec
+
+
+def group_size(spec: QuantSpec, n_in: int) -> int:
+    """Input rows that share one scale: G for groups, ``n_in`` for per-channel and per-tensor."""
+    g = spec.granularity
+    if isinstance(g, PerGroup):
+        if n_in % g.size:
+            raise ValueError(f"group size {g.size} does not divide the input dimension {n_in}")
+        return g.size
+    return n_in
+
+
+def group_params(rows, spec: QuantSpec, tscale=None, *, per_tensor: bool = False):
+    """(scale, zero_point) of one scale group from its rows ``(G, out)``: shape ``(1, out)`` each (or
+    ``(1, 1)`` for per-tensor), already rounded to their storage dtype, exactly as ``qlab.quantize``
+    computes them (same range method, MSE search included). ``zero_point`` is None for symmetric specs."""
+    xv = rows.astype(_F32)[None]  # (1, G, out)
+    axes = (0, 1, 2) if per_tensor else (1,)
+    lo, hi = _base_range(xv, axes, spec)
+    if isinstance(spec.range, MSE):
+        lo, hi = _mse_search(xv, axes, spec, lo, hi, tscale)
+    s, z = _scale_and_zero(lo, hi, spec, tscale)
+    s = s.reshape(1, -1)
+    return s, (None if z is None else z.reshape(1, -1))
+
+
+def grid_round(w, scale, zp, tscale, spec: QuantSpec):
+    """(grid values r, dequantized value q) of ``w`` with the given scales (broadcasting)."""
+    r = _grid_values(w, scale, zp, tscale, spec, None)
+    return r, _reconstruct(r, scale, zp, tscale)
+
+
+def qtensor_from_grid(r, scale_rows, zp_rows, tscale, spec: QuantSpec, dtype=np.float32) -> QTensor:
+    """Assemble a QTensor from grid values ``r (in, out)`` and per-row scales ``(in, out)`` (or
+    ``(1, out)``/``(1, 1)``) that are constant within each scale group (the view shape is taken from
+    the group's first row)."""
+    n_in, n_out = r.shape
+    g = spec.granularity
+    codes = spec.fmt.encode(r)
+    scale_rows = jnp.broadcast_to(scale_rows, (n_in, n_out)) if scale_rows.shape[0] == 1 else scale_rows
+    if zp_rows is not None and zp_rows.shape[0] == 1:
+        zp_rows = jnp.broadcast_to(zp_rows, (n_in, n_out))
+    if isinstance(g, PerGroup):
+        G = g.size
+        scale = scale_rows[::G].reshape(n_in // G, 1, n_out)
+        zp = None if zp_rows is None else zp_rows[::G].reshape(n_in // G, 1, n_out)
+    elif isinstance(g, PerChannel):
+        scale = scale_rows[:1]
+        zp = None if zp_rows is None else zp_rows[:1]
+    elif isinstance(g, PerTensor):
+        scale = scale_rows[:1, :1]
+        zp = None if zp_rows is None else zp_rows[:1, :1]
+    else:  # pragma: no cover - guarded by resolve_weight_spec
+        raise ValueError(f"unsupported granularity {g!r}")
+    return QTensor(codes, scale.astype(_F32), None if zp is None else zp.astype(_F32), tscale, spec,
+                   (n_in, n_out), np.dtype(dtype))
+
+
+def tensor_scale_of(W, spec: QuantSpec):
+    """The second-level per-tensor scale (NVFP4-style ``ts`` specs) or None."""
+    return _tensor_scale(W.astype(_F32), spec) if spec.tensor_scale else None
+
+
+def rtn(W, spec) -> QTensor:
+    """Round-to-nearest: ``qlab.quantize(W, spec)`` with the spec resolved for an ``(in, out)`` kernel.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> rtn(jnp.ones((64, 4)), "int8/ch").scale.shape
+        (1, 4)
+    """
+    spec = resolve_weight_spec(spec)
+    return quantize(jnp.asarray(W, _F32), spec)
+
+
+def is_int_asym(spec: QuantSpec) -> bool:
+    return isinstance(spec.fmt, IntFormat) and not spec.symmetric
+
