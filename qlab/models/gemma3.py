@@ -34,7 +34,6 @@ import hashlib
 import json
 import math
 import os
-import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -511,7 +510,7 @@ def build_tokenizer(tokens: Sequence[str], scores: Sequence[float], types: Seque
                     eos_id: int = 1, unk_id: int = 3, pad_id: int = 0, add_bos: bool = True):
     """A ``tokenizers.Tokenizer`` for a Gemma (SentencePiece BPE, byte fallback, no dummy prefix) vocabulary.
 
-    >>> toks, scores, types = tiny_vocab(300)
+    >>> toks, scores, types = tiny_vocab(320)
     >>> tok = build_tokenizer(toks, scores, types)
     >>> tok.decode(tok.encode("the cat").ids)
     'the cat'
