@@ -1,0 +1,250 @@
+"""Quantizer modules (Flax NNX) and their Variable types.
+
+* :class:`QuantParam` (an ``nnx.Param`` subclass): learnable quantizer parameters (LSQ steps,
+  PACT clips). Default optimizers (``wrt=nnx.Param``) train them; filter them with
+  ``nnx.state(model, QuantParam)``.
+* :class:`QuantStat` (an ``nnx.Variable``): statistics (EMA ranges, first-batch initial values,
+  calibration sums). Updated by forward passes in training mode, never differentiated.
+
+:class:`WeightQuantizer` fake-quantizes a layer weight (``"ste"``: ``qlab.fake_quant``; ``"lsq"``:
+a learned step per scale group). :class:`ActQuantizer` fake-quantizes a layer's input viewed as
+``[rows, in_features]`` (``"ste"`` with a dynamic or EMA range, ``"lsq"``, ``"pact"``).
+
+Learned activation quantizers are parameterised relative to a data-dependent initial value
+captured on the first training batch: the effective LSQ step is ``step * step_init`` and the
+PACT clip is ``alpha * alpha_init`` (both ``QuantParam``s start at 1.0). This keeps the
+parameters trainable from the first step without writing Params inside a differentiated
+forward pass; ``effective_step()`` / ``effective_alpha()`` return the values in data units.
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> wq = WeightQuantizer("int4/ch", method="lsq", weight=jnp.ones((8, 4)), channel_axis=1, contract_axis=0)
+    >>> wq.step.shape
+    (1, 4)
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qlab.numerics.formats import IntFormat
+from qlab.numerics.granularity import from_view, to_view
+from qlab.numerics.learned import pact_fake_quant, round_ste
+from qlab.numerics.quantize import QTensor, _store_scale, fake_quant
+from qlab.numerics.spec import Absmax, QuantSpec, as_spec
+
+__all__ = ["QuantParam", "QuantStat", "WeightQuantizer", "ActQuantizer", "grad_scale"]
+
+
+class QuantParam(nnx.Param):
+    """A learnable quantizer parameter (LSQ step, PACT alpha). Trained by ``wrt=nnx.Param``."""
+
+
+class QuantStat(nnx.Variable):
+    """Quantizer / calibration statistics (EMA ranges, counters). Never differentiated."""
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def grad_scale(x, g: float):
+    """Identity forward (bit-exact); multiplies the gradient by ``g``.
+
+    Example:
+        >>> float(jax.grad(lambda v: grad_scale(v, 0.5))(3.0))
+        0.5
+    """
+    return x
+
+
+def _gs_fwd(x, g):
+    return x, None
+
+
+def _gs_bwd(g, _, ct):
+    return (ct * g,)
+
+
+grad_scale.defvjp(_gs_fwd, _gs_bwd)
+
+
+def _int_fmt(spec: QuantSpec, what: str) -> IntFormat:
+    if not isinstance(spec.fmt, IntFormat):
+        raise ValueError(f"{what} needs an integer format (int2..int8, uint..), got {spec.fmt.name}")
+    if not spec.symmetric:
+        raise ValueError(f"{what} supports symmetric specs only, got {spec}")
+    return spec.fmt
+
+
+def _lsq_codes(xv, s, fmt: IntFormat):
+    """LSQ forward on a grouped view: (rounded clipped codes with STE, value)."""
+    v = jnp.clip(xv / s, fmt.qmin, fmt.qmax)
+    r = round_ste(v)
+    return r, r * s
+
+
+class WeightQuantizer(nnx.Module):
+    """Fake-quantizes a layer weight under a resolved spec.
+
+    Args:
+        spec: the weight spec, already resolved for the layer (``spec.resolve(channel, contract)``).
+        method: ``"ste"`` or ``"lsq"``.
+        weight: the initial weight (LSQ initialises its steps from it: ``2 mean|w| / sqrt(Qp)``
+            per scale group).
+    """
+
+    def __init__(self, spec, *, method: str = "ste", weight=None, channel_axis=None, contract_axis=None):
+        spec = as_spec(spec)
+        if channel_axis is not None:
+            spec = spec.resolve(channel_axis, contract_axis)
+        self.spec = spec
+        self.method = method
+        if method == "lsq":
+            fmt = _int_fmt(spec, "LSQ weight quantizer")
+            wv, axes = to_view(jnp.asarray(weight, jnp.float32), spec.granularity)
+            m = jnp.mean(jnp.abs(wv), axis=axes, keepdims=True)
+            self.step = QuantParam(jnp.maximum(2 * m / math.sqrt(max(fmt.qmax, 1)), 1e-8))
+            self.group_size = int(math.prod(wv.shape[a] for a in axes))
+        elif method == "ste":
+            self.step = nnx.data(None)
+            self.group_size = 0
+        else:
+            raise ValueError(f"weight quantizer: unknown method {method!r} (ste, lsq)")
+
+    def _lsq_scale(self):
+        fmt = self.spec.fmt
+        g = 1.0 / math.sqrt(self.group_size * max(fmt.qmax, 1))
+        return grad_scale(jnp.abs(self.step[...]) + 1e-12, g)
+
+    def __call__(self, w):
+        if self.method == "ste":
+            return fake_quant(w, self.spec)
+        wv, _ = to_view(w.astype(jnp.float32), self.spec.granularity)
+        _, y = _lsq_codes(wv, self._lsq_scale(), self.spec.fmt)
+        return from_view(y, self.spec.granularity, w.shape).astype(w.dtype)
+
+    def quantize(self, w) -> QTensor:
+        """Real codes + scales whose dequantization equals ``self(w)`` exactly."""
+        from qlab.numerics.quantize import quantize
+
+        if self.method == "ste":
+            return quantize(w, self.spec)
+        wv, _ = to_view(w.astype(jnp.float32), self.spec.granularity)
+        s = jnp.abs(self.step[...]) + 1e-12
+        r, _ = _lsq_codes(wv, s, self.spec.fmt)
+        codes = from_view(self.spec.fmt.encode(r), self.spec.granularity, w.shape)
+        spec = self.spec.replace(scale_dtype="f32")  # learned steps are stored in f32
+        return QTensor(codes, s.astype(jnp.float32), None, None, spec, tuple(w.shape), w.dtype)
+
+
+def _static_fq(x, lo, hi, spec: QuantSpec):
+    """Fake-quant of ``x`` with a given (traced) range [lo, hi]; STE, zero gradient outside."""
+    fmt = spec.fmt
+    if spec.symmetric:
+        amax = jnp.maximum(-lo, hi)
+        denom = fmt.max_abs if spec.absmax_to == "qmax" else float(-fmt.qmin)
+        scale = _store_scale(amax / denom, spec, denom)
+        q = fmt.round(x / scale) * scale
+        if not getattr(fmt, "signed", True):
+            lo = jnp.zeros_like(lo)
+        inside = (x >= -amax if getattr(fmt, "signed", True) else x >= 0) & (x <= amax)
+    else:
+        qmin, qmax = float(fmt.qmin), float(fmt.qmax)
+        scale = _store_scale((hi - lo) / (qmax - qmin), spec, qmax - qmin)
+        zp = jnp.clip(qmin - jnp.round(lo / scale), qmin, qmax)
+        q = (fmt.round(x / scale + zp) - zp) * scale
+        inside = (x >= lo) & (x <= hi)
+    q = jax.lax.stop_gradient(q)
+    return jnp.where(inside, x + jax.lax.stop_gradient(q - x), q)
+
+
+class ActQuantizer(nnx.Module):
+    """Fake-quantizes activations viewed as ``[rows, features]``.
+
+    Methods: ``"ste"`` + ``range="dynamic"`` (qlab.fake_quant on each batch), ``"ste"`` +
+    ``range="ema"`` (static per-tensor range, EMA in ``QuantStat``s), ``"lsq"``, ``"pact"``.
+    ``use_running_average`` (set by ``model.eval()`` / ``model.train()``) freezes statistics.
+    """
+
+    def __init__(self, spec, *, method: str = "ste", range: str = "dynamic", ema_decay: float = 0.99):
+        spec = as_spec(spec).resolve(0, 1)
+        self.spec = spec
+        self.method = method
+        self.range = range
+        self.ema_decay = float(ema_decay)
+        self.use_running_average = False
+        self.count = nnx.data(None)
+        if method == "ste" and range == "dynamic":
+            return
+        self.count = QuantStat(jnp.zeros((), jnp.int32))
+        if method == "ste":  # ema
+            self.lo = QuantStat(jnp.zeros((), jnp.float32))
+            self.hi = QuantStat(jnp.zeros((), jnp.float32))
+        elif method == "lsq":
+            _int_fmt(spec, "LSQ activation quantizer")
+            self.step = QuantParam(jnp.ones((), jnp.float32))
+            self.step_init = QuantStat(jnp.ones((), jnp.float32))
+        elif method == "pact":
+            _int_fmt(spec, "PACT activation quantizer")
+            self.alpha = QuantParam(jnp.ones((), jnp.float32))
+            self.alpha_init = QuantStat(jnp.ones((), jnp.float32))
+        else:
+            raise ValueError(f"activation quantizer: unknown method {method!r} (ste, lsq, pact)")
+
+    def effective_step(self):
+        """LSQ step in data units (``step * step_init``)."""
+        return jnp.abs(self.step[...]) * self.step_init[...]
+
+    def effective_alpha(self):
+        """PACT clip in data units (``alpha * alpha_init``)."""
+        return jnp.abs(self.alpha[...]) * self.alpha_init[...]
+
+    def _first(self, value_fn, var):
+        """On the first training call, store ``value_fn()`` into ``var``; return the value to use."""
+        seen = self.count[...] > 0
+        if self.use_running_average:
+            return jnp.where(seen, var[...], value_fn())
+        v = jnp.where(seen, var[...], jax.lax.stop_gradient(value_fn()))
+        var[...] = v
+        return v
+
+    def __call__(self, x2):
+        spec = self.spec
+        if self.method == "ste" and self.range == "dynamic":
+            return fake_quant(x2, spec)
+        xs = jax.lax.stop_gradient(x2.astype(jnp.float32))
+        train = not self.use_running_average
+        if self.method == "ste":
+            if spec.symmetric:
+                a = jnp.max(jnp.abs(xs))
+                blo, bhi = -a, a
+            else:
+                blo, bhi = jnp.minimum(jnp.min(xs), 0.0), jnp.maximum(jnp.max(xs), 0.0)
+            seen = self.count[...] > 0
+            d = self.ema_decay
+            if train:
+                lo = jnp.where(seen, d * self.lo[...] + (1 - d) * blo, blo)
+                hi = jnp.where(seen, d * self.hi[...] + (1 - d) * bhi, bhi)
+                self.lo[...] = lo
+                self.hi[...] = hi
+            else:
+                lo = jnp.where(seen, self.lo[...], blo)
+                hi = jnp.where(seen, self.hi[...], bhi)
+            y = _static_fq(x2.astype(jnp.float32), lo, hi, spec).astype(x2.dtype)
+        elif self.method == "lsq":
+            fmt = spec.fmt
+            qp = max(fmt.qmax, 1)
+            s0 = self._first(lambda: jnp.maximum(2 * jnp.mean(jnp.abs(xs)) / math.sqrt(qp), 1e-8), self.step_init)
+            g = 1.0 / math.sqrt(max(1, x2.size) * qp)
+            s = grad_scale(jnp.abs(self.step[...]) + 1e-12, g) * s0
+            _, y = _lsq_codes(x2.astype(jnp.float32), s, fmt)
+            y = y.astype(x2.dtype)
+        else:  # pact
+            a0 = self._first(lambda: jnp.maximum(jnp.max(jnp.abs(xs)), 1e-6), self.alpha_init)
+            y = pact_fake_quant(x2, jnp.abs(self.alpha[...]) * a0, spec.fmt)
+        if train:
+            self.count[...] = self.count[...] + 1
+        return y

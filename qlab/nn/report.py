@@ -1,0 +1,143 @@
+"""Per-layer report and honest model size of a quantized model.
+
+Example:
+    >>> from flax import nnx
+    >>> from qlab.models import MLP
+    >>> from qlab.nn import Rule, quantize_model
+    >>> qm = quantize_model(MLP(16, hidden=(32,), out=4, rngs=nnx.Rngs(0)), [Rule("layers/.*", weight="int4/g8")])
+    >>> layer_report(qm)[["layer", "rule", "weight_spec"]].values.tolist()
+    [['head', '<float>', None], ['layers/0', 'layers/.*', 'int4/g8a0']]
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qlab.numerics.packing import bits_per_weight, packed_nbytes
+from qlab.numerics.quantize import sqnr_db
+from qlab.nn.nnx_quant import SEEN_CALL_SITES, _kind, _walk
+from qlab.nn.rules import first_match
+
+__all__ = ["layer_report", "model_size", "unmatched_rules"]
+
+
+def unmatched_rules(qmodel) -> tuple[str, ...]:
+    """Patterns of the rules that matched no layer when the model was quantized."""
+    return tuple(getattr(qmodel, "_qlab_unmatched", ()))
+
+
+def layer_report(qmodel, *, sqnr: bool = True, warn: bool = True):
+    """One row per weight layer (quantized or left in float) and per call site seen so far.
+
+    Columns: ``layer`` (path), ``kind`` (linear/conv/einsum/embed/call site op), ``rule``
+    (pattern or ``"<float>"``), ``weight_spec``, ``act_spec``, ``weight_quantizer``,
+    ``act_quantizer``, ``converted``, ``params``, ``bits_per_weight``, ``packed_bytes``,
+    ``float_bytes`` (f32), ``sqnr_db`` (quantized vs float weight; NaN when unknown).
+    ``df.attrs["unmatched_rules"]`` lists rules that matched nothing (also warned about).
+    """
+    import pandas as pd
+
+    wrappers, floats, _ = _walk(qmodel)
+    rules = getattr(qmodel, "_qlab_rules", ())
+    rows = []
+    for path, L in wrappers.items():
+        w = L.weight[...]
+        q = L.qtensor()
+        shape = tuple(q.shape) if q is not None else tuple(w.shape)
+        n = math.prod(shape)
+        if q is not None:
+            wspec = q.spec
+        elif L.weight_quant is not None:
+            wspec = L.weight_quant.spec
+        else:
+            wspec = None
+        bpw = bits_per_weight(wspec, shape) if wspec is not None else 32.0
+        pbytes = packed_nbytes(wspec, shape) if wspec is not None else 4 * n
+        s = float("nan")
+        if sqnr and w.size and wspec is not None:
+            s = float(sqnr_db(w, L.weight_value()))
+        rows.append(dict(
+            layer=path, kind=L.kind, rule=L.rule.pattern,
+            weight_spec=None if wspec is None else str(wspec),
+            act_spec=None if L.act_quant is None else str(L.act_quant.spec),
+            weight_quantizer=None if wspec is None else ("converted" if q is not None else L.weight_quant.method),
+            act_quantizer=None if L.act_quant is None else (
+                L.act_quant.method + ("/ema" if L.act_quant.range == "ema" and L.act_quant.method == "ste" else "")),
+            converted=q is not None, params=n, bits_per_weight=bpw, packed_bytes=int(pbytes),
+            float_bytes=4 * n, sqnr_db=s,
+        ))
+    for path, m in floats.items():
+        w = getattr(m, "embedding" if _kind(m) == "embed" else "kernel")[...]
+        r = first_match(rules, path) if rules else None
+        rows.append(dict(
+            layer=path, kind=_kind(m), rule=r.pattern if r is not None else "<float>",
+            weight_spec=None, act_spec=None, weight_quantizer=None, act_quantizer=None, converted=False,
+            params=int(w.size), bits_per_weight=32.0, packed_bytes=4 * int(w.size), float_bytes=4 * int(w.size),
+            sqnr_db=float("nan"),
+        ))
+    for site, pat in SEEN_CALL_SITES.get(rules, {}).items() if rules else ():
+        r = first_match(rules, site)
+        rows.append(dict(
+            layer=site, kind="call:" + site.rsplit("/", 1)[-1].rsplit("_", 1)[0], rule=pat,
+            weight_spec=None if r.weight is None else str(r.weight), act_spec=None if r.act is None else str(r.act),
+            weight_quantizer="ste" if r.weight is not None else None, act_quantizer="ste" if r.act is not None else None,
+            converted=False, params=0, bits_per_weight=float("nan"), packed_bytes=0, float_bytes=0,
+            sqnr_db=float("nan"),
+        ))
+    df = pd.DataFrame(rows, columns=[
+        "layer", "kind", "rule", "weight_spec", "act_spec", "weight_quantizer", "act_quantizer", "converted",
+        "params", "bits_per_weight", "packed_bytes", "float_bytes", "sqnr_db"])
+    df = df.sort_values("layer", kind="stable").reset_index(drop=True)
+    um = unmatched_rules(qmodel)
+    df.attrs["unmatched_rules"] = list(um)
+    if um and warn:
+        warnings.warn(f"rules that matched no layer: {list(um)}", stacklevel=2)
+    return df
+
+
+def model_size(qmodel) -> dict:
+    """``{"params", "packed_bytes", "float_bytes", "packed_mib", "float_mib"}`` over ALL parameters.
+
+    Quantized weights count at their packed size (codes + scales); every other ``nnx.Param``
+    (biases, norms, float layers) counts at 32 bits. Quantizer parameters (``QuantParam``) and
+    statistics are not model weights and are not counted; a converted layer's kept float copy
+    is not counted either.
+
+    Example:
+        >>> from flax import nnx
+        >>> from qlab.nn import Rule, quantize_model
+        >>> qm = quantize_model(nnx.Linear(128, 8, rngs=nnx.Rngs(0)), [Rule(".*", weight="int8/ch")])
+        >>> model_size(qm)["packed_bytes"]   # 1024 int8 codes + 8 f16 scales + 8 f32 biases
+        1072
+    """
+    from qlab.nn.quantizers import QuantParam
+
+    wrappers, _, _ = _walk(qmodel)
+    skip = set()
+    params = packed = 0
+    for path, L in wrappers.items():
+        skip.add("/".join(x for x in (path, "layer", L.weight_name) if x))
+        q = L.qtensor()
+        shape = tuple(q.shape) if q is not None else tuple(L.weight[...].shape)
+        n = math.prod(shape)
+        spec = q.spec if q is not None else (L.weight_quant.spec if L.weight_quant is not None else None)
+        params += n
+        packed += packed_nbytes(spec, shape) if spec is not None else 4 * n
+    for p, var in nnx.to_flat_state(nnx.state(qmodel, nnx.Param)):
+        if isinstance(var, QuantParam) or "/".join(map(str, p)) in skip:
+            continue
+        n = int(np.size(var[...]))
+        params += n
+        packed += 4 * n
+    return {
+        "params": int(params),
+        "packed_bytes": int(packed),
+        "float_bytes": int(4 * params),
+        "packed_mib": packed / 2**20,
+        "float_mib": 4 * params / 2**20,
+    }

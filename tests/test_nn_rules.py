@@ -1,0 +1,107 @@
+"""qlab.nn rules: order, full-match semantics, unmatched rules, report and size."""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+import pytest
+from flax import nnx
+
+import qlab
+from qlab import nn as qnn
+from qlab.models import MLP
+
+
+def _mlp():
+    return MLP(16, hidden=(32, 32), out=4, rngs=nnx.Rngs(0))
+
+
+def test_first_full_match_wins_and_none_keeps_float():
+    rules = [
+        qnn.Rule("layers/0", weight="int4/g8"),
+        qnn.Rule("layers/.*", weight="int8/ch"),
+        qnn.Rule("head"),  # float
+        qnn.Rule("lay.*", weight="int2/ch"),
+    ]
+    with pytest.warns(UserWarning, match="lay"):
+        qm = qnn.quantize_model(_mlp(), rules, allow_unmatched=True)
+    df = qnn.layer_report(qm, warn=False).set_index("layer")
+    assert df.loc["layers/0", "rule"] == "layers/0"
+    assert df.loc["layers/0", "weight_spec"] == "int4/g8a0"  # groups along the contraction axis
+    assert df.loc["layers/1", "rule"] == "layers/.*"
+    assert df.loc["layers/1", "weight_spec"] == "int8/ch1"  # per output channel
+    assert df.loc["head", "rule"] == "head" and pd.isna(df.loc["head", "weight_spec"])
+    assert isinstance(qm.head, nnx.Linear) and isinstance(qm.layers[0], qnn.QuantizedLayer)
+    assert df.attrs["unmatched_rules"] == ["lay.*"]  # never reached: every layer matched earlier
+
+
+def test_fullmatch_not_search():
+    # "ayers/0" would match with re.search; fullmatch must not
+    with pytest.raises(ValueError, match="ayers/0"):
+        qnn.quantize_model(_mlp(), [qnn.Rule("ayers/0", weight="int8")])
+    qm = qnn.quantize_model(_mlp(), [qnn.Rule("layers/[0-9]+", weight="int8")])
+    assert set(qnn.quantized_layers(qm)) == {"layers/0", "layers/1"}
+
+
+def test_unmatched_rule_error_and_allow():
+    with pytest.raises(ValueError, match=r"Rule\('nope'"):
+        qnn.quantize_model(_mlp(), [qnn.Rule("nope", weight="int8"), qnn.Rule(".*", weight="int8")])
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        qm = qnn.quantize_model(_mlp(), [qnn.Rule("nope", weight="int8"), qnn.Rule(".*", weight="int8")],
+                                allow_unmatched=True)
+    assert any("nope" in str(x.message) for x in w)
+    df = qnn.layer_report(qm, warn=False)
+    assert df.attrs["unmatched_rules"] == ["nope"]
+    assert len(df) == 3 and (df.rule == ".*").all()
+
+
+def test_float_model_untouched_and_copy():
+    m = _mlp()
+    k0 = np.asarray(m.layers[0].kernel[...]).copy()
+    qm = qnn.quantize_model(m, [qnn.Rule(".*", weight="int2/ch")])
+    qm.layers[0].kernel[...] = jnp.zeros_like(qm.layers[0].kernel[...])
+    assert isinstance(m.layers[0], nnx.Linear)
+    np.testing.assert_array_equal(np.asarray(m.layers[0].kernel[...]), k0)
+
+
+def test_rule_validation():
+    with pytest.raises(ValueError, match="weight_quantizer"):
+        qnn.Rule(".*", weight="int8", weight_quantizer="foo")
+    with pytest.raises(ValueError, match="not a valid regex"):
+        qnn.Rule("(", weight="int8")
+    with pytest.raises(ValueError):
+        qnn.Rule(".*", weight="int4/bogus")
+    assert qnn.Rule(".*", weight="int4/g128").weight == qlab.parse_spec("int4/g128")
+
+
+def test_report_columns_and_model_size():
+    m = _mlp()
+    qm = qnn.quantize_model(m, [qnn.Rule("head"), qnn.Rule(".*", weight="int4/g8", act="int8")])
+    df = qnn.layer_report(qm)
+    for col in ["layer", "kind", "rule", "weight_spec", "act_spec", "params", "bits_per_weight",
+                "packed_bytes", "float_bytes", "sqnr_db"]:
+        assert col in df.columns
+    row = df.set_index("layer").loc["layers/0"]
+    assert row.params == 16 * 32 and row.float_bytes == 4 * 16 * 32
+    assert row.packed_bytes == qlab.packed_nbytes(qlab.parse_spec("int4/g8").resolve(1, 0), (16, 32))
+    w = qm.layers[0].kernel[...]
+    assert row.sqnr_db == pytest.approx(float(qlab.sqnr_db(w, qlab.fake_quant(w, "int4/g8a0"))), rel=1e-5)
+    size = qnn.model_size(qm)
+    n_all = sum(int(np.size(v[...])) for _, v in nnx.to_flat_state(nnx.state(m, nnx.Param)))
+    assert size["params"] == n_all
+    q_bytes = sum(qlab.packed_nbytes(qlab.parse_spec("int4/g8").resolve(1, 0), s) for s in [(16, 32), (32, 32)])
+    float_rest = 4 * (n_all - 16 * 32 - 32 * 32)  # head + all biases in f32
+    assert size["packed_bytes"] == q_bytes + float_rest
+    assert size["float_bytes"] == 4 * n_all
+
+
+def test_treescope_renders_rules_and_state():
+    import treescope
+
+    qm = qnn.quantize_model(_mlp(), [qnn.Rule(".*", weight="int3/ch", weight_quantizer="lsq", act="int8",
+                                              act_quantizer="pact")])
+    text = treescope.render_to_text(qm)
+    assert "QuantizedLayer" in text and "Rule(" in text and "QuantParam" in text and "lsq" in text
