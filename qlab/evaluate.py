@@ -107,7 +107,7 @@ def lm_windows(tokens, seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray
         >>> import numpy as np
         >>> i, t, m = lm_windows(np.arange(6), seq_len=2)
         >>> i.tolist(), t.tolist(), m.tolist()
-        ([[0, 1], [2, 3], [4, 0]], [[1, 2], [3, 4], [5, 0]], [[1.0, 1.0], [1.0, 1.0], [1.0, 0.0]])
+        ([[0, 1], [2, 3], [4, 5]], [[1, 2], [3, 4], [5, 0]], [[1.0, 1.0], [1.0, 1.0], [1.0, 0.0]])
     """
     tokens = np.asarray(tokens, dtype=np.int32)
     n = len(tokens) - 1

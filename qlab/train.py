@@ -88,7 +88,7 @@ class History:
     Example:
         >>> h = History(loss=[2.0, 1.0], evals=[{"step": 2, "accuracy": 0.9}])
         >>> h.final_loss, h.to_frame().shape
-        (1.0, (2, 2))
+        (1.0, (2, 3))
     """
 
     loss: list[float] = dataclasses.field(default_factory=list)
@@ -167,7 +167,7 @@ def train(
     steps: int | None = None,
     epochs: int | None = None,
     batch_size: int = 128,
-    optimizer: optax.GradientTransformation | None = None,
+    optimizer: optax.GradientTransformation | nnx.Optimizer | None = None,
     learning_rate: float = 1e-3,
     loss: str | Callable = "xent",
     seed: int = 0,
@@ -189,7 +189,9 @@ def train(
             ``loss="lm"``), or any iterable of ready batches (``(x, y)`` tuples or token arrays).
         steps / epochs: how long; ``steps`` wins if both are given. An iterable runs until exhausted
             (or ``steps``). For token arrays, an epoch is ``len(tokens) // (batch_size * seq_len)`` steps.
-        optimizer: an optax transformation; default ``optax.adam(learning_rate)``.
+        optimizer: an optax transformation (default ``optax.adam(learning_rate)``), wrapped in a fresh
+            ``nnx.Optimizer(model, tx, wrt=wrt)``; or an existing ``nnx.Optimizer`` of this model, to carry
+            its state (e.g. Adam moments, step count) across several ``train`` calls (``wrt`` is then its own).
         loss: ``"xent"``, ``"lm"`` or a callable ``loss(model, batch) -> scalar``.
         seed: shuffling / window sampling seed (model init has its own ``nnx.Rngs``).
         wrt: an nnx filter of the state to differentiate and update (default ``nnx.Param``).
@@ -219,7 +221,7 @@ def train(
     loss_fn = LOSSES[loss] if isinstance(loss, str) else loss
     if steps is None and epochs is None and not _is_iterable_of_batches(data):
         raise ValueError("give steps= or epochs=")
-    tx = optimizer if optimizer is not None else _adam(learning_rate)
+    tx = _adam(learning_rate) if optimizer is None else optimizer
     batch_iter, total = _make_batches(
         data, loss_name, batch_size=batch_size, seed=seed, steps=steps, epochs=None if steps else epochs,
         seq_len=seq_len,
@@ -229,7 +231,10 @@ def train(
         if eval_fn is None:
             raise ValueError("eval_every needs eval_fn= for this kind of data")
 
-    opt = nnx.Optimizer(model, tx, wrt=wrt)
+    if isinstance(optimizer, nnx.Optimizer):
+        opt, wrt = optimizer, optimizer.wrt
+    else:
+        opt = nnx.Optimizer(model, tx, wrt=wrt)
     graphdef, state = nnx.split((model, opt))
 
     step_fn = functools.partial(_train_step, graphdef, loss_fn, wrt)

@@ -72,8 +72,7 @@ def test_cnn_shapes_fashion_and_digits():
         CNN(CNNConfig(input_shape=(4, 4, 1), channels=(8, 8, 8)), rngs=nnx.Rngs(0))
 
 
-@pytest.mark.parametrize("positions", ["learned", "sinusoidal"])
-@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("positions,tie", [("learned", False), ("sinusoidal", True)])
 def test_transformer_causal(positions, tie):
     cfg = small_cfg(positions=positions, tie_embeddings=tie)
     m = Transformer(cfg, rngs=nnx.Rngs(0))

@@ -158,3 +158,16 @@ def test_accuracy_and_predict_with_ragged_batches(digits):
     for bs in (1000, 100, 7):
         assert evaluate.accuracy(model, x, y, batch_size=bs) == pytest.approx(expected)
     assert evaluate.accuracy(model, x, logits.argmax(-1), batch_size=64) == 1.0
+
+
+def test_shared_optimizer_resumes_exactly(digits):
+    batches = list(data.batches(digits.train, 32, seed=0, steps=12))
+    one = MLP(64, hidden=(16,), out=10, rngs=nnx.Rngs(0))
+    h1 = train(one, batches, progress=False)
+    two = MLP(64, hidden=(16,), out=10, rngs=nnx.Rngs(0))
+    opt = nnx.Optimizer(two, optax.adam(1e-3), wrt=nnx.Param)
+    ha = train(two, batches[:5], optimizer=opt, progress=False)
+    hb = train(two, batches[5:], optimizer=opt, progress=False)
+    assert int(opt.step[...]) == 12
+    np.testing.assert_allclose(ha.loss + hb.loss, h1.loss, rtol=1e-6)
+    np.testing.assert_allclose(two.head.kernel[...], one.head.kernel[...], rtol=1e-5, atol=1e-7)
