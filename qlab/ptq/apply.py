@@ -143,7 +143,11 @@ def rtn(model, rules):
     qts, info = {}, []
     for path, L in layers.items():
         t = time.perf_counter()
-        qts[path] = L.weight_quant.quantize(L.weight[...])  # resolved spec, any layout (embed, conv, ...)
+        wq = L.weight_quant
+        if wq.method == "ste":  # resolved spec, any layout (embed, conv, ...); jitted
+            qts[path] = _rtn_weight(L.weight[...], wq.spec)
+        else:  # LSQ: the learned steps
+            qts[path] = wq.quantize(L.weight[...])
         info.append(dict(layer=path, spec=str(L.weight_quant.spec), seconds=time.perf_counter() - t))
     return _finish(qmodel, qts, {}, info, "rtn")
 

@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -149,7 +150,10 @@ def rtn(W, spec) -> QTensor:
         (1, 4)
     """
     spec = resolve_weight_spec(spec)
-    return quantize(jnp.asarray(W, _F32), spec)
+    return _quantize_jit(jnp.asarray(W, _F32), spec)
+
+
+_quantize_jit = jax.jit(quantize, static_argnames=("spec",))
 
 
 def is_int_asym(spec: QuantSpec) -> bool:

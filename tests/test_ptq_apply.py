@@ -1,0 +1,103 @@
+"""Model-level PTQ drivers (qlab.ptq.rtn/gptq/awq/hqq/smoothquant) on a tiny NNX model."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import qlab
+from qlab import ptq
+from qlab.nn import Rule, layer_report, model_size, quantized_layers
+
+
+class Tiny(nnx.Module):
+    def __init__(self, rngs):
+        self.fc1 = nnx.Linear(64, 64, rngs=rngs)
+        self.fc2 = nnx.Linear(64, 16, use_bias=False, rngs=rngs)
+        self.emb = nnx.Embed(10, 64, rngs=rngs)
+
+    def __call__(self, x):
+        return self.fc2(jax.nn.gelu(self.fc1(x)))
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = Tiny(nnx.Rngs(0))
+    k = jax.random.split(jax.random.key(1), 3)
+    A = jax.random.normal(k[0], (64, 64)) / 8.0
+    ch = jnp.exp(jax.random.normal(k[1], (64,)))
+    data = (jax.random.normal(k[2], (8, 64, 64)) @ A) * ch  # 8 batches of 64 correlated rows
+    return model, list(data[:4]), data[4:].reshape(-1, 64)
+
+
+RULES = [Rule("emb"), Rule("fc.", weight="int3/g32")]
+
+
+def out_err(m, model, X):
+    return float(jnp.mean((m(X) - model(X)) ** 2))
+
+
+def test_gptq_driver_beats_rtn_and_is_converted(setup):
+    model, calib, X = setup
+    r = ptq.rtn(model, RULES)
+    g = ptq.gptq(model, RULES, calib)
+    ga = ptq.gptq(model, RULES, calib, act_order=True)
+    e_rtn = out_err(r, model, X)
+    assert out_err(g, model, X) < e_rtn and out_err(ga, model, X) < e_rtn
+    rep = layer_report(g)
+    assert rep.set_index("layer").loc[["fc1", "fc2"], "converted"].all()
+    assert model_size(g)["packed_bytes"] == model_size(r)["packed_bytes"]
+    info = ptq.ptq_info(g)
+    assert info.layer.tolist() == ["fc1", "fc2"] and (info.rows == 4 * 64).all()
+    # the layer really uses dequantize(qtensor)
+    L = quantized_layers(g)["fc2"]
+    np.testing.assert_array_equal(np.asarray(L.weight_value()), np.asarray(qlab.dequantize(L.qtensor())))
+
+
+def test_awq_and_smoothquant_drivers_set_input_scales(setup):
+    model, calib, X = setup
+    a = ptq.awq(model, RULES, calib, n_grid=10)
+    assert out_err(a, model, X) < out_err(ptq.rtn(model, RULES), model, X)
+    L = quantized_layers(a)["fc1"]
+    assert L.input_scale is not None and L.input_scale[...].shape == (64,)
+    assert {"alpha", "outlier_features"} <= set(ptq.ptq_info(a).columns)
+    w8a8 = [Rule("emb"), Rule("fc.", weight="int8/ch", act="int8")]
+    sq = ptq.smoothquant(model, w8a8, calib, alpha=0.5)
+    info = ptq.ptq_info(sq)
+    assert (info.act_absmax_smoothed < info.act_absmax).all()
+    assert out_err(sq, model, X) < 1e-2 * float(jnp.mean(model(X) ** 2))
+
+
+def test_hqq_and_rtn_drivers(setup):
+    model, _, X = setup
+    h = ptq.hqq(model, [Rule("emb"), Rule("fc.", weight="int3/g32/asym/zp=float")])
+    r = ptq.rtn(model, [Rule("emb"), Rule("fc.", weight="int3/g32/asym/zp=float")])
+    wh = {p: L.weight_value() for p, L in quantized_layers(h).items()}
+    wr = {p: L.weight_value() for p, L in quantized_layers(r).items()}
+    for p in wh:
+        w = quantized_layers(h)[p].weight[...]
+        assert float(jnp.mean(jnp.abs(wh[p] - w))) < float(jnp.mean(jnp.abs(wr[p] - w)))
+    # rtn quantizes any layer kind (here the embedding, rows = channels)
+    re_ = ptq.rtn(model, [Rule("emb", weight="int8/ch"), Rule("fc.")])
+    assert layer_report(re_).set_index("layer").loc["emb", "converted"]
+
+
+def test_drivers_refuse_no_data_and_unmatched_rules(setup):
+    model, calib, _ = setup
+    with pytest.raises(ValueError, match="no data|saw no"):
+        ptq.gptq(model, RULES, [])
+    with pytest.raises(ValueError, match="calibration"):
+        ptq.awq(model, RULES, None)
+    with pytest.raises(ValueError, match="matched no layer"):
+        ptq.gptq(model, [Rule("nothing", weight="int4/g32")], calib)
+    with pytest.raises(ValueError, match="matched no layer"):
+        ptq.rtn(model, [Rule("fc.", weight="int4/g32"), Rule("head", weight="int4")])
+    # a layer the forward never calls: no silent fallback to RTN
+    with pytest.raises(ValueError, match="no input"):
+        ptq.gptq(model, [Rule("emb"), Rule("fc1", weight="int4/g32"), Rule("fc2", weight="int4/g16")], calib,
+                 forward=lambda m, x: m.fc1(x))
+    # GPTQ needs (in, out) Linear kernels
+    with pytest.raises(ValueError, match="nnx.Linear"):
+        ptq.gptq(model, [Rule("emb", weight="int8/ch"), Rule("fc.")], calib,
+                 forward=lambda m, x: m.emb.attend(x))
