@@ -41,8 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-__all__ = ["REGISTRY", "Method", "register", "quantizable_layers", "assign_rules", "fake_quant_model",
-           "size_metrics", "float_model", "dataset", "build_model"]
+__all__ = ["REGISTRY", "Method", "register", "quantizable_layers", "nn_rules", "quantize", "size_metrics",
+           "layer_table", "float_model", "dataset", "build_model", "copy_model"]
 
 MiB = 2**20
 
@@ -191,196 +191,129 @@ def quantizable_layers(model: nnx.Module, example=None) -> list[tuple[str, nnx.M
     return sorted(layers, key=lambda pm: rank.get(id(pm[1]), len(order)))
 
 
-def _resolve_spec(spec, ndim: int):
-    from qlab.numerics import parse_spec
-
-    spec = parse_spec(spec)
-    return dataclasses.replace(spec, granularity=spec.granularity.resolve(ndim - 1, ndim - 2))
-
-
-def assign_rules(paths: list[str], rules: list[Mapping[str, Any]]) -> dict[str, dict]:
-    """First matching rule per layer path (``re.fullmatch``; ``@first``/``@last`` = first/last path).
-    Returns ``{path: {"weight": spec or None, "act": spec or None, "rule": i}}``; paths no rule
-    matches stay float.
+def nn_rules(paths: list[str], rules: list[Mapping[str, Any]], weight_quantizer: str = "ste",
+             act_quantizer: str = "ste"):
+    """A study's rule list (``[{pattern, weight, act}]``) as :class:`qlab.nn.Rule` objects, with
+    ``@first`` / ``@last`` replaced by the first / last layer path (in call order).
 
     Example:
-        >>> assign_rules(["layers/0", "head"], [{"pattern": "@last", "weight": None}, {"pattern": ".*", "weight": "int4/ch"}])
-        {'layers/0': {'weight': 'int4/ch', 'act': None, 'rule': 1}, 'head': {'weight': None, 'act': None, 'rule': 0}}
+        >>> nn_rules(["layers/0", "head"], [{"pattern": "@last", "weight": None}, {"pattern": ".*", "weight": "int4/ch"}])
+        (Rule('head'), Rule('.*', weight='int4/ch'))
     """
-    out = {}
-    for path in paths:
-        for i, r in enumerate(rules):
-            pat = r["pattern"]
-            if paths:
-                pat = pat.replace("@first", re.escape(paths[0])).replace("@last", re.escape(paths[-1]))
-            if re.fullmatch(pat, path):
-                out[path] = {"weight": r.get("weight"), "act": r.get("act"), "rule": i}
-                break
-    return out
+    from qlab import nn as qnn
+
+    out = []
+    for r in rules:
+        pat = r["pattern"]
+        if paths:
+            pat = pat.replace("@first", re.escape(paths[0])).replace("@last", re.escape(paths[-1]))
+        w, a = r.get("weight"), r.get("act")
+        out.append(qnn.Rule(pat, weight=w, act=a,
+                            weight_quantizer=weight_quantizer if w else "ste",
+                            act_quantizer=act_quantizer if a else "ste"))
+    return tuple(out)
 
 
-def _quantize_kernel(kernel, spec):
-    from qlab.numerics import fake_quant
+def quantize(model: nnx.Module, rules, **kw) -> nnx.Module:
+    """``qlab.nn.quantize_model`` with rules that may match nothing (a rule set shared by models)."""
+    import warnings
 
-    return fake_quant(kernel, _resolve_spec(spec, kernel.ndim))
+    from qlab import nn as qnn
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return qnn.quantize_model(model, rules, allow_unmatched=True, **kw)
 
 
-def fake_quant_model(model: nnx.Module, assignment: Mapping[str, dict]) -> nnx.Module:
-    """A clone of ``model`` whose assigned kernels are replaced by their fake-quantized values (RTN).
+def size_metrics(qmodel: nnx.Module, report=None) -> dict:
+    """Parameter counts and packed size of a ``qlab.nn`` model (or a float model): params,
+    quantized_params, bits_per_weight (over quantized weights, scales included), model_bytes,
+    model_mib, float_mib, compression.
+
+    Example:
+        >>> from qlab.models import MLP
+        >>> m = quantize(MLP(64, hidden=(32,), rngs=nnx.Rngs(0)), nn_rules([], [{"pattern": "layers/0", "weight": "int8/ch"}]))
+        >>> size_metrics(m)["quantized_params"]
+        2048
+    """
+    from qlab import nn as qnn
+
+    size = qnn.model_size(qmodel)
+    rep = qnn.layer_report(qmodel, sqnr=False, warn=False) if report is None else report
+    q = rep[rep["weight_spec"].notna() & (rep["params"] > 0)]
+    qparams = int(q["params"].sum())
+    qbytes = int(q["packed_bytes"].sum())
+    return {
+        "params": size["params"],
+        "quantized_params": qparams,
+        "bits_per_weight": (8 * qbytes / qparams) if qparams else 32.0,
+        "model_bytes": size["packed_bytes"],
+        "model_mib": size["packed_bytes"] / MiB,
+        "float_mib": size["float_bytes"] / MiB,
+        "compression": size["float_bytes"] / size["packed_bytes"],
+    }
+
+
+def layer_table(qmodel: nnx.Module, order: list[str]):
+    """``qlab.nn.layer_report`` (weight layers) in call order, with an ``order`` column; the SQNR
+    column is renamed ``weight_sqnr_db``."""
+    from qlab import nn as qnn
+
+    rep = qnn.layer_report(qmodel, warn=False)
+    rep = rep[~rep["kind"].astype(str).str.startswith("call:")].copy()
+    rank = {p: i for i, p in enumerate(order)}
+    rep.insert(0, "order", rep["layer"].map(lambda p: rank.get(p, len(rank))))
+    rep["weight_spec"] = rep["weight_spec"].fillna("float")
+    rep["act_spec"] = rep["act_spec"].fillna("none")
+    rep = rep.rename(columns={"sqnr_db": "weight_sqnr_db"})
+    return rep.sort_values("order").reset_index(drop=True)
+
+
+def effective_model(qmodel: nnx.Module, template: nnx.Module) -> nnx.Module | None:
+    """A float model (``template``'s structure) holding ``qmodel``'s effective weights (fake-quantized
+    kernels, trained biases), or None when some layer quantizes activations. Models of one structure
+    share one compiled evaluation, whatever their specs, so evaluating many specs is cheap.
 
     Example:
         >>> from qlab.models import MLP
         >>> m = MLP(4, hidden=(8,), rngs=nnx.Rngs(0))
-        >>> q = fake_quant_model(m, {"head": {"weight": "int2/ch"}})
-        >>> len(np.unique(np.asarray(q.head.kernel[...])[:, 0])) <= 4
+        >>> e = effective_model(quantize(m, nn_rules([], [{"pattern": "head", "weight": "int2/ch"}])), m)
+        >>> len(np.unique(np.asarray(e.head.kernel[...])[:, 0])) <= 4
         True
     """
-    q = copy_model(model)
-    for path, m in quantizable_layers(q):
-        spec = assignment.get(path, {}).get("weight")
-        if spec:
-            m.kernel.value = _quantize_kernel(m.kernel.value, spec)
-    return q
+    from qlab import nn as qnn
 
-
-def size_metrics(model: nnx.Module, assignment: Mapping[str, dict]) -> dict:
-    """Parameter counts and packed size of ``model`` quantized by ``assignment`` (weights only;
-    everything unquantized counted as float32).
-
-    Example:
-        >>> from qlab.models import MLP
-        >>> m = MLP(64, hidden=(32,), rngs=nnx.Rngs(0))
-        >>> size_metrics(m, {"layers/0": {"weight": "int8/ch"}})["quantized_params"]
-        2048
-    """
-    from qlab.numerics import packed_nbytes
-
-    params = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    qparams, qbytes = 0, 0
-    for path, m in quantizable_layers(model):
-        spec = assignment.get(path, {}).get("weight")
-        if spec:
-            shape = tuple(m.kernel.value.shape)
-            qparams += math.prod(shape)
-            qbytes += packed_nbytes(_resolve_spec(spec, len(shape)), shape)
-    float_bytes = 4 * params
-    model_bytes = qbytes + 4 * (params - qparams)
-    return {
-        "params": params,
-        "quantized_params": qparams,
-        "bits_per_weight": (8 * qbytes / qparams) if qparams else 32.0,
-        "model_bytes": model_bytes,
-        "model_mib": model_bytes / MiB,
-        "float_mib": float_bytes / MiB,
-        "compression": float_bytes / model_bytes,
-    }
-
-
-def layer_table(float_m: nnx.Module, quant_m: nnx.Module, assignment: Mapping[str, dict], example=None):
-    """Per-layer DataFrame: layer, kind, shape, params, weight spec, bits/weight, packed bytes,
-    weight SQNR (dB) and relative error of ``quant_m``'s effective weights against ``float_m``'s."""
-    import pandas as pd
-
-    from qlab.numerics import bits_per_weight, packed_nbytes, sqnr_db
-
-    qmods = dict(quantizable_layers(quant_m))
-    rows = []
-    for i, (path, m) in enumerate(quantizable_layers(float_m, example)):
-        w = np.asarray(m.kernel.value)
-        a = assignment.get(path, {})
-        spec = a.get("weight")
-        wq = np.asarray(qmods[path].kernel.value)
-        shape = tuple(w.shape)
-        err = float(np.sum((wq - w) ** 2) / max(np.sum(w**2), 1e-30))
-        rows.append({
-            "order": i,
-            "layer": path,
-            "kind": type(m).__name__,
-            "shape": "x".join(map(str, shape)),
-            "params": int(w.size),
-            "weight_spec": spec or "float",
-            "act_spec": a.get("act") or "none",
-            "bits_per_weight": bits_per_weight(_resolve_spec(spec, w.ndim), shape) if spec else 32.0,
-            "packed_bytes": packed_nbytes(_resolve_spec(spec, w.ndim), shape) if spec else 4 * w.size,
-            "weight_sqnr_db": float(sqnr_db(w, wq)) if spec else float("inf"),
-            "weight_rel_error": err,
-        })
-    return pd.DataFrame(rows)
-
-
-# --------------------------------------------------------------------------- QAT (local fake-quant)
-
-
-class LSQStep(nnx.Param):
-    """A learned LSQ step size (trained with the weights; filter with ``nnx.OfType(LSQStep)``)."""
-
-
-def _lsq_view(kernel, spec):
-    from qlab.numerics.granularity import to_view
-
-    spec = _resolve_spec(spec, kernel.ndim)
-    xv, axes = to_view(kernel, spec.granularity)
-    return spec, xv, axes
-
-
-def _lsq_init(kernel, spec):
-    # LSQ's rule (as qlab.numerics.lsq_init_step), per scale group of the spec's granularity
-    spec, xv, axes = _lsq_view(kernel, spec)
-    qp = max(spec.fmt.qmax, 1)
-    m = jnp.mean(jnp.abs(xv), axis=axes, keepdims=True)
-    return jnp.maximum(2 * m / math.sqrt(qp), 1e-8)
-
-
-def _lsq_kernel(kernel, step, spec):
-    from qlab.numerics import lsq_fake_quant
-    from qlab.numerics.granularity import from_view
-
-    rspec, xv, axes = _lsq_view(kernel, spec)
-    y = lsq_fake_quant(xv, step, rspec.fmt)
-    return from_view(y, rspec.granularity, kernel.shape)
-
-
-def _qat_forward_model(model, assignment, lsq: bool):
-    """A merged copy of ``model`` whose kernels are fake-quantized (STE or LSQ) from its params; used
-    inside the loss so gradients flow to the float weights (and LSQ steps)."""
-    out = nnx.merge(*nnx.split(model))
+    qls, fls = qnn.quantized_layers(qmodel), qnn.float_layers(qmodel)
+    if any(L.act_quant is not None or getattr(L, "input_scale", None) is not None for L in qls.values()):
+        return None
+    out = copy_model(template)
     for path, m in quantizable_layers(out):
-        spec = assignment.get(path, {}).get("weight")
-        if not spec:
-            continue
-        if lsq:
-            m.kernel = nnx.Param(_lsq_kernel(m.kernel.value, m.lsq_step.value, spec))
+        if path in qls:
+            L = qls[path]
+            m.kernel.value = jnp.asarray(L.weight_value())
+            src = L.layer
+        elif path in fls:
+            src = fls[path]
+            m.kernel.value = src.kernel[...]
         else:
-            m.kernel = nnx.Param(_quantize_kernel(m.kernel.value, spec))
+            return None
+        if getattr(m, "bias", None) is not None and getattr(src, "bias", None) is not None:
+            m.bias.value = src.bias[...]
     return out
 
 
-def _make_qat_loss(assignment: Mapping[str, dict], lsq: bool):
-    from qlab.train import xent_loss
-
-    frozen = tuple(sorted((p, a.get("weight")) for p, a in assignment.items()))
-
-    def qat_loss(model, batch):
-        return xent_loss(_qat_forward_model(model, dict((p, {"weight": w}) for p, w in frozen), lsq), batch)
-
-    return qat_loss
-
-
 def _check_quant(config):
-    if config.get("act") not in (None, "none"):
-        raise ValueError(f"act = {config['act']!r}: activation quantization is not supported by method "
-                         f"{config['method']!r} yet; allowed: 'none'")
+    pass
 
 
 def _check_lsq(config):
-    _check_quant(config)
-    from qlab.experiments.config import resolve_rules
     from qlab.numerics import IntFormat, parse_spec
 
-    for r in config.get("_rules") or resolve_rules(config):
-        if r["weight"] and not isinstance(parse_spec(r["weight"]).fmt, IntFormat):
-            raise ValueError(f"method 'qat_lsq' learns integer step sizes; weight {r['weight']!r} is not an "
-                             "integer format (allowed: int2..int8, uint*)")
+    for r in _rules_of(config):
+        for k in ("weight", "act"):
+            if r[k] and not isinstance(parse_spec(r[k]).fmt, IntFormat):
+                raise ValueError(f"method 'qat_lsq' learns integer step sizes; {k} spec {r[k]!r} is not an "
+                                 "integer format (allowed: int2..int8, uint*)")
 
 
 def _rules_of(config):
@@ -392,95 +325,93 @@ def _rules_of(config):
 def _setup(config, seed, progress):
     ds = dataset(config)
     model, info = float_model(config, seed, progress=progress)
-    example = ds.test.images[:1]
-    paths = [p for p, _ in quantizable_layers(model, example)]
-    assignment = assign_rules(paths, _rules_of(config))
-    return ds, model, info, example, assignment
+    order = [p for p, _ in quantizable_layers(model, ds.test.images[:1])]
+    return ds, model, info, order
 
 
-def _finish(ds, float_m, quant_m, assignment, info, example, t0, extra=None):
+def _finish(ds, qmodel, info, order, t0, extra=None, template=None):
     from qlab import evaluate
 
-    acc = evaluate.accuracy(quant_m, *ds.test)
+    eff = effective_model(qmodel, template) if template is not None else None
+    acc = evaluate.accuracy(qmodel if eff is None else eff, *ds.test)
+    layers = layer_table(qmodel, order)
     metrics = {
         "accuracy": acc,
         "float_accuracy": info["float_accuracy"],
         "accuracy_drop": info["float_accuracy"] - acc,
-        **size_metrics(float_m, assignment),
+        **size_metrics(qmodel),
         "float_train_s": info["train_s"],
         **(extra or {}),
     }
     metrics["method_s"] = time.perf_counter() - t0
-    return metrics, layer_table(float_m, quant_m, assignment, example)
+    return metrics, layers
 
 
 @register("float")
 def run_float(config, seed, progress=False):
     """The float model: trained, evaluated on the test split."""
-    ds = dataset(config)
     model, info = float_model(config, seed, progress=progress)
     return {
         "accuracy": info["float_accuracy"],
         "float_accuracy": info["float_accuracy"],
         "accuracy_drop": 0.0,
-        **size_metrics(model, {}),
+        **size_metrics(quantize(model, ())),
         "float_train_s": info["train_s"],
     }, None
 
 
 @register("ptq_rtn", check=_check_quant)
 def run_ptq_rtn(config, seed, progress=False):
-    """Round-to-nearest post-training quantization of the float model's weights."""
+    """Round-to-nearest post-training quantization of the float model (weights; activations if ``act``)."""
     from qlab import evaluate
 
     t0 = time.perf_counter()
-    ds, model, info, example, assignment = _setup(config, seed, progress)
-    qmodel = fake_quant_model(model, assignment)
-    metrics, layers = _finish(ds, model, qmodel, assignment, info, example, t0)
-    # sensitivity: accuracy drop when only this layer is quantized
+    ds, model, info, order = _setup(config, seed, progress)
+    rules = nn_rules(order, _rules_of(config))
+    qmodel = quantize(model, rules)
+    metrics, layers = _finish(ds, qmodel, info, order, t0, template=model)
+    # sensitivity: accuracy drop when only this layer is quantized (by its rule)
+    eff = effective_model(qmodel, model)
     drops = []
     for path in layers["layer"]:
-        if path in assignment and assignment[path].get("weight"):
-            one = fake_quant_model(model, {path: assignment[path]})
-            drops.append(info["float_accuracy"] - evaluate.accuracy(one, *ds.test))
-        else:
+        rule = next((r for r in rules if re.fullmatch(r.pattern, path)), None)
+        if rule is None or rule.is_float:
             drops.append(0.0)
+            continue
+        if eff is not None:  # float model with just this layer's kernel quantized
+            one = copy_model(model)
+            dict(quantizable_layers(one))[path].kernel.value = dict(quantizable_layers(eff))[path].kernel[...]
+        else:
+            one = quantize(model, [dataclasses.replace(rule, pattern=re.escape(path))])
+        drops.append(info["float_accuracy"] - evaluate.accuracy(one, *ds.test))
     layers["sensitivity_drop"] = drops
     return metrics, layers
 
 
-def _run_qat(config, seed, lsq: bool, progress=False):
+def _run_qat(config, seed, quantizer: str, progress=False):
     from qlab.train import train
 
     t0 = time.perf_counter()
-    ds, model, info, example, assignment = _setup(config, seed, progress)
-    float_m = copy_model(model)
-    if lsq:
-        for path, m in quantizable_layers(model):
-            spec = assignment.get(path, {}).get("weight")
-            if spec:
-                m.lsq_step = LSQStep(_lsq_init(m.kernel.value, spec))
-    hist = train(model, ds, steps=int(config["qat_steps"]), batch_size=int(config["batch_size"]),
-                 learning_rate=float(config["qat_learning_rate"]), seed=seed + 1,
-                 loss=_make_qat_loss(assignment, lsq), progress=progress)
-    qmodel = _qat_forward_model(model, assignment, lsq)
-    for _, m in quantizable_layers(qmodel):
-        if hasattr(m, "lsq_step"):
-            del m.lsq_step
-    return _finish(ds, float_m, qmodel, assignment, info, example, t0,
-                   {"qat_final_loss": hist.final_loss, "qat_s": hist.seconds})
+    ds, model, info, order = _setup(config, seed, progress)
+    qmodel = quantize(model, nn_rules(order, _rules_of(config), quantizer, quantizer))
+    hist = train(qmodel, ds, steps=int(config["qat_steps"]), batch_size=int(config["batch_size"]),
+                 learning_rate=float(config["qat_learning_rate"]), seed=seed + 1, progress=progress)
+    if hasattr(qmodel, "eval"):
+        qmodel.eval()
+    return _finish(ds, qmodel, info, order, t0, {"qat_final_loss": hist.final_loss, "qat_s": hist.seconds},
+                   template=model)
 
 
 @register("qat", check=_check_quant)
 def run_qat(config, seed, progress=False):
     """Quantization-aware fine-tuning (STE) from the float model, ``qat_steps`` steps."""
-    return _run_qat(config, seed, lsq=False, progress=progress)
+    return _run_qat(config, seed, "ste", progress=progress)
 
 
 @register("qat_lsq", check=_check_lsq)
 def run_qat_lsq(config, seed, progress=False):
     """Quantization-aware fine-tuning with LSQ learned step sizes (integer formats)."""
-    return _run_qat(config, seed, lsq=True, progress=progress)
+    return _run_qat(config, seed, "lsq", progress=progress)
 
 
 # --------------------------------------------------------------------------- batched variants

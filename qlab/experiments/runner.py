@@ -252,7 +252,7 @@ def _plots(table, layers, out_dir: pathlib.Path, name: str):
             plot.save(fig, out_dir / "accuracy_vs_bits.png")
             plt.close(fig)
         if len(layers) and "weight_sqnr_db" in layers:
-            lay = layers[layers["weight_spec"] != "float"]
+            lay = layers[(layers["weight_spec"] != "float") & (layers["method"] == "ptq_rtn")] if (layers["method"] == "ptq_rtn").any() else layers[layers["weight_spec"] != "float"]
             if len(lay):
                 fig = plot.layer_bars(lay, y="weight_sqnr_db", hue="weight", title=f"{name}: weight SQNR per layer")
                 plot.save(fig, out_dir / "layers.png")

@@ -1,0 +1,187 @@
+"""Studies: grid expansion and validation, resume after SIGKILL, determinism, results files."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+from qlab.experiments import ConfigError, expand, load_study, methods, sweep
+from qlab.experiments.results import read_runs, write_run
+from qlab.experiments.runner import parse_only, plan
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = {"hidden": [16], "train_size": 256, "steps": 15, "qat_steps": 5, "batch_size": 32}
+
+
+# --------------------------------------------------------------------------- expansion
+
+
+def test_grid_is_cartesian_and_float_runs_deduplicated():
+    runs = expand({"sweep": {"method": ["float", "ptq_rtn", "qat"], "bits": [8, 4], "granularity": ["ch", "g16"]}})
+    assert [r["method"] for r in runs].count("float") == 1
+    assert len(runs) == 1 + 2 * 2 * 2
+    q = [r for r in runs if r["method"] == "ptq_rtn"]
+    assert [r["weight"] for r in q] == ["int8/ch", "int8/g16", "int4/ch", "int4/g16"]
+    assert all(r["qat_steps"] is None for r in q)  # PTQ drops QAT-only keys
+    assert len({r["config_hash"] for r in runs}) == len(runs)
+
+
+def test_several_grids_includes_and_weight_override():
+    runs = expand({
+        "base": {"seed": 3},
+        "sweep": [{"bits": [8, 4]}, {"format": ["nf4", "fp8_e4m3"], "granularity": ["g16"]}],
+        "include": [{"weight": "int4/g32/asym/mse", "method": "qat"}, {"bits": 8}],  # last one duplicates
+    })
+    assert [r["weight"] for r in runs] == ["int8/ch", "int4/ch", "nf4/g16", "fp8_e4m3/g16", "int4/g32/asym/mse"]
+    assert all(r["seed"] == 3 for r in runs)
+
+
+def test_hash_is_stable_and_sensitive():
+    a = expand({"sweep": {"bits": [4]}})[0]
+    b = expand({"sweep": {"bits": [4]}})[0]
+    c = expand({"sweep": {"bits": [4]}, "base": {"seed": 1}})[0]
+    assert a["config_hash"] == b["config_hash"] != c["config_hash"]
+
+
+def test_named_rule_sets():
+    st = load_study({"name": "r", "rule_sets": {"head8": [{"pattern": "head", "weight": "int8/ch"},
+                                                          {"pattern": ".*", "weight": "$weight"}]},
+                     "sweep": {"rules": ["all", "first_last_8bit", "head8"], "bits": [2]}})
+    assert [r["rules"] for r in st.runs] == ["all", "first_last_8bit", "head8"]
+    assert "rules_def" in st.runs[2]  # user rule sets are part of the run's identity
+
+
+@pytest.mark.parametrize("cfg, words", [
+    ({"sweep": {"bitz": [4]}}, ["unknown key 'bitz'", "allowed", "bits"]),
+    ({"base": {"method": "gptq9"}}, ["method", "'gptq9'", "allowed", "ptq_rtn", "qat"]),
+    ({"sweep": {"granularity": ["g16x"]}}, ["granularity", "'g16x'"]),
+    ({"base": {"weight": "int4/g16/zz"}}, ["weight", "'int4/g16/zz'", "unknown token"]),
+    ({"base": {"format": "int99x"}}, ["format", "int99x"]),
+    ({"base": {"range": "best"}}, ["range", "'best'"]),
+    ({"base": {"bits": 1}}, ["bits", "between 2 and 16"]),
+    ({"base": {"steps": "ten"}}, ["steps", "positive integer"]),
+    ({"base": {"model": "resnet"}}, ["model", "allowed", "mlp"]),
+    ({"base": {"data": "imagenet"}}, ["data", "allowed", "digits"]),
+    ({"base": {"rules": "mine"}}, ["rules", "'mine'", "allowed", "first_last_8bit"]),
+    ({"sweep": {"bits": 4}}, ["bits", "non-empty list"]),
+    ({"sweeps": {"bits": [4]}}, ["top-level", "'sweeps'", "allowed"]),
+    ({"rule_sets": {"x": [{"pattern": "(", "weight": "int8"}]}}, ["rule_sets.x", "regex"]),
+    ({"rule_sets": {"x": [{"pattern": ".*", "weight": "int8/bad"}]}, "base": {"rules": "x"}}, ["rule set", "'x'"]),
+])
+def test_validation_errors_name_key_and_allowed(cfg, words):
+    with pytest.raises(ConfigError) as e:
+        load_study({"name": "bad", **cfg})
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+
+
+def test_missing_data_is_reported_before_running(monkeypatch, tmp_path):
+    monkeypatch.setenv("QLAB_FASHION_MNIST_DIR", str(tmp_path / "nowhere"))
+    with pytest.raises(ConfigError, match=r"data = 'fashion_mnist' is not available.*apt|install"):
+        load_study({"name": "f", "base": {"data": "fashion_mnist"}})
+
+
+def test_method_check_runs_before_anything(tmp_path):
+    with pytest.raises(ConfigError, match="qat_lsq.*integer"):
+        plan({"name": "l", "base": {"method": "qat_lsq", "format": "nf4"}}, out=tmp_path)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_only_filter():
+    assert parse_only("method=qat,bits=4|8") == [("method", ["qat"]), ("bits", ["4", "8"])]
+    with pytest.raises(ConfigError, match="unknown key 'bitz'"):
+        parse_only("bitz=4")
+
+
+def test_read_runs_ignores_temp_files(tmp_path):
+    write_run(tmp_path, {"config_hash": "a1", "accuracy": 0.5})
+    (tmp_path / "runs" / ".b2.json.xyz.tmp").write_text('{"row": {"config_ha')
+    assert [r["row"]["config_hash"] for r in read_runs(tmp_path)] == ["a1"]
+    assert not list((tmp_path / "runs").glob("*.tmp"))
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _study(name, **sweep_axes):
+    return {"name": name, "base": dict(TINY), "sweep": sweep_axes or {"method": ["float", "ptq_rtn", "qat"], "bits": [8, 2]}}
+
+
+def test_sweep_writes_tables_and_is_idempotent(tmp_path):
+    study = _study("t1")
+    table = sweep(study, out=tmp_path, progress=False, plots=True)
+    assert len(table) == 5 and table["config_hash"].is_unique
+    for col in ["method", "bits", "granularity", "weight", "seed", "accuracy", "bits_per_weight", "model_mib",
+                "model_bytes", "params", "wall_s", "qlab_version", "jax_version", "config_hash"]:
+        assert col in table, col
+    on_disk = pd.read_csv(tmp_path / "runs.csv")
+    assert len(on_disk) == 5
+    layers = pd.read_csv(tmp_path / "layers.csv")
+    assert set(layers["layer"]) == {"layers/0", "head"}
+    assert (tmp_path / "pareto.png").stat().st_size > 1000
+    q = table[table["method"] == "ptq_rtn"].set_index("weight")
+    assert q.loc["int2/ch", "model_bytes"] < q.loc["int8/ch", "model_bytes"]
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*.json")}
+    _, _, todo = plan(study, out=tmp_path)
+    assert todo == []  # rerunning a finished study does nothing
+    again = sweep(study, out=tmp_path, progress=False, plots=False)
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*.json")} == mtimes
+    assert len(again) == 5
+    # --only + --force redoes exactly the matching runs
+    _, _, todo = plan(study, out=tmp_path, force=True, only="method=ptq_rtn,bits=2")
+    assert [(r["method"], r["bits"]) for r in todo] == [("ptq_rtn", 2)]
+
+
+def test_same_study_and_seed_give_same_metrics(tmp_path):
+    study = _study("det", method=["ptq_rtn", "qat"], bits=[4])
+    a = sweep(study, out=tmp_path / "a", progress=False, plots=False)
+    methods._float_cache.clear()
+    b = sweep(study, out=tmp_path / "b", progress=False, plots=False)
+    cols = ["config_hash", "accuracy", "float_accuracy", "model_bytes", "bits_per_weight", "qat_final_loss"]
+    pd.testing.assert_frame_equal(a[cols], b[cols])
+
+
+def test_resume_after_sigkill(tmp_path):
+    """Kill the sweep (SIGKILL) while it runs, several times, then resume: every run exactly once."""
+    toml = tmp_path / "kill.toml"
+    toml.write_text(
+        'name = "kill"\n[base]\nhidden = [16]\ntrain_size = 256\nsteps = 15\nbatch_size = 32\n'
+        '[sweep]\nmethod = ["ptq_rtn"]\nbits = [8, 7, 6, 5, 4, 3, 2]\ngranularity = ["ch", "g16"]\n'
+    )
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "qlab.cli", "sweep", str(toml), "--out", str(out), "--no-progress", "--no-plots"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    n_total = 14
+    seen_counts = []
+    for kill_after in (2,):  # kill once the k-th result exists (mid-run of the next)
+        p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while time.time() < deadline and p.poll() is None:
+            n = len(list((out / "runs").glob("*.json"))) if (out / "runs").is_dir() else 0
+            if n >= kill_after:
+                time.sleep(0.3)
+                break
+            time.sleep(0.05)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        files = sorted((out / "runs").glob("*.json"))
+        for f in files:
+            json.loads(f.read_text())  # every file complete
+        seen_counts.append(len(files))
+        assert len(files) < n_total, "the sweep finished before it could be killed"
+    done_before = {f.name: f.read_text() for f in (out / "runs").glob("*.json")}
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    table = pd.read_csv(out / "runs.csv")
+    assert len(table) == n_total and table["config_hash"].is_unique
+    assert sorted(zip(table["bits"], table["granularity"])) == sorted((b, g) for b in range(2, 9) for g in ("ch", "g16"))
+    for name, text in done_before.items():  # finished runs were not redone
+        assert (out / "runs" / name).read_text() == text
+    assert table["accuracy"].notna().all()
+    assert not list((out / "runs").glob("*.tmp"))

@@ -1,0 +1,64 @@
+"""qlab.plot: figures from plain DataFrames (no models), labelled axes, PNG output."""
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from qlab import plot
+
+
+def _table():
+    rows = [{"method": "float", "weight": None, "bits_per_weight": 32.0, "model_mib": 1.0, "accuracy": 0.97,
+             "granularity": None}]
+    for m, drop in (("ptq_rtn", 0.05), ("qat", 0.01)):
+        for b in (8, 4, 2):
+            for g in ("ch", "g32"):
+                bpw = b + (0.5 if g == "g32" else 0.1)
+                rows.append({"method": m, "weight": f"int{b}/{g}", "bits_per_weight": bpw, "model_mib": bpw / 32,
+                             "accuracy": 0.97 - drop * (8 / b) ** 1.2, "granularity": g})
+    return pd.DataFrame(rows)
+
+
+def test_pareto_front_is_monotone():
+    t = _table()
+    front = plot.pareto_front(t)
+    f = t.loc[front]
+    assert f["model_mib"].is_monotonic_increasing and f["accuracy"].is_monotonic_increasing
+    for i in t.index.difference(front):  # everything else is dominated
+        assert ((t.loc[front, "model_mib"] <= t.at[i, "model_mib"]) & (t.loc[front, "accuracy"] >= t.at[i, "accuracy"])).any()
+
+
+def test_pareto_figure(tmp_path):
+    fig = plot.pareto(_table(), x="model_mib", y="accuracy", hue="method", label="weight")
+    assert isinstance(fig, Figure)
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "model size (MiB)" and ax.get_ylabel() == "test accuracy"
+    assert any("int2/ch" == t.get_text() for t in ax.texts)
+    assert "Pareto frontier" in [t.get_text() for t in ax.get_legend().get_texts()]
+    p = plot.save(fig, tmp_path / "p.png")
+    assert p.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_metric_vs_bits_and_layer_bars(tmp_path):
+    fig = plot.metric_vs_bits(_table(), y="accuracy", hue="method", by="granularity")
+    assert fig.axes[0].get_xlabel() == "bits / weight"
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert any(l.startswith("float") for l in labels) and "qat / g32" in labels
+    layers = pd.DataFrame({"layer": ["layers/0", "head"] * 2, "order": [0, 1] * 2,
+                           "weight_sqnr_db": [20.0, 25.0, 8.0, 9.0], "weight": ["int4/ch"] * 2 + ["int2/ch"] * 2})
+    fig = plot.layer_bars(layers, y="weight_sqnr_db", hue="weight")
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["layers/0", "head"]
+    assert fig.axes[0].get_ylabel() == "weight SQNR (dB)"
+    plot.save(fig, tmp_path / "l.png")
+
+
+def test_weight_histogram_grid():
+    w = np.random.default_rng(0).normal(size=(64, 32)).astype(np.float32)
+    grid = plot.quant_grid(w, "int3")
+    assert len(grid) <= 8 and np.isclose(np.abs(grid).max(), np.abs(w).max(), rtol=1e-3)
+    assert len(plot.quant_grid(w, "nf4")) <= 16
+    fig = plot.weight_histogram(w, "int3/ch")
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "weight value" and "SQNR" in ax.get_title()
+    assert len(ax.lines) >= len(grid)  # grid lines drawn
+    assert isinstance(plot.weight_histogram(w), Figure)
