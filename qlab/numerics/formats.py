@@ -101,7 +101,9 @@ class IntFormat:
             r = jnp.floor(v + stochastic_noise)
         else:
             r = _round_half_even(v)
-        return jnp.clip(r, self.qmin, self.qmax)
+        r = jnp.clip(r, self.qmin, self.qmax)
+        # an integer code has no negative zero (XLA folds "+ 0.0", so select)
+        return jnp.where(r == 0, 0.0, r)
 
     def encode(self, v):
         return v.astype(jnp.int8 if self.signed else jnp.uint8)
@@ -317,8 +319,8 @@ class CodebookFormat:
 
     def _sorted(self):
         vals = np.asarray(self.values, np.float32)
-        order = np.argsort(vals, kind="stable")
-        sv = vals[order]
+        # equal values (e.g. +0 and -0) collapse onto their lowest code
+        sv, order = np.unique(vals, return_index=True)
         mids = ((sv[1:].astype(np.float64) + sv[:-1]) / 2).astype(np.float32)
         return sv, order, mids
 
