@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-__all__ = ["pareto", "pareto_front", "metric_vs_bits", "layer_bars", "weight_histogram", "save", "LABELS"]
+__all__ = ["figure", "QFigure", "quant_grid", "pareto", "pareto_front", "metric_vs_bits", "layer_bars", "weight_histogram", "save", "LABELS"]
 
 #: Axis labels (with units) for the usual result columns.
 LABELS = {
@@ -50,10 +50,31 @@ def _label(col: str) -> str:
     return LABELS.get(col, col.replace("_", " "))
 
 
+class QFigure(Figure):
+    """A matplotlib Figure that shows itself as PNG in Jupyter (``_repr_png_``), whatever the backend."""
+
+    def _repr_png_(self):
+        import io
+
+        buf = io.BytesIO()
+        self.savefig(buf, format="png", dpi=100)
+        return buf.getvalue()
+
+
+def figure(figsize=(6.4, 4.4), **kw) -> Figure:
+    """A new (constrained-layout) figure, not registered with pyplot, shown inline in notebooks.
+
+    Example:
+        >>> ax = figure().add_subplot()
+    """
+    kw.setdefault("layout", "constrained")
+    return QFigure(figsize=figsize, **kw)
+
+
 def _fig(ax=None, figsize=(6.4, 4.4)):
     if ax is not None:
         return ax.figure, ax
-    fig = Figure(figsize=figsize, layout="constrained")
+    fig = figure(figsize=figsize)
     return fig, fig.add_subplot()
 
 

@@ -93,6 +93,14 @@ def test_method_check_runs_before_anything(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_group_size_must_fit_every_matched_layer(tmp_path):
+    with pytest.raises(ConfigError, match=r"run 2 .*'int8/g32' does not fit layer 'layers/0' \(kernel 784x128\)"):
+        plan({"name": "g", "base": {"data": "fashion_mnist", "hidden": [128]}, "sweep": {"granularity": ["ch", "g32"]}},
+             out=tmp_path)
+    # a rule set that keeps the offending layer at another spec is fine
+    plan({"name": "g", "base": {"hidden": [24], "rules": "first_last_8bit"}, "sweep": {"granularity": ["g8"]}}, out=tmp_path)
+
+
 def test_only_filter():
     assert parse_only("method=qat,bits=4|8") == [("method", ["qat"]), ("bits", ["4", "8"])]
     with pytest.raises(ConfigError, match="unknown key 'bitz'"):

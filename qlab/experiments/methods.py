@@ -99,17 +99,61 @@ def dataset(config: Mapping[str, Any]):
     return _dataset(config["data"], int(config.get("train_size") or 0))
 
 
-def build_model(config: Mapping[str, Any], ds, seed: int) -> nnx.Module:
+#: (image shape, classes) of each dataset, known without loading it (used to check specs early).
+DATA_SHAPES = {"digits": ((8, 8, 1), 10), "fashion_mnist": ((28, 28, 1), 10)}
+
+
+def build_model(config: Mapping[str, Any], seed: int) -> nnx.Module:
     """A fresh float model for the run (``mlp`` with ``hidden`` sizes, or ``cnn``)."""
     from qlab.models import CNN, MLP, CNNConfig
 
+    image_shape, classes = DATA_SHAPES[config["data"]]
     rngs = nnx.Rngs(seed)
     if config["model"] == "mlp":
-        return MLP(int(np.prod(ds.image_shape)), hidden=tuple(config["hidden"]), out=ds.num_classes, rngs=rngs)
+        return MLP(int(np.prod(image_shape)), hidden=tuple(config["hidden"]), out=classes, rngs=rngs)
     if config["model"] == "cnn":
-        base = CNNConfig.digits() if ds.image_shape[0] <= 8 else CNNConfig.fashion_mnist()
-        return CNN(dataclasses.replace(base, input_shape=ds.image_shape, num_classes=ds.num_classes), rngs=rngs)
+        base = CNNConfig.digits() if image_shape[0] <= 8 else CNNConfig.fashion_mnist()
+        return CNN(dataclasses.replace(base, input_shape=image_shape, num_classes=classes), rngs=rngs)
     raise ValueError(f"model = {config['model']!r} is unknown; allowed: mlp, cnn")
+
+
+@functools.lru_cache(maxsize=16)
+def _layer_shapes(model: str, hidden, data: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    cfg = {"model": model, "hidden": list(hidden) if hidden else None, "data": data}
+    m = build_model(cfg, 0)
+    example = np.zeros((1, *DATA_SHAPES[data][0]), np.float32)
+    return tuple((p, tuple(l.kernel.value.shape)) for p, l in quantizable_layers(m, example))
+
+
+def check_shapes(config: Mapping[str, Any]) -> None:
+    """Raise ValueError if a rule's weight spec cannot quantize a layer it matches (e.g. a group
+    size that does not divide the layer's input features). Cheap: no data, a throwaway model.
+
+    Example:
+        >>> check_shapes({"model": "mlp", "hidden": [100], "data": "digits",
+        ...               "_rules": [{"pattern": ".*", "weight": "int4/g32", "act": None}]})
+        Traceback (most recent call last):
+        ...
+        ValueError: weight spec 'int4/g32' does not fit layer 'layers/1' (kernel 100x10): per_group.size: 32 does not divide ...
+    """
+    from qlab.numerics import bits_per_weight, parse_spec
+
+    shapes = _layer_shapes(config["model"], json_key(config.get("hidden")), config["data"])
+    paths = [p for p, _ in shapes]
+    for rule in nn_rules(paths, _rules_of(config)):
+        for path, shape in shapes:
+            if not rule.matches(path):
+                continue
+            if rule.weight is not None:
+                spec = parse_spec(rule.weight)
+                spec = dataclasses.replace(spec, granularity=spec.granularity.resolve(len(shape) - 1, len(shape) - 2))
+                try:
+                    bits_per_weight(spec, shape)
+                except ValueError as e:
+                    raise ValueError(f"weight spec {str(rule.weight)!r} does not fit layer {path!r} "
+                                     f"(kernel {'x'.join(map(str, shape))}): {e}") from None
+        paths = [p for p in paths if not rule.matches(p)]
+        shapes = tuple((p, s) for p, s in shapes if p in paths)
 
 
 _FLOAT_KEYS = ("model", "hidden", "data", "train_size", "steps", "batch_size", "learning_rate")
@@ -125,7 +169,7 @@ def float_model(config: Mapping[str, Any], seed: int, progress: bool = False):
     key = tuple(json_key(config.get(k)) for k in _FLOAT_KEYS) + (seed,)
     if key not in _float_cache:
         ds = dataset(config)
-        model = build_model(config, ds, seed)
+        model = build_model(config, seed)
         t0 = time.perf_counter()
         train(model, ds, steps=int(config["steps"]), batch_size=int(config["batch_size"]),
               learning_rate=float(config["learning_rate"]), seed=seed, progress=progress)
@@ -303,12 +347,13 @@ def effective_model(qmodel: nnx.Module, template: nnx.Module) -> nnx.Module | No
 
 
 def _check_quant(config):
-    pass
+    check_shapes(config)
 
 
 def _check_lsq(config):
     from qlab.numerics import IntFormat, parse_spec
 
+    check_shapes(config)
     for r in _rules_of(config):
         for k in ("weight", "act"):
             if r[k] and not isinstance(parse_spec(r[k]).fmt, IntFormat):
