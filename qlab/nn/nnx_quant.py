@@ -185,6 +185,10 @@ class QuantizedLayer(nnx.Module):
         w = getattr(layer, self.weight_name)[...]
         self.channel_axis, self.contract_axis = _weight_axes(kind, layer, w.shape)
         if rule.weight is not None:
+            try:
+                rule.weight.resolve(self.channel_axis, self.contract_axis).granularity.view(tuple(w.shape))
+            except ValueError as e:
+                raise ValueError(f"layer {path!r} ({kind}, weight {tuple(w.shape)}) with {rule!r}: {e}") from None
             self.weight_quant = WeightQuantizer(
                 rule.weight.resolve(self.channel_axis, self.contract_axis),
                 method=rule.weight_quantizer,
@@ -608,10 +612,14 @@ def quantize_model(model: nnx.Module, rules, *, allow_unmatched: bool = False) -
         >>> from flax import nnx
         >>> from qlab.models import MLP
         >>> m = MLP(8, hidden=(16,), out=2, rngs=nnx.Rngs(0))
-        >>> quantize_model(m, [Rule("nothing", weight="int8")])
-        Traceback (most recent call last):
-        ...
-        ValueError: rules matched no layer: Rule('nothing', weight='int8') ...
+        >>> qm = quantize_model(m, [Rule("layers/.*", weight="int4/ch", act="int8")])
+        >>> type(qm.layers[0]).__name__, type(qm.head).__name__
+        ('QuantizedLayer', 'Linear')
+        >>> try:
+        ...     quantize_model(m, [Rule("nothing", weight="int8")])
+        ... except ValueError as e:
+        ...     print(str(e)[:54])
+        rules matched no layer: Rule('nothing', weight='int8')
     """
     rules = as_rules(rules)
     qmodel = _deep_copy(model)

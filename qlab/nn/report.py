@@ -93,6 +93,8 @@ def layer_report(qmodel, *, sqnr: bool = True, warn: bool = True):
         "layer", "kind", "rule", "weight_spec", "act_spec", "weight_quantizer", "act_quantizer", "converted",
         "params", "bits_per_weight", "packed_bytes", "float_bytes", "sqnr_db"])
     df = df.sort_values("layer", kind="stable").reset_index(drop=True)
+    for col in ("weight_spec", "act_spec", "weight_quantizer", "act_quantizer"):
+        df[col] = df[col].astype(object).where(df[col].notna(), None)
     um = unmatched_rules(qmodel)
     df.attrs["unmatched_rules"] = list(um)
     if um and warn:
