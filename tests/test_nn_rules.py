@@ -105,3 +105,25 @@ def test_treescope_renders_rules_and_state():
                                               act_quantizer="pact")])
     text = treescope.render_to_text(qm)
     assert "QuantizedLayer" in text and "Rule(" in text and "QuantParam" in text and "lsq" in text
+
+
+def test_einsum_and_conv_layers_resolve_axes():
+    ein = nnx.Einsum("btd,dnh->btnh", (8, 2, 4), (2, 4), rngs=nnx.Rngs(0))
+    qe = qnn.quantize_model(ein, [qnn.Rule(".*", weight="int4/g4", act="int8")])
+    assert qe.weight_quant.spec.granularity.axis == 0  # groups along the contracted d axis
+    x = jax.random.normal(jax.random.key(0), (2, 3, 8))
+    ref = jnp.einsum("btd,dnh->btnh", qlab.fake_quant(x.reshape(-1, 8), "int8").reshape(x.shape),
+                     qlab.fake_quant(ein.kernel[...], "int4/g4a0")) + ein.bias[...]
+    np.testing.assert_allclose(qe(x), ref, rtol=1e-5, atol=1e-5)
+
+    conv = nnx.Conv(8, 4, (3, 3), rngs=nnx.Rngs(0))
+    qc = qnn.quantize_model(conv, [qnn.Rule(".*", weight="int4/g4")])
+    assert qc.weight_quant.spec == qlab.parse_spec("int4/g4a2")  # groups along input channels
+    xi = jax.random.normal(jax.random.key(1), (1, 5, 5, 8))
+    conv2 = nnx.clone(conv)
+    conv2.kernel[...] = qlab.fake_quant(conv.kernel[...], "int4/g4a2")
+    np.testing.assert_allclose(qc(xi), conv2(xi), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="already quantized"):
+        qnn.quantize_model(qc, [qnn.Rule(".*", weight="int8")])
+    with pytest.raises(ValueError, match="does not divide"):
+        qnn.quantize_model(conv, [qnn.Rule(".*", weight="int4/g3")])

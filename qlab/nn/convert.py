@@ -82,7 +82,8 @@ def capture(
 ) -> dict[str, dict[str, np.ndarray]]:
     """Calibration statistics of the input of every quantized layer.
 
-    Runs ``forward(model, batch)`` (default ``model(batch)``) jitted over ``batches`` on a copy of
+    Runs ``forward(model, batch)`` (default ``model(batch)``, or ``model(batch[0])`` for an
+    ``(x, y)`` tuple) jitted over ``batches`` on a copy of
     ``qmodel`` and returns, per layer path (inputs viewed as ``[rows, in_features]``, i.e. per
     token for Linear/Einsum, per pixel for Conv, after any ``input_scale`` division and before
     activation quantization):
@@ -113,14 +114,12 @@ def capture(
     if not layers:
         raise ValueError("capture: the model has no quantized layers (quantize_model it with rules first)")
     for layer in layers.values():
-        if layer.converted and layer.weight[...].size == 0:
-            pass
         layer.capture_stats = CaptureStats(layer.in_features, stats, max_input_rows, jnp.float32)
         layer.capture_float = not quantized
     for _, m in nnx.iter_modules(cm):
         if isinstance(m, ActQuantizer):
             m.use_running_average = True
-    fwd = forward if forward is not None else (lambda m, b: m(b))
+    fwd = forward if forward is not None else (lambda m, b: m(b[0]) if isinstance(b, (tuple, list)) else m(b))
     graphdef, state = nnx.split(cm)
 
     @jax.jit

@@ -282,7 +282,7 @@ class QuantizedLayer(nnx.Module):
         return x2.reshape(shape)
 
     def _run(self, method, x, *args, **kwargs):
-        if self.capture_float:
+        if self.capture_float and self.weight[...].size:
             w = self.weight[...]
         else:
             w = self.weight_value()
@@ -625,6 +625,12 @@ def quantize_model(model: nnx.Module, rules, *, allow_unmatched: bool = False) -
     qmodel = _deep_copy(model)
     mods = list(nnx.iter_modules(qmodel))
     layer_paths, user_paths = [], []
+    for p, m in mods:
+        if isinstance(m, QuantizedLayer):
+            raise ValueError(
+                f"quantize_model: the model is already quantized (QuantizedLayer at {_path_str(p)!r}); "
+                "quantize the float model instead"
+            )
     for p, m in mods:
         if any(len(q) < len(p) and p[: len(q)] == q for q, _ in layer_paths):
             continue

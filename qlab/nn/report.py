@@ -80,7 +80,11 @@ def layer_report(qmodel, *, sqnr: bool = True, warn: bool = True):
             params=int(w.size), bits_per_weight=32.0, packed_bytes=4 * int(w.size), float_bytes=4 * int(w.size),
             sqnr_db=float("nan"),
         ))
+    users = _walk(qmodel)[2]
     for site, pat in SEEN_CALL_SITES.get(rules, {}).items() if rules else ():
+        owner = site.rsplit("/", 1)[0] if "/" in site else ""
+        if owner not in users:
+            continue  # a call site of another model quantized with the same rules
         r = first_match(rules, site)
         rows.append(dict(
             layer=site, kind="call:" + site.rsplit("/", 1)[-1].rsplit("_", 1)[0], rule=pat,
