@@ -193,3 +193,56 @@ def test_resume_after_sigkill(tmp_path):
         assert (out / "runs" / name).read_text() == text
     assert table["accuracy"].notna().all()
     assert not list((out / "runs").glob("*.tmp"))
+
+
+# --------------------------------------------------------------------------- batched variants
+
+
+def test_batched_sweep_matches_sequential(tmp_path):
+    study = {"name": "b", "base": {**TINY, "qat_steps": 10},
+             "sweep": {"method": ["float", "qat"], "seed": [0, 1, 2], "learning_rate": [3e-3]}}
+    methods._float_cache.clear()
+    seq = sweep(study, out=tmp_path / "s", progress=False, plots=False)
+    methods._float_cache.clear()
+    bat = sweep(study, out=tmp_path / "b", progress=False, plots=False, batch=True)
+    assert list(bat["config_hash"]) == list(seq["config_hash"])
+    assert (bat["batched"].dropna() == 3).all() and bat["batched"].notna().sum() == 6
+    # float training sees the same batches and updates: same models up to float rounding
+    f = bat["method"] == "float"
+    assert (abs(bat.loc[f, "accuracy"].to_numpy() - seq.loc[f, "accuracy"].to_numpy()) <= 0.02).all()
+    assert (abs(bat["accuracy"] - seq["accuracy"]) <= 0.05).all()
+
+
+_SHARD_SCRIPT = r"""
+import jax, numpy as np
+from flax import nnx
+from qlab.data import digits_dataset
+from qlab.experiments.methods import train_variants, _variant_sharding
+from qlab.models import MLP
+assert jax.device_count() == 4, jax.devices()
+assert _variant_sharding(8).mesh.devices.size == 4 and _variant_sharding(6).mesh.devices.size == 3
+ds = digits_dataset()
+ms = [MLP(64, hidden=(16,), rngs=nnx.Rngs(s)) for s in range(4)]
+losses = train_variants(ms, ds, steps=30, batch_size=32, learning_rates=[3e-3] * 4, seeds=[0, 1, 2, 3])
+np.save("losses.npy", losses)
+print("OK", losses.shape)
+"""
+
+
+def test_batched_variants_shard_over_devices(tmp_path):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "PYTHONPATH": str(ROOT),
+           "JAX_PLATFORMS": "cpu"}
+    r = subprocess.run([sys.executable, "-c", _SHARD_SCRIPT], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and "OK (4, 30)" in r.stdout, r.stderr[-3000:]
+    sharded = __import__("numpy").load(tmp_path / "losses.npy")
+    # the same 4 variants on one device give the same losses
+    from flax import nnx
+
+    from qlab.data import digits_dataset
+    from qlab.models import MLP
+
+    ms = [MLP(64, hidden=(16,), rngs=nnx.Rngs(s)) for s in range(4)]
+    single = methods.train_variants(ms, digits_dataset(), steps=30, batch_size=32, learning_rates=[3e-3] * 4,
+                                    seeds=[0, 1, 2, 3])
+    assert abs(single - sharded).max() < 1e-4

@@ -386,6 +386,7 @@ def _finish(ds, qmodel, info, order, t0, extra=None, template=None):
         "accuracy_drop": info["float_accuracy"] - acc,
         **size_metrics(qmodel),
         "float_train_s": info["train_s"],
+        **({"float_batched": info["batched"]} if "batched" in info else {}),
         **(extra or {}),
     }
     metrics["method_s"] = time.perf_counter() - t0
@@ -402,6 +403,7 @@ def run_float(config, seed, progress=False):
         "accuracy_drop": 0.0,
         **size_metrics(quantize(model, ())),
         "float_train_s": info["train_s"],
+        **({"batched": info["batched"]} if "batched" in info else {}),
     }, None
 
 
@@ -461,13 +463,155 @@ def run_qat_lsq(config, seed, progress=False):
 
 # --------------------------------------------------------------------------- batched variants
 
-#: Keys whose values are traced (not part of the compiled program): runs differing only in these
-#: train together as one vmapped program (see :func:`run_batched`).
+#: Keys whose values are traced, not compiled in: runs of a :data:`BATCHABLE` method that differ
+#: only in these train together as one vmapped program (see :func:`run_batched`).
 BATCH_KEYS = ("seed", "learning_rate", "qat_learning_rate", "config_hash")
 #: Methods that support batched execution.
-BATCHABLE: set[str] = set()
+BATCHABLE = {"float", "ptq_rtn", "qat", "qat_lsq"}
+
+
+def _stack(trees):
+    # on the host: eager jnp.stack would compile one op per leaf shape
+    return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
+
+
+def _variant_sharding(n: int):
+    """A NamedSharding splitting the variant axis over as many devices as divide ``n`` (None: 1 device)."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    ndev = jax.device_count()
+    k = max(d for d in range(1, min(ndev, n) + 1) if n % d == 0)
+    if k <= 1:
+        return None
+    mesh = Mesh(np.array(jax.devices()[:k]), ("variants",))
+    return NamedSharding(mesh, PartitionSpec("variants"))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2, 3, 4))
+def _train_scan(graphdef, tx, params, rest, opt_state, idx, x, y):
+    """All steps of every variant: vmap over variants of a lax.scan over steps."""
+    import optax
+
+    def loss_fn(p, r, xb, yb):
+        m = nnx.merge(graphdef, p, r)
+        logits = m(xb)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), yb).mean()
+        return loss, nnx.state(m, nnx.Not(nnx.Param))
+
+    def one(p, r, o, ids):
+        def step(carry, i):
+            p, r, o = carry
+            (loss, r), g = jax.value_and_grad(loss_fn, has_aux=True)(p, r, x[i], y[i])
+            updates, o = tx.update(g, o, p)
+            return (optax.apply_updates(p, updates), r, o), loss
+
+        (p, r, o), losses = jax.lax.scan(step, (p, r, o), ids)
+        return p, r, o, losses
+
+    return jax.vmap(one)(params, rest, opt_state, idx)
+
+
+@functools.lru_cache(maxsize=4)
+def _tx():
+    import optax
+
+    return optax.inject_hyperparams(optax.adam)(learning_rate=1e-3)
+
+
+def train_variants(models: list[nnx.Module], ds, *, steps: int, batch_size: int, learning_rates, seeds) -> np.ndarray:
+    """Train same-structure models together, in place, as ONE compiled program: ``jax.vmap`` over
+    the variants of a ``lax.scan`` over the steps. Each variant keeps its own learning rate (a traced
+    Adam hyperparameter) and its own batch order (``qlab.data.batches`` with its seed, as
+    :func:`qlab.train.train` uses). With several devices the variants are sharded over them.
+    Returns the losses, shape (variants, steps).
+
+    Example:
+        >>> from qlab.data import digits_dataset
+        >>> from qlab.models import MLP
+        >>> ds = digits_dataset()
+        >>> ms = [MLP(64, hidden=(16,), rngs=nnx.Rngs(s)) for s in range(3)]
+        >>> train_variants(ms, ds, steps=20, batch_size=32, learning_rates=[1e-3, 3e-3, 1e-2], seeds=[0, 1, 2]).shape
+        (3, 20)
+    """
+    from qlab.data import batches
+
+    tx = _tx()
+    splits = [nnx.split(m, nnx.Param, ...) for m in models]
+    graphdef = splits[0][0]
+    if any(s[0] != graphdef for s in splits[1:]):
+        raise ValueError("train_variants: the models differ in structure (specs, shapes); batch only traced values")
+    params = _stack([s[1] for s in splits])
+    rest = _stack([s[2] for s in splits])
+    opt_state = _init_opt(tx, params)
+    opt_state.hyperparams["learning_rate"] = jnp.asarray(np.asarray(learning_rates, np.float32))
+    x, y = ds.train
+    idx = np.stack([np.stack(list(batches(np.arange(len(y)), batch_size, int(sd), steps=steps))) for sd in seeds])
+    sharding = _variant_sharding(len(models))
+    if sharding is not None:
+        params, rest, opt_state, idx = jax.device_put((params, rest, opt_state, idx), sharding)
+    params, rest, opt_state, losses = _train_scan(graphdef, tx, params, rest, opt_state, jnp.asarray(idx),
+                                                  jnp.asarray(x), jnp.asarray(y))
+    params, rest = jax.device_get((params, rest))  # unstack on the host (no per-shape slicing programs)
+    for i, m in enumerate(models):
+        nnx.update(m, jax.tree.map(lambda a: jnp.asarray(a[i]), params), jax.tree.map(lambda a: jnp.asarray(a[i]), rest))
+    return np.asarray(losses)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init_opt(tx, params):
+    return jax.vmap(tx.init)(params)
+
+
+def _float_key(config, seed):
+    return tuple(json_key(config.get(k)) for k in _FLOAT_KEYS) + (seed,)
+
+
+def _ensure_floats_batched(runs: list[dict]):
+    """Train the float models the runs need and the cache lacks, all together (same structure)."""
+    from qlab import evaluate
+
+    todo, seen = [], set()
+    for r in runs:
+        k = _float_key(r, int(r["seed"]))
+        if k not in _float_cache and k not in seen:
+            seen.add(k)
+            todo.append(r)
+    if len(todo) < 2:
+        return
+    ds = dataset(todo[0])
+    models = [build_model(r, int(r["seed"])) for r in todo]
+    t0 = time.perf_counter()
+    train_variants(models, ds, steps=int(todo[0]["steps"]), batch_size=int(todo[0]["batch_size"]),
+                   learning_rates=[float(r["learning_rate"]) for r in todo], seeds=[int(r["seed"]) for r in todo])
+    dt = (time.perf_counter() - t0) / len(todo)
+    for r, m in zip(todo, models):
+        _float_cache[_float_key(r, int(r["seed"]))] = (m, {"float_accuracy": evaluate.accuracy(m, *ds.test),
+                                                           "train_s": dt, "batched": len(todo)})
 
 
 def run_batched(runs: list[dict], progress: bool = False) -> list[tuple[dict, Any]]:
-    """Run several configs that differ only in :data:`BATCH_KEYS` as one vmapped program."""
-    return [REGISTRY[r["method"]].fn(r, int(r["seed"]), progress=progress) for r in runs]
+    """Run configs that differ only in :data:`BATCH_KEYS`: float models trained as one vmapped
+    program, then (QAT methods) the quantized models fine-tuned as one vmapped program."""
+    if len(_float_cache) + len(runs) > 8:
+        _float_cache.clear()
+    _ensure_floats_batched(runs)
+    method = runs[0]["method"]
+    if method not in ("qat", "qat_lsq") or len(runs) < 2:
+        return [REGISTRY[r["method"]].fn(r, int(r["seed"]), progress=progress) for r in runs]
+    quantizer = "lsq" if method == "qat_lsq" else "ste"
+    t0 = time.perf_counter()
+    setups = [_setup(r, int(r["seed"]), False) for r in runs]
+    qmodels = [quantize(m, nn_rules(order, _rules_of(r), quantizer, quantizer))
+               for r, (ds, m, info, order) in zip(runs, setups)]
+    losses = train_variants(qmodels, setups[0][0], steps=int(runs[0]["qat_steps"]),
+                            batch_size=int(runs[0]["batch_size"]),
+                            learning_rates=[float(r["qat_learning_rate"]) for r in runs],
+                            seeds=[int(r["seed"]) + 1 for r in runs])
+    dt = (time.perf_counter() - t0) / len(runs)
+    out = []
+    for (ds, m, info, order), qm, ls in zip(setups, qmodels, losses):
+        if hasattr(qm, "eval"):
+            qm.eval()
+        out.append(_finish(ds, qm, info, order, time.perf_counter() - dt,
+                           {"qat_final_loss": float(ls[-1]), "qat_s": dt, "batched": len(runs)}, template=m))
+    return out
