@@ -20,7 +20,7 @@ def _toml(tmp_path, text, name="s"):
 @pytest.mark.parametrize("text, words", [
     ('[sweep]\nbitz = [4]\n', ["invalid study", "unknown key 'bitz'", "allowed:"]),
     ('[base]\nweight = "int4/g16/zz"\n', ["invalid study", "weight = 'int4/g16/zz'", "unknown token 'zz'"]),
-    ('[base]\nmethod = "nope"\n', ["method = 'nope'", "allowed: float, ptq_rtn, qat, qat_lsq"]),
+    ('[base]\nmethod = "nope"\n', ["method = 'nope'", "allowed: float, ptq_awq, ptq_gptq", "qat_lsq"]),
     ('[base]\ndata = "fashion_mnist"\n', ["data = 'fashion_mnist' is not available", "install"]),
     ('[base\nbits = 4\n', ["not valid TOML"]),
 ])

@@ -246,3 +246,15 @@ def test_batched_variants_shard_over_devices(tmp_path):
     single = methods.train_variants(ms, digits_dataset(), steps=30, batch_size=32, learning_rates=[3e-3] * 4,
                                     seeds=[0, 1, 2, 3])
     assert abs(single - sharded).max() < 1e-4
+
+
+def test_ptq_algorithm_methods(tmp_path):
+    with pytest.raises(ConfigError, match="ptq_hqq.*asymmetric"):
+        plan({"name": "h", "base": {"method": "ptq_hqq"}}, out=tmp_path)
+    study = {"name": "p", "base": {**TINY, "bits": 3, "calibration_size": 128},
+             "include": [{"method": "ptq_rtn"}, {"method": "ptq_gptq"}, {"method": "ptq_hqq", "symmetric": False}]}
+    t = sweep(study, out=tmp_path, progress=False, plots=False)
+    assert list(t["method"]) == ["ptq_rtn", "ptq_gptq", "ptq_hqq"]
+    assert t["accuracy"].between(0, 1).all() and (t["bits_per_weight"] < 4.5).all()
+    assert t.loc[t["method"] == "ptq_gptq", "calibration_size"].item() == 128
+    assert pd.isna(t.loc[t["method"] == "ptq_rtn", "calibration_size"].item())

@@ -63,7 +63,7 @@ __all__ = [
 
 #: Every run key, with its default. A study may set only these (in [base], [sweep], [[include]]).
 DEFAULTS: dict[str, Any] = {
-    "method": "ptq_rtn",  # float | ptq_rtn | qat | qat_lsq | (ptq_* when qlab.ptq provides them)
+    "method": "ptq_rtn",  # float | ptq_rtn | qat | qat_lsq | ptq_gptq | ptq_awq | ptq_hqq | ptq_smoothquant
     "model": "mlp",  # mlp | cnn
     "hidden": [128, 128],  # MLP hidden sizes (model = "mlp")
     "data": "digits",  # digits | fashion_mnist
@@ -73,6 +73,7 @@ DEFAULTS: dict[str, Any] = {
     "learning_rate": 3e-3,
     "qat_steps": 100,  # QAT fine-tuning steps, starting from the float model
     "qat_learning_rate": 1e-3,
+    "calibration_size": 512,  # calibration images for ptq_gptq / ptq_awq / ptq_smoothquant
     "format": "int",  # "int" (+ bits) or a format / preset name: fp8_e4m3, nf4, fp4_e2m1, mxfp4, ...
     "bits": 8,  # for format = "int"
     "granularity": "ch",  # tensor | ch | g<N> (groups along the input axis)
@@ -85,7 +86,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 #: Keys that only matter to quantized methods: a ``float`` run has them all set to None.
-QUANT_KEYS = ("qat_steps", "qat_learning_rate", "format", "bits", "granularity", "symmetric", "range",
+QUANT_KEYS = ("qat_steps", "qat_learning_rate", "calibration_size", "format", "bits", "granularity", "symmetric", "range",
               "weight", "act", "rules")
 #: Keys that are read only by QAT methods.
 QAT_KEYS = ("qat_steps", "qat_learning_rate")
@@ -334,6 +335,8 @@ def _normalize(run: dict) -> dict:
         if not run["method"].startswith("qat"):
             for k in QAT_KEYS:
                 run[k] = None
+        if run["method"] not in ("ptq_gptq", "ptq_awq", "ptq_smoothquant"):
+            run["calibration_size"] = None
         run["weight"] = weight_spec(run)
         if run.get("act") in (None, "", "none"):
             run["act"] = "none"

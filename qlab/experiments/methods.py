@@ -328,13 +328,18 @@ def effective_model(qmodel: nnx.Module, template: nnx.Module) -> nnx.Module | No
     from qlab import nn as qnn
 
     qls, fls = qnn.quantized_layers(qmodel), qnn.float_layers(qmodel)
-    if any(L.act_quant is not None or getattr(L, "input_scale", None) is not None for L in qls.values()):
+    if any(L.act_quant is not None for L in qls.values()):
         return None
     out = copy_model(template)
     for path, m in quantizable_layers(out):
         if path in qls:
             L = qls[path]
-            m.kernel.value = jnp.asarray(L.weight_value())
+            w = jnp.asarray(L.weight_value())
+            if getattr(L, "input_scale", None) is not None:  # (x / s) @ W  ==  x @ (W / s[:, None])
+                if w.ndim != 2:
+                    return None
+                w = w / jnp.asarray(L.input_scale[...]).reshape(-1, 1)
+            m.kernel.value = w
             src = L.layer
         elif path in fls:
             src = fls[path]
@@ -459,6 +464,53 @@ def run_qat(config, seed, progress=False):
 def run_qat_lsq(config, seed, progress=False):
     """Quantization-aware fine-tuning with LSQ learned step sizes (integer formats)."""
     return _run_qat(config, seed, "lsq", progress=progress)
+
+
+# --------------------------------------------------------------------------- PTQ algorithms (qlab.ptq)
+
+#: method name -> (qlab.ptq driver, needs calibration data)
+PTQ_ALGORITHMS = {"ptq_gptq": ("gptq", True), "ptq_awq": ("awq", True), "ptq_hqq": ("hqq", False),
+                  "ptq_smoothquant": ("smoothquant", True)}
+
+
+def _check_ptq(config):
+    from qlab.numerics import parse_spec
+
+    check_shapes(config)
+    if config["method"] == "ptq_hqq":
+        for r in _rules_of(config):
+            if r["weight"] and parse_spec(r["weight"]).symmetric:
+                raise ValueError(f"method 'ptq_hqq' needs asymmetric integer weight specs; weight {r['weight']!r} "
+                                 "is symmetric: set symmetric = false (e.g. int4/g32/asym)")
+
+
+def _make_ptq(name: str, algo: str, calibrated: bool):
+    def run(config, seed, progress=False):
+        from qlab import ptq
+
+        t0 = time.perf_counter()
+        ds, model, info, order = _setup(config, seed, progress)
+        rules = nn_rules(order, _rules_of(config))
+        fn = getattr(ptq, algo)
+        if calibrated:
+            n = int(config.get("calibration_size") or 512)
+            x = ds.train.images[:n]
+            qmodel = fn(model, rules, [x[i:i + 128] for i in range(0, len(x), 128)])
+        else:
+            qmodel = fn(model, rules)
+        if isinstance(getattr(qmodel, "_qlab_ptq_info", None), list):
+            # qlab.ptq keeps its per-layer log as a static list: unhashable, so the model could not be jitted
+            delattr(qmodel, "_qlab_ptq_info")
+        return _finish(ds, qmodel, info, order, t0, template=model)
+
+    run.__name__ = f"run_{name}"
+    run.__doc__ = f"qlab.ptq.{algo} of the float model" + (" (calibration: the first calibration_size training images)."
+                                                        if calibrated else " (no calibration data).")
+    return run
+
+
+for _name, (_algo, _cal) in PTQ_ALGORITHMS.items():
+    register(_name, check=_check_ptq)(_make_ptq(_name, _algo, _cal))
 
 
 # --------------------------------------------------------------------------- batched variants
