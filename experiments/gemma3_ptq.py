@@ -148,7 +148,7 @@ def main():
                 t = time.time()
                 qm0 = quantize_model(model, rules_for("int8/ch"))
                 stats = capture(qm0, batches, forward=lambda m, b: m.features(b),
-                                stats=("hessian", "mean_abs", "absmax", "inputs"), max_input_rows=4096)
+                                stats=("hessian", "mean_abs", "absmax", "inputs"), max_input_rows=512)
                 del qm0
                 log(f"captured calibration stats of {len(stats)} layers in {time.time() - t:.0f}s")
             t = time.time()

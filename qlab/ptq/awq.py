@@ -7,8 +7,9 @@ calibration inputs:
 
 1. scale search: ``s = mean|x|^alpha``, normalised by ``sqrt(max(s) * min(s))``, for ``alpha`` on a grid of
    ``n_grid`` values ``0, 1/n, ..., (n-1)/n`` (``alpha = 0`` is plain RTN, so AWQ never does worse than RTN
-   on the calibration set); the error ``||X W - (X/s) Q(W s)||^2`` is computed as ``tr(D^T H D)`` with
-   ``H = X^T X`` when that is cheaper than using the rows of ``X``;
+   on the calibration set); the error ``||X W - (X/s) Q(W s)||^2`` is computed as ``tr(D^T H D)`` from the
+   Hessian ``H = X^T X`` of all calibration rows when it is given (the model-level driver passes the captured
+   one), else from the rows of ``X`` or ``X^T X``, whichever is cheaper;
 2. clip search (``clip_search=True``): per scale group and output column, the range is shrunk by
    ``1, 1 - 1/n_grid, ...`` down to ``1 - max_shrink`` and the ratio with the least output error of that
    group's partial product (on up to ``clip_rows`` input rows) is kept; the clipped kernel is then quantized
@@ -85,7 +86,7 @@ def awq_scale_search(W, spec, *, X=None, H=None, x_mean_abs=None, n_grid: int = 
             x_mean_abs = jnp.mean(jnp.abs(X), axis=0)
     if x_mean_abs is None:
         raise ValueError("awq: x_mean_abs is needed when only H is given")
-    use_x = X is not None and (H is None or X.shape[0] <= X.shape[1])
+    use_x = H is None and X.shape[0] <= X.shape[1]  # H (all calibration rows) when given
     if not use_x and H is None:
         H = X.T @ X
     alphas, losses = _scale_losses(W, X if use_x else None, None if use_x else jnp.asarray(H, _F32),

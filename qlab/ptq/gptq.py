@@ -72,30 +72,39 @@ def gptq_block_size(block_size: int, group: int | None) -> int:
     return math.gcd(group, block_size)
 
 
-@jax.jit
-def _inv_chol(H, damp_abs):
+def _inv_chol_retry(H, damp, tries: int = 5):
+    """(U, damp used): upper Cholesky factor of the damped inverse Hessian; the dampening grows 10x per try
+    (at most ``tries``) while the factorisation has non-finite entries. Traceable."""
     n = H.shape[0]
-    Hd = H + damp_abs * jnp.eye(n, dtype=H.dtype)
-    L = jnp.linalg.cholesky(Hd)
-    Hinv = jax.scipy.linalg.cho_solve((L, True), jnp.eye(n, dtype=H.dtype))
-    Hinv = 0.5 * (Hinv + Hinv.T)
-    return jnp.linalg.cholesky(Hinv).T  # upper: Hinv = U^T U
+    mean_diag = jnp.mean(jnp.diag(H))
+    eye = jnp.eye(n, dtype=H.dtype)
+
+    def factor(d):
+        L = jnp.linalg.cholesky(H + d * mean_diag * eye)
+        Hinv = jax.scipy.linalg.cho_solve((L, True), eye)
+        return jnp.linalg.cholesky(0.5 * (Hinv + Hinv.T)).T  # upper: Hinv = U^T U
+
+    def cond(st):
+        U, d, k = st
+        return (k < tries) & ~jnp.all(jnp.isfinite(U))
+
+    def body(st):
+        _, d, k = st
+        d = d * 10.0
+        return factor(d), d, k + 1
+
+    d0 = jnp.asarray(damp, jnp.float32)
+    U, d, _ = jax.lax.while_loop(cond, body, (factor(d0), d0, jnp.int32(1)))
+    return U, d
 
 
 def inverse_hessian_cholesky(H, damp: float = 0.01):
     """Upper Cholesky factor ``U`` of ``(H + damp*mean(diag H)*I)^-1`` (``U^T U = H^-1``), raising the
-    dampening 10x (up to 4 times, with a warning) when the factorisation fails. Returns ``(U, damp_used)``."""
-    H = jnp.asarray(H, _F32)
-    mean_diag = float(jnp.mean(jnp.diag(H)))
-    d = damp
-    for attempt in range(5):
-        U = _inv_chol(H, jnp.float32(d * mean_diag))
-        if bool(jnp.all(jnp.isfinite(U))):
-            if attempt:
-                warnings.warn(f"GPTQ: Hessian not positive definite with damp={damp}; used damp={d:g}")
-            return U, d
-        d *= 10
-    raise FloatingPointError(f"GPTQ: Cholesky of the damped Hessian failed even with damp={d / 10:g}")
+    dampening 10x (up to 4 times) when the factorisation fails. Returns ``(U, damp_used)``."""
+    U, d = jax.jit(_inv_chol_retry)(jnp.asarray(H, _F32), damp)
+    if not bool(jnp.all(jnp.isfinite(U))):
+        raise FloatingPointError(f"GPTQ: Cholesky of the damped Hessian failed even with damp={float(d):g}")
+    return U, float(d)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "B", "G", "dynamic_groups", "per_tensor"))
@@ -186,6 +195,21 @@ def gptq(W, H, spec, *, damp: float = 0.01, block_size: int = 128, act_order: bo
             "rows would not be contiguous g<G> groups of the stored format)"
         )
 
+    dynamic = grouped and not static_groups
+    B = gptq_block_size(block_size, G if dynamic else None)
+    R, S, Z, tscale, d_used = _gptq_core(W, H, jnp.float32(damp), spec=spec, G=G, B=B, grouped=grouped,
+                                         static_groups=bool(static_groups), act_order=bool(act_order),
+                                         per_tensor=per_tensor)
+    if not bool(jnp.all(jnp.isfinite(R))):
+        raise FloatingPointError(f"gptq: Cholesky of the damped Hessian failed even with damp={float(d_used):g}")
+    if float(d_used) != float(jnp.float32(damp)):
+        warnings.warn(f"gptq: Hessian not positive definite with damp={damp}; used damp={float(d_used):g}")
+    return qtensor_from_grid(R, S, Z, tscale, spec)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "G", "B", "grouped", "static_groups", "act_order", "per_tensor"))
+def _gptq_core(W, H, damp, *, spec, G, B, grouped, static_groups, act_order, per_tensor):
+    n_in, n_out = W.shape
     # 1. dead inputs
     diag = jnp.diag(H)
     dead = diag == 0
@@ -216,8 +240,7 @@ def gptq(W, H, spec, *, damp: float = 0.01, block_size: int = 128, act_order: bo
         Z = None if Z is None else Z[perm]
 
     # 3./4. inverse Hessian factor and the sweep
-    U, _ = inverse_hessian_cholesky(H, damp)
-    B = gptq_block_size(block_size, G if dynamic else None)
+    U, d_used = _inv_chol_retry(H, damp)
     n_pad = -(-n_in // B) * B
     if n_pad != n_in:  # only without dynamic groups (B divides G divides n_in otherwise)
         p = n_pad - n_in
@@ -225,12 +248,12 @@ def gptq(W, H, spec, *, damp: float = 0.01, block_size: int = 128, act_order: bo
         S = jnp.pad(S, ((0, p), (0, 0)), constant_values=1.0)
         Z = None if Z is None else jnp.pad(Z, ((0, p), (0, 0)))
         U = jnp.pad(U, ((0, p), (0, p))) + jnp.diag(jnp.concatenate([jnp.zeros(n_in), jnp.ones(p)]))
-    R, S, Z = _sweep(W, U, S, Z, tscale, spec=spec, B=B, G=G if dynamic else n_pad, dynamic_groups=dynamic,
-                     per_tensor=per_tensor)
+    R, S, Z = _sweep(W, U, S, Z, tscale, spec=spec, B=B, G=G if dynamic else n_pad,
+                     dynamic_groups=dynamic, per_tensor=per_tensor)
     R, S = R[:n_in], S[:n_in]
     Z = None if Z is None else Z[:n_in]
     if perm is not None:
         inv = jnp.argsort(perm)
         R, S = R[inv], S[inv]
         Z = None if Z is None else Z[inv]
-    return qtensor_from_grid(R, S, Z, tscale, spec)
+    return R, S, Z, tscale, d_used
