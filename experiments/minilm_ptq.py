@@ -10,8 +10,8 @@
   trained on each model's own embeddings of the first 2/3 of the eval sentences, accuracy on the rest;
 * rules: embeddings stay float; every attention/MLP projection (``layers/i/{attn,mlp}/*_proj``) gets the spec;
 * methods: RTN, GPTQ, GPTQ act-order, AWQ, HQQ (as ``.../asym/zp=float``) at W8 ch, W4 ch, W4 g128, W3 g128,
-  W2 g64; SmoothQuant W8A8 (``int8/ch`` weights, dynamic per-tensor ``int8`` activations, alpha 0.5) against
-  RTN W8A8 with the same specs.
+  W2 g64; SmoothQuant W8A8 (``int8/ch`` weights, dynamic per-tensor ``int8`` activations, alpha 0.5 and 0.8)
+  against RTN W8A8 with the same specs.
 
 Rows are appended to ``results.csv`` as they finish (resumable); ``cos.png`` and ``README.md`` are redrawn.
 """
@@ -127,6 +127,7 @@ def main():
     jobs = [("rtn_w8a8", "W8A8", "int8/ch"), ("smoothquant_w8a8", "W8A8", "int8/ch")]
     order = ["W4 g128", "W3 g128", "W2 g64", "W4 ch", "W8 ch"]
     jobs += [(m, lbl, s) for lbl in order for lb2, s in SPECS if lb2 == lbl for m in METHODS]
+    jobs += [("smoothquant_w8a8_a0.8", "W8A8", "int8/ch")]
     for method, setting, spec in jobs:
         if (method, setting) in done:
             continue
@@ -144,8 +145,9 @@ def main():
                 qm = ptq.hqq(model, rules_for(qspec))
             elif method == "rtn_w8a8":
                 qm, qspec = ptq.rtn(model, rules_for(spec, act="int8")), spec + " + act int8"
-            elif method == "smoothquant_w8a8":
-                qm = ptq.smoothquant(model, rules_for(spec, act="int8"), None, alpha=0.5, calibration_stats=stats)
+            elif method.startswith("smoothquant_w8a8"):
+                alpha = float(method.split("_a")[-1]) if "_a" in method else 0.5
+                qm = ptq.smoothquant(model, rules_for(spec, act="int8"), None, alpha=alpha, calibration_stats=stats)
                 qspec = spec + " + act int8"
             else:
                 raise ValueError(method)
@@ -172,7 +174,7 @@ def plot(out: Path):
     df = pd.read_csv(out / "results.csv")
     q = df[df.method != "float"]
     settings = [lbl for lbl, _ in SPECS if lbl in set(q.setting)] + (["W8A8"] if "W8A8" in set(q.setting) else [])
-    methods = [m for m in METHODS + ["rtn_w8a8", "smoothquant_w8a8"] if m in set(q.method)]
+    methods = [m for m in METHODS + ["rtn_w8a8", "smoothquant_w8a8", "smoothquant_w8a8_a0.8"] if m in set(q.method)]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     w = 0.8 / max(1, len(methods))
     for ax, col, ttl in ((axes[0], "cos_mean", "1 - mean cosine to float (log)"),
