@@ -123,6 +123,9 @@ def main(argv=None):
         "",
         md_table(df.drop(columns=["seed"])),
         "",
+        "QAT rows train one or more epochs beyond the float row: compare them with each other and with PTQ at the "
+        "same bit width. `converted_accuracy` = after `qlab.nn.convert` (int codes + scales).",
+        "",
     ]
     (out / "fashion_mnist.md").write_text("\n".join(md))
     print(df.to_string())

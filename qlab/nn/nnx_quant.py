@@ -370,10 +370,6 @@ class QuantizedLayer(nnx.Module):
         return self.layer.features
 
     @property
-    def in_features_(self):
-        return getattr(self.layer, "in_features", None)
-
-    @property
     def out_features(self):
         return getattr(self.layer, "out_features", None)
 
