@@ -7,6 +7,11 @@ A method is registered by name; a study's ``method`` key picks it. Built in:
 * ``qat``     start from the float model, fine-tune ``qat_steps`` with fake-quantized weights
               (straight-through estimator), report the quantized model.
 * ``qat_lsq`` the same with LSQ: a learned step per scale group (integer formats).
+* ``ptq_gptq``, ``ptq_awq``, ``ptq_smoothquant`` (calibrated on the first ``calibration_size``
+  training images) and ``ptq_hqq``: the ``qlab.ptq`` model-level drivers.
+
+Runs that differ only in seed / learning rates can train together as one vmapped program
+(:func:`run_batched`, :func:`train_variants`; ``qlab sweep --batch``), sharded over devices.
 
 Every method shares the float model of its (model, data, training budget, seed): it is trained once
 per process and reused. Metrics: ``accuracy`` (test), ``float_accuracy``, ``accuracy_drop``,
@@ -23,8 +28,8 @@ Add your own::
         return {"accuracy": acc, "model_mib": mib}, None
 
 Example:
-    >>> sorted(REGISTRY)[:3]
-    ['float', 'ptq_rtn', 'qat']
+    >>> sorted(REGISTRY)
+    ['float', 'ptq_awq', 'ptq_gptq', 'ptq_hqq', 'ptq_rtn', 'ptq_smoothquant', 'qat', 'qat_lsq']
 """
 
 from __future__ import annotations
@@ -134,7 +139,7 @@ def check_shapes(config: Mapping[str, Any]) -> None:
         ...               "_rules": [{"pattern": ".*", "weight": "int4/g32", "act": None}]})
         Traceback (most recent call last):
         ...
-        ValueError: weight spec 'int4/g32' does not fit layer 'layers/1' (kernel 100x10): per_group.size: 32 does not divide ...
+        ValueError: weight spec 'int4/g32' does not fit layer 'head' (kernel 100x10): per_group.size: 32 does not divide ...
     """
     from qlab.numerics import bits_per_weight, parse_spec
 

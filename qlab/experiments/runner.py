@@ -165,6 +165,12 @@ def sweep(
     Failed runs are reported (SweepError) after the others finished; they are not saved.
     """
     st, out_dir, todo = plan(study, force=force, only=only, out=out)
+    if not todo and (out_dir / "runs.csv").is_file() and (not plots or (out_dir / "pareto.png").is_file()):
+        from .results import load_results
+
+        table = load_results(out_dir)  # finished study: nothing to run, nothing rewritten
+        if list(table["config_hash"]) == [r["config_hash"] for r in st.runs]:
+            return table
     out_dir.mkdir(parents=True, exist_ok=True)
     order = [r["config_hash"] for r in st.runs]
     atomic_write_text(out_dir / "study.json", json.dumps({
