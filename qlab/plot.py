@@ -217,17 +217,23 @@ def layer_bars(layers, y: str = "weight_sqnr_db", layer: str = "layer", hue: str
     fig, ax = _fig(ax, figsize=(max(6.4, 0.5 * len(names) * max(1, len(hues)) ** 0.5 + 3), 4.4))
     width = 0.8 / len(hues)
     xs = np.arange(len(names))
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab20" if len(hues) > 10 else "tab10"]
     for j, h in enumerate(hues):
         g = t if h is None else t[t[hue] == h]
         vals = g.groupby(layer)[y].mean().reindex(names)
         ax.bar(xs + (j - (len(hues) - 1) / 2) * width, vals.to_numpy(dtype=float), width,
-               label=None if h is None else str(h))
+               label=None if h is None else str(h), color=cmap(j % cmap.N))
     ax.set_xticks(xs, names, rotation=30 if len(names) > 6 else 0, ha="right" if len(names) > 6 else "center")
     ax.set_xlabel("layer")
     ax.set_ylabel(_label(y))
     ax.grid(True, axis="y", alpha=0.3)
     if hues != [None]:
-        ax.legend(fontsize=7, ncol=2 if len(hues) > 6 else 1)
+        if len(hues) > 6:
+            ax.legend(fontsize=7, ncol=1, loc="upper left", bbox_to_anchor=(1.01, 1.0), title=hue)
+        else:
+            ax.legend(fontsize=7, title=hue)
     if title:
         ax.set_title(title)
     return fig

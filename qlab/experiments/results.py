@@ -105,6 +105,9 @@ def read_runs(out, hashes: Iterable[str] | None = None) -> list[dict]:
 def _frames(records: list[dict], order: list[str] | None = None):
     import pandas as pd
 
+    if order is not None:
+        rank = {h: i for i, h in enumerate(order)}
+        records = sorted(records, key=lambda r: rank.get(r["row"].get("config_hash"), len(rank)))
     rows = [r["row"] for r in records]
     runs = pd.DataFrame(rows)
     if order is not None and len(runs):
