@@ -107,7 +107,9 @@ def test_int_outputs_on_grid_and_within_half_step(spec_str, data):
     assert np.all(np.where(inside, err <= tol, True))
 
 
-@pytest.mark.parametrize("spec_str", ["int8/ch", "int4/g16", "fp8_e4m3/ch", "nf4/g16", "mxfp4", "int4/g16/asym"])
+# Symmetric specs only: with an integer zero point the dequantized range is the original one
+# shifted by the zero point's rounding, so a second pass may pick a different scale.
+@pytest.mark.parametrize("spec_str", ["int8/ch", "int4/g16", "fp8_e4m3/ch", "nf4/g16", "mxfp4", "int3/ch0"])
 @hsettings
 @given(data=st.data())
 def test_idempotent(spec_str, data):

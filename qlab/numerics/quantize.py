@@ -321,8 +321,15 @@ def quantize(x, spec, *, key=None) -> QTensor:
     """
     spec = as_spec(spec)
     x = _check_input(x)
+    noise = _noise(key, spec.granularity.view(x.shape)[0], spec)
+    return _quantize(x, spec, noise)
+
+
+# Jitted with the spec static: eager calls compile once per (spec, shape, dtype) instead of
+# dispatching op by op; inside a user's jit they inline.
+@functools.partial(jax.jit, static_argnums=1)
+def _quantize(x, spec: QuantSpec, noise) -> QTensor:
     xv, axes = to_view(x.astype(_F32), spec.granularity)
-    noise = _noise(key, xv.shape, spec)
     scale, zp, tscale, _ = _qparams(xv, axes, spec, noise)
     r = _grid_values(xv, scale, zp, tscale, spec, noise)
     r = jnp.where(jnp.isnan(r), 0.0 if zp is None else zp, r)
@@ -340,6 +347,11 @@ def dequantize(q: QTensor):
         >>> dequantize(quantize(x, "int8")).dtype
         dtype('float32')
     """
+    return _dequantize(q)
+
+
+@jax.jit
+def _dequantize(q: QTensor):
     spec = q.spec
     cv, _ = to_view(q.codes, spec.granularity)
     r = spec.fmt.decode(cv)
@@ -357,6 +369,11 @@ def _fq_forward(x, spec: QuantSpec, noise):
         return y, None
     inside = (xv >= lo) & (xv <= hi)
     return y, from_view(inside, spec.granularity, x.shape)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _fake_quant_jit(x, spec, noise):
+    return _fake_quant(x, spec, noise)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -399,7 +416,7 @@ def fake_quant(x, spec, *, key=None):
         noise = _noise(key, spec.granularity.view(x.shape)[0], spec)
     else:
         noise = None
-    return _fake_quant(x, spec, noise)
+    return _fake_quant_jit(x, spec, noise)
 
 
 def quant_error(x, spec, *, key=None):
