@@ -117,9 +117,11 @@ def pareto_front(table, x: str = "model_mib", y: str = "accuracy", maximize: boo
 
 
 def pareto(table, x: str = "model_mib", y: str = "accuracy", hue: str | None = "method", label: str | None = None,
-           *, maximize: bool = True, logx: bool | None = None, ax=None, title: str | None = None) -> Figure:
+           *, maximize: bool = True, logx: bool | None = None, ax=None, title: str | None = None,
+           label_all: bool | None = None) -> Figure:
     """Scatter ``y`` against ``x`` coloured by ``hue``, the Pareto frontier drawn as a step line and
-    its points ringed; ``label`` (a column) annotates every point.
+    its points ringed; ``label`` (a column) annotates the points: all of them when ``label_all``
+    (default: when there are at most 40), else the frontier's.
 
     Example:
         >>> import pandas as pd
@@ -138,15 +140,21 @@ def pareto(table, x: str = "model_mib", y: str = "accuracy", hue: str | None = "
         ax.step(fx, fy, where="post", color="0.3", lw=1.2, ls="--", zorder=2, label="Pareto frontier")
         ax.scatter(fx, fy, s=110, facecolors="none", edgecolors="k", lw=1.2, zorder=4)
     if label and label in t:
+        if label_all is None:
+            label_all = len(t) <= 40
         for i, row in t.iterrows():
+            if not label_all and i not in front:
+                continue
             txt = row[label]
             if txt is None or (isinstance(txt, float) and math.isnan(txt)):
                 txt = str(row[hue]) if hue and hue in t else ""
+            elif not label_all and hue and hue in t:
+                txt = f"{row[hue]} {txt}"
             ax.annotate(str(txt), (row[x], row[y]), xytext=(4, 3), textcoords="offset points",
                         fontsize=7, alpha=0.9 if i in front else 0.6)
     if logx is None:
         vals = t[x][t[x] > 0]
-        logx = len(vals) > 1 and vals.max() / vals.min() > 20
+        logx = len(vals) > 1 and vals.max() / vals.min() > 8
     if logx:
         ax.set_xscale("log")
     ax.set_xlabel(_label(x))
