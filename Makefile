@@ -49,6 +49,12 @@ test: install
 
 bench: install
 	$(PY) benchmarks/fake_quant.py
+	$(PY) benchmarks/qat_overhead.py
+	$(PY) benchmarks/sweep_batching.py
+	$(PY) benchmarks/gptq.py
+
+notebooks: install
+	$(PY) -m pytest -q tests/test_notebooks.py
 
 clean:
 	rm -rf .venv .pytest_cache .hypothesis
