@@ -117,7 +117,7 @@ def main(argv=None):
         f"{args.qat_steps} more steps (lr {args.qat_lr}) from the float weights, STE. Validation: perplexity "
         f"on the first {len(val):,} characters of the validation split (non-overlapping windows). Small budget: "
         "absolute perplexities are far from converged; the comparison between rows is the point.",
-        "W8A8 = rule `.*` int8/ch weights + int8 activations (all Linear, Embed lookup/attend-free head, attention "
+        "W8A8 = rule `.*` int8/ch weights + int8 activations (all Linear layers, the token and position Embed tables, the attention "
         "einsums q.k and p.v); W4g32 = int4 weights, groups of 32, float activations, einsums left float.",
         "",
         md_table(df.drop(columns=["seed"])),

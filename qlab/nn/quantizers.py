@@ -71,6 +71,51 @@ def _gs_bwd(g, _, ct):
 grad_scale.defvjp(_gs_fwd, _gs_bwd)
 
 
+def _fast_ok(spec: QuantSpec) -> bool:
+    """Specs for which :func:`fast_fake_quant` applies (the common QAT case)."""
+    return (
+        isinstance(spec.fmt, IntFormat)
+        and spec.symmetric
+        and isinstance(spec.range, Absmax)
+        and spec.rounding == "nearest"
+        and not spec.tensor_scale
+    )
+
+
+def _fast_parts(x, spec: QuantSpec):
+    xv, axes = to_view(x.astype(jnp.float32), spec.granularity)
+    amax = jnp.max(jnp.abs(xv), axis=axes, keepdims=True)
+    fmt = spec.fmt
+    denom = fmt.max_abs if spec.absmax_to == "qmax" else float(-fmt.qmin)
+    scale = _store_scale(amax / denom, spec, denom)
+    return xv, fmt.round(xv / scale), scale
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def fast_fake_quant(x, spec: QuantSpec):
+    """Symmetric absmax integer fake-quant with an identity gradient (every finite value lies in
+    the absmax clip range, so this is the clipped STE too). Same values as ``qlab.fake_quant``
+    for finite inputs, in one fused pass (no non-finite fallback branch, no mask residual).
+    :meth:`WeightQuantizer.quantize` produces the matching codes."""
+    xv, r, scale = _fast_parts(x, spec)
+    return from_view(r * scale, spec.granularity, x.shape).astype(x.dtype)
+
+
+def _ffq_fwd(x, spec):
+    return fast_fake_quant(x, spec), None
+
+
+def _ffq_bwd(spec, _, g):
+    return (g,)
+
+
+fast_fake_quant.defvjp(_ffq_fwd, _ffq_bwd)
+
+
+def _fq(x, spec: QuantSpec):
+    return fast_fake_quant(x, spec) if _fast_ok(spec) else fake_quant(x, spec)
+
+
 def _int_fmt(spec: QuantSpec, what: str) -> IntFormat:
     if not isinstance(spec.fmt, IntFormat):
         raise ValueError(f"{what} needs an integer format (int2..int8, uint..), got {spec.fmt.name}")
@@ -121,7 +166,7 @@ class WeightQuantizer(nnx.Module):
 
     def __call__(self, w):
         if self.method == "ste":
-            return fake_quant(w, self.spec)
+            return _fq(w, self.spec)
         wv, _ = to_view(w.astype(jnp.float32), self.spec.granularity)
         _, y = _lsq_codes(wv, self._lsq_scale(), self.spec.fmt)
         return from_view(y, self.spec.granularity, w.shape).astype(w.dtype)
@@ -130,6 +175,10 @@ class WeightQuantizer(nnx.Module):
         """Real codes + scales whose dequantization equals ``self(w)`` exactly."""
         from qlab.numerics.quantize import quantize
 
+        if self.method == "ste" and _fast_ok(self.spec):
+            _, r, scale = _fast_parts(w, self.spec)
+            codes = from_view(self.spec.fmt.encode(r), self.spec.granularity, w.shape)
+            return QTensor(codes, scale, None, None, self.spec, tuple(w.shape), w.dtype)
         if self.method == "ste":
             return quantize(w, self.spec)
         wv, _ = to_view(w.astype(jnp.float32), self.spec.granularity)
@@ -214,7 +263,7 @@ class ActQuantizer(nnx.Module):
     def __call__(self, x2):
         spec = self.spec
         if self.method == "ste" and self.range == "dynamic":
-            return fake_quant(x2, spec)
+            return _fq(x2, spec)
         xs = jax.lax.stop_gradient(x2.astype(jnp.float32))
         train = not self.use_running_average
         if self.method == "ste":
