@@ -257,7 +257,12 @@ def plot(out: Path):
           _md(piv), "",
           "Columns of results.csv: method, setting, spec, ppl, bits_per_weight (projections), model_mib (whole "
           "model incl. the float embedding), quant_s (wall seconds of the PTQ call, 2 shared CPU cores), eval_s, "
-          "calib_tokens, mean_alpha (AWQ).", "", "![ppl](ppl.png)", ""]
+          "calib_tokens, mean_alpha (AWQ).", "",
+          "Notes: the float baseline is the Q4_K_M GGUF dequantized, so its weights already sit on a (different) "
+          "4-bit K-quant grid. Symmetric int2 (qmin -2, qmax 1, absmax -> 1) is effectively ternary: every W2 "
+          "row collapses (perplexity > 1e8). The W4 g128 AWQ row clip-searched 512 rows spread over the "
+          "calibration set, later AWQ rows the first 512 captured rows (2 sequences). Rows that are missing "
+          "did not finish within the session's CPU budget (2 shared cores).", "", "![ppl](ppl.png)", ""]
     (out / "README.md").write_text("\n".join(md))
 
 
