@@ -22,7 +22,6 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax
-import numpy as np
 import pandas as pd
 from flax import nnx
 

@@ -27,7 +27,6 @@ import numpy as np
 import pandas as pd
 from flax import nnx
 
-import qlab
 from qlab import nn as qnn
 from qlab.data import Split, fashion_mnist_dataset
 from qlab.evaluate import accuracy

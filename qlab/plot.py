@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import pathlib
-from typing import Sequence
 
 import numpy as np
 from matplotlib.figure import Figure

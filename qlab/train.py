@@ -28,7 +28,7 @@ import dataclasses
 import functools
 import itertools
 import time
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp

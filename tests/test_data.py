@@ -1,7 +1,6 @@
 """Tests for qlab.data: real datasets from Debian/PyPI packages, splits, batch iterators."""
 
 import gzip
-import os
 
 import numpy as np
 import pytest

@@ -1,6 +1,5 @@
 """Execute every notebook (jupytext percent .py -> nbclient) at its SMALL size; any error fails."""
 
-import os
 import pathlib
 
 import pytest

@@ -11,7 +11,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
 
 import jax
 from flax import nnx

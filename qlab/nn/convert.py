@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from qlab.numerics.quantize import QTensor
-from qlab.nn.nnx_quant import CaptureStats, QuantizedLayer, _deep_copy, find_layer, quantized_layers
+from qlab.nn.nnx_quant import CaptureStats, _deep_copy, find_layer, quantized_layers
 from qlab.nn.quantizers import ActQuantizer
 
 __all__ = ["convert", "load_quantized_weights", "capture", "CAPTURE_STATS"]

@@ -26,8 +26,6 @@ import contextlib
 import threading
 
 import flax.linen as nn
-import jax
-import jax.numpy as jnp
 
 from qlab.numerics.quantize import fake_quant
 from qlab.nn.rules import as_rules, first_match

@@ -31,7 +31,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import re
 import sys
 import threading
 import warnings
@@ -43,8 +42,7 @@ from flax import nnx
 
 from qlab.numerics.granularity import PerChannel, PerGroup
 from qlab.numerics.quantize import QTensor, dequantize, fake_quant
-from qlab.numerics.spec import QuantSpec
-from qlab.nn.quantizers import ActQuantizer, QuantParam, QuantStat, WeightQuantizer
+from qlab.nn.quantizers import ActQuantizer, QuantStat, WeightQuantizer
 from qlab.nn.rules import Rule, as_rules, first_match
 
 __all__ = [

@@ -35,8 +35,8 @@ from flax import nnx
 from qlab.numerics.formats import IntFormat
 from qlab.numerics.granularity import from_view, to_view
 from qlab.numerics.learned import pact_fake_quant, round_ste
-from qlab.numerics.quantize import QTensor, _store_scale, fake_quant
-from qlab.numerics.spec import Absmax, QuantSpec, as_spec
+from qlab.numerics.quantize import QTensor, fake_quant, fake_quant_range
+from qlab.numerics.spec import QuantSpec, as_spec
 
 __all__ = ["QuantParam", "QuantStat", "WeightQuantizer", "ActQuantizer", "grad_scale"]
 
@@ -69,51 +69,6 @@ def _gs_bwd(g, _, ct):
 
 
 grad_scale.defvjp(_gs_fwd, _gs_bwd)
-
-
-def _fast_ok(spec: QuantSpec) -> bool:
-    """Specs for which :func:`fast_fake_quant` applies (the common QAT case)."""
-    return (
-        isinstance(spec.fmt, IntFormat)
-        and spec.symmetric
-        and isinstance(spec.range, Absmax)
-        and spec.rounding == "nearest"
-        and not spec.tensor_scale
-    )
-
-
-def _fast_parts(x, spec: QuantSpec):
-    xv, axes = to_view(x.astype(jnp.float32), spec.granularity)
-    amax = jnp.max(jnp.abs(xv), axis=axes, keepdims=True)
-    fmt = spec.fmt
-    denom = fmt.max_abs if spec.absmax_to == "qmax" else float(-fmt.qmin)
-    scale = _store_scale(amax / denom, spec, denom)
-    return xv, fmt.round(xv / scale), scale
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def fast_fake_quant(x, spec: QuantSpec):
-    """Symmetric absmax integer fake-quant with an identity gradient (every finite value lies in
-    the absmax clip range, so this is the clipped STE too). Same values as ``qlab.fake_quant``
-    for finite inputs, in one fused pass (no non-finite fallback branch, no mask residual).
-    :meth:`WeightQuantizer.quantize` produces the matching codes."""
-    xv, r, scale = _fast_parts(x, spec)
-    return from_view(r * scale, spec.granularity, x.shape).astype(x.dtype)
-
-
-def _ffq_fwd(x, spec):
-    return fast_fake_quant(x, spec), None
-
-
-def _ffq_bwd(spec, _, g):
-    return (g,)
-
-
-fast_fake_quant.defvjp(_ffq_fwd, _ffq_bwd)
-
-
-def _fq(x, spec: QuantSpec):
-    return fast_fake_quant(x, spec) if _fast_ok(spec) else fake_quant(x, spec)
 
 
 def _int_fmt(spec: QuantSpec, what: str) -> IntFormat:
@@ -166,7 +121,7 @@ class WeightQuantizer(nnx.Module):
 
     def __call__(self, w):
         if self.method == "ste":
-            return _fq(w, self.spec)
+            return fake_quant(w, self.spec)
         wv, _ = to_view(w.astype(jnp.float32), self.spec.granularity)
         _, y = _lsq_codes(wv, self._lsq_scale(), self.spec.fmt)
         return from_view(y, self.spec.granularity, w.shape).astype(w.dtype)
@@ -175,10 +130,6 @@ class WeightQuantizer(nnx.Module):
         """Real codes + scales whose dequantization equals ``self(w)`` exactly."""
         from qlab.numerics.quantize import quantize
 
-        if self.method == "ste" and _fast_ok(self.spec):
-            _, r, scale = _fast_parts(w, self.spec)
-            codes = from_view(self.spec.fmt.encode(r), self.spec.granularity, w.shape)
-            return QTensor(codes, scale, None, None, self.spec, tuple(w.shape), w.dtype)
         if self.method == "ste":
             return quantize(w, self.spec)
         wv, _ = to_view(w.astype(jnp.float32), self.spec.granularity)
@@ -187,27 +138,6 @@ class WeightQuantizer(nnx.Module):
         codes = from_view(self.spec.fmt.encode(r), self.spec.granularity, w.shape)
         spec = self.spec.replace(scale_dtype="f32")  # learned steps are stored in f32
         return QTensor(codes, s.astype(jnp.float32), None, None, spec, tuple(w.shape), w.dtype)
-
-
-def _static_fq(x, lo, hi, spec: QuantSpec):
-    """Fake-quant of ``x`` with a given (traced) range [lo, hi]; STE, zero gradient outside."""
-    fmt = spec.fmt
-    if spec.symmetric:
-        amax = jnp.maximum(-lo, hi)
-        denom = fmt.max_abs if spec.absmax_to == "qmax" else float(-fmt.qmin)
-        scale = _store_scale(amax / denom, spec, denom)
-        q = fmt.round(x / scale) * scale
-        if not getattr(fmt, "signed", True):
-            lo = jnp.zeros_like(lo)
-        inside = (x >= -amax if getattr(fmt, "signed", True) else x >= 0) & (x <= amax)
-    else:
-        qmin, qmax = float(fmt.qmin), float(fmt.qmax)
-        scale = _store_scale((hi - lo) / (qmax - qmin), spec, qmax - qmin)
-        zp = jnp.clip(qmin - jnp.round(lo / scale), qmin, qmax)
-        q = (fmt.round(x / scale + zp) - zp) * scale
-        inside = (x >= lo) & (x <= hi)
-    q = jax.lax.stop_gradient(q)
-    return jnp.where(inside, x + jax.lax.stop_gradient(q - x), q)
 
 
 class ActQuantizer(nnx.Module):
@@ -263,7 +193,7 @@ class ActQuantizer(nnx.Module):
     def __call__(self, x2):
         spec = self.spec
         if self.method == "ste" and self.range == "dynamic":
-            return _fq(x2, spec)
+            return fake_quant(x2, spec)
         xs = jax.lax.stop_gradient(x2.astype(jnp.float32))
         train = not self.use_running_average
         if self.method == "ste":
@@ -282,7 +212,7 @@ class ActQuantizer(nnx.Module):
             else:
                 lo = jnp.where(seen, self.lo[...], blo)
                 hi = jnp.where(seen, self.hi[...], bhi)
-            y = _static_fq(x2.astype(jnp.float32), lo, hi, spec).astype(x2.dtype)
+            y = fake_quant_range(x2, spec, lo, hi)
         elif self.method == "lsq":
             fmt = spec.fmt
             qp = max(fmt.qmax, 1)

@@ -21,7 +21,7 @@ from qlab.numerics.packing import (
     unpack_bits,
     unpack_qtensor,
 )
-from qlab.numerics.quantize import QTensor, dequantize, fake_quant, quant_error, quantize, sqnr_db
+from qlab.numerics.quantize import QTensor, dequantize, fake_quant, fake_quant_range, quant_error, quantize, sqnr_db
 from qlab.numerics.spec import MSE, PRESETS, Absmax, Fixed, MinMax, Percentile, QuantSpec, as_spec, parse_spec
 
 __all__ = [
@@ -57,6 +57,7 @@ __all__ = [
     "QTensor",
     "dequantize",
     "fake_quant",
+    "fake_quant_range",
     "quant_error",
     "quantize",
     "sqnr_db",

@@ -29,10 +29,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qlab.numerics.formats import IntFormat
 from qlab.numerics.granularity import from_view, to_view
 from qlab.numerics.spec import MSE, Fixed, Percentile, QuantSpec, as_spec
 
-__all__ = ["QTensor", "quantize", "dequantize", "fake_quant", "quant_error", "sqnr_db"]
+__all__ = ["QTensor", "quantize", "dequantize", "fake_quant", "fake_quant_range", "quant_error", "sqnr_db"]
 
 _F32 = jnp.float32
 
@@ -248,13 +249,27 @@ def _round_codes(v, spec: QuantSpec, noise):
     return spec.fmt.round(v, noise)
 
 
-def _qparams(xv, axes, spec: QuantSpec, noise):
-    """(scale, zero_point, tensor_scale) for the grouped view ``xv``."""
+def _qparams(xv, axes, spec: QuantSpec, noise, given_range=None):
+    """(scale, zero_point, tensor_scale, clip range) for the grouped view ``xv``.
+
+    The clip range ``(lo, hi)`` is where the straight-through gradient passes; an unsigned
+    symmetric format clips at 0 from below. ``given_range`` skips the range method.
+    """
     tscale = _tensor_scale(xv, spec) if spec.tensor_scale else None
-    lo, hi = _base_range(xv, axes, spec)
-    if isinstance(spec.range, MSE):
-        lo, hi = _mse_search(xv, axes, spec, lo, hi, tscale)
+    if given_range is None:
+        lo, hi = _base_range(xv, axes, spec)
+        if isinstance(spec.range, MSE):
+            lo, hi = _mse_search(xv, axes, spec, lo, hi, tscale)
+    else:
+        lo, hi = (jnp.asarray(v, _F32) for v in given_range)
+        if spec.symmetric:
+            a = jnp.maximum(-lo, hi)
+            lo, hi = -a, a
+        else:
+            lo, hi = jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
     scale, zp = _scale_and_zero(lo, hi, spec, tscale)
+    if spec.symmetric and isinstance(spec.fmt, IntFormat) and not spec.fmt.signed:
+        lo = jnp.zeros_like(lo)
     return scale, zp, tscale, (lo, hi)
 
 
@@ -359,36 +374,40 @@ def _dequantize(q: QTensor):
     return from_view(y, spec.granularity, q.shape).astype(q.dtype)
 
 
-def _fq_forward(x, spec: QuantSpec, noise):
+def _fq_forward(x, spec: QuantSpec, noise, given_range=None):
     xv, axes = to_view(x.astype(_F32), spec.granularity)
-    scale, zp, tscale, (lo, hi) = _qparams(xv, axes, spec, noise)
+    scale, zp, tscale, clip = _qparams(xv, axes, spec, noise, given_range)
     r = _grid_values(xv, scale, zp, tscale, spec, noise)
     y = _reconstruct(r, scale, zp, tscale)
-    y = from_view(y, spec.granularity, x.shape).astype(x.dtype)
-    if spec.ste == "identity":
-        return y, None
-    inside = (xv >= lo) & (xv <= hi)
-    return y, from_view(inside, spec.granularity, x.shape)
+    return from_view(y, spec.granularity, x.shape).astype(x.dtype), clip
 
 
 @functools.partial(jax.jit, static_argnums=1)
-def _fake_quant_jit(x, spec, noise):
-    return _fake_quant(x, spec, noise)
+def _fake_quant_jit(x, spec, noise, given_range):
+    return _fake_quant(x, spec, noise, given_range)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _fake_quant(x, spec, noise):
-    return _fq_forward(x, spec, noise)[0]
+def _fake_quant(x, spec, noise, given_range):
+    return _fq_forward(x, spec, noise, given_range)[0]
 
 
-def _fake_quant_fwd(x, spec, noise):
-    y, mask = _fq_forward(x, spec, noise)
-    return y, mask
+def _fake_quant_fwd(x, spec, noise, given_range):
+    y, clip = _fq_forward(x, spec, noise, given_range)
+    # keep x and the (small) clip range, not a full-size mask: x is alive for the matmul's
+    # backward anyway, and the mask is one fused comparison to recompute
+    return y, (x, clip, given_range)
 
 
-def _fake_quant_bwd(spec, mask, g):
-    gx = g if mask is None else jnp.where(mask, g, jnp.zeros_like(g))
-    return gx, None
+def _fake_quant_bwd(spec, res, g):
+    x, (lo, hi), given_range = res
+    zero_range = None if given_range is None else jax.tree.map(jnp.zeros_like, given_range)
+    if spec.ste == "identity":
+        return g, None, zero_range
+    xv, _ = to_view(x.astype(_F32), spec.granularity)
+    inside = (xv >= lo) & (xv <= hi)
+    gx = jnp.where(from_view(inside, spec.granularity, x.shape), g, jnp.zeros_like(g))
+    return gx, None, zero_range
 
 
 _fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
@@ -416,7 +435,27 @@ def fake_quant(x, spec, *, key=None):
         noise = _noise(key, spec.granularity.view(x.shape)[0], spec)
     else:
         noise = None
-    return _fake_quant_jit(x, spec, noise)
+    return _fake_quant_jit(x, spec, noise, None)
+
+
+def fake_quant_range(x, spec, lo, hi, *, key=None):
+    """``fake_quant`` with a clip range given from outside (e.g. an EMA of activation ranges)
+    instead of the spec's range method. ``lo``/``hi`` broadcast against the scale shape of
+    ``spec``'s granularity (scalars for per-tensor); symmetric specs use ``max(-lo, hi)``.
+    The gradient reaches ``x`` inside ``[lo, hi]`` (none flows to the range: it is a statistic).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> fake_quant_range(jnp.array([1.2, 9.0]), "int4/s=f32", -7.0, 7.0).tolist()
+        [1.0, 7.0]
+    """
+    spec = as_spec(spec)
+    x = _check_input(x)
+    if spec.rounding == "stochastic":
+        noise = _noise(key, spec.granularity.view(x.shape)[0], spec)
+    else:
+        noise = None
+    return _fake_quant_jit(x, spec, noise, (jnp.asarray(lo, _F32), jnp.asarray(hi, _F32)))
 
 
 def quant_error(x, spec, *, key=None):
