@@ -51,7 +51,7 @@ def awq_scales(x_mean_abs, alpha):
 
     Example:
         >>> import jax.numpy as jnp
-        >>> awq_scales(jnp.array([1.0, 4.0]), 0.5).tolist()
+        >>> awq_scales(jnp.array([1.0, 16.0]), 0.5).tolist()
         [0.5, 2.0]
     """
     s = jnp.maximum(jnp.asarray(x_mean_abs, _F32) ** alpha, 1e-4)
