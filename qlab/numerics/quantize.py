@@ -105,13 +105,15 @@ def _finite(x):
     return jnp.isfinite(x)
 
 
-def _tree_reduce(a, axis, op):
+def _tree_reduce(a, axis, op, jnp_op):
     """Pairwise reduction of a power-of-two ``axis``: XLA:CPU fuses the halving steps into
-    vectorised elementwise loops, several times faster than its generic reduce here."""
-    while a.shape[axis] > 1:
+    vectorised elementwise loops, several times faster than its generic reduce here. The last
+    8 are left to a real reduce, which XLA keeps as its own fusion: a pure elementwise tail
+    would be fused into the consumer and recomputed for every element."""
+    while a.shape[axis] > 8:
         h = a.shape[axis] // 2
         a = op(jax.lax.slice_in_dim(a, 0, h, axis=axis), jax.lax.slice_in_dim(a, h, 2 * h, axis=axis))
-    return a
+    return jnp_op(a, axis=axis, keepdims=True)
 
 
 def _reduce(a, axes, op, jnp_op):
@@ -123,36 +125,24 @@ def _reduce(a, axes, op, jnp_op):
         inner = math.prod(a.shape[ax + 1 :])
         pow2 = n > 1 and n & (n - 1) == 0
         if pow2 and ((inner >= 64 and n <= 256) or (inner == 1 and 64 <= n <= 1024)):
-            return _tree_reduce(a, ax, op)
+            return _tree_reduce(a, ax, op, jnp_op)
         if inner >= 64 and n > 256 and n % 128 == 0:
             split = a.reshape(a.shape[:ax] + (n // 128, 128) + a.shape[ax + 1 :])
-            return jnp_op(_tree_reduce(split, ax + 1, op), axis=ax)
+            return jnp_op(_tree_reduce(split, ax + 1, op, jnp_op), axis=ax)
     return jnp_op(a, axis=axes, keepdims=True)
 
 
 def _absmax(xv, axes):
-    # Fast path: a plain max(|x|); only when it comes out non-finite (an inf or NaN in the
-    # group) do we pay for the masked reduction.
-    a = _reduce(jnp.abs(xv), axes, jnp.maximum, jnp.max)
-    return jax.lax.cond(
-        jnp.all(jnp.isfinite(a)),
-        lambda: a,
-        lambda: jnp.max(jnp.where(_finite(xv), jnp.abs(xv), 0.0), axis=axes, keepdims=True),
-    )
+    # |x| < inf is False for inf and NaN: one fused select, no branch (a lax.cond here made
+    # XLA:CPU copy the whole output to fix up layouts)
+    a = jnp.abs(xv)
+    return _reduce(jnp.where(a < jnp.inf, a, 0.0), axes, jnp.maximum, jnp.max)
 
 
 def _minmax(xv, axes):
-    lo = _reduce(xv, axes, jnp.minimum, jnp.min)
-    hi = _reduce(xv, axes, jnp.maximum, jnp.max)
-
-    def masked():
-        fin = _finite(xv)
-        return (
-            jnp.min(jnp.where(fin, xv, 0.0), axis=axes, keepdims=True),
-            jnp.max(jnp.where(fin, xv, 0.0), axis=axes, keepdims=True),
-        )
-
-    lo, hi = jax.lax.cond(jnp.all(jnp.isfinite(lo) & jnp.isfinite(hi)), lambda: (lo, hi), masked)
+    fin = jnp.abs(xv) < jnp.inf
+    lo = _reduce(jnp.where(fin, xv, 0.0), axes, jnp.minimum, jnp.min)
+    hi = _reduce(jnp.where(fin, xv, 0.0), axes, jnp.maximum, jnp.max)
     return jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
 
 
@@ -273,6 +263,25 @@ def _qparams(xv, axes, spec: QuantSpec, noise, given_range=None):
     return scale, zp, tscale, (lo, hi)
 
 
+def _in_input_shape(x32, xv, spec, scale, zp, tscale, noise):
+    """Broadcast the scale (and zero point, noise) back to the input's own shape when no padding
+    is involved, so the elementwise pass reads ``x`` without a reshaped view: XLA:CPU then
+    writes the result in place of a donated input instead of copying it. The arithmetic is
+    unchanged, so values are bit-identical to the grouped-view path.
+
+    Returns ``(x, scale, zero_point, noise, back)`` where ``back`` maps results to ``x``'s shape.
+    """
+    padded = spec.granularity.view(x32.shape)[2]
+    if padded != tuple(x32.shape):
+        return xv, _effective(scale, tscale), zp, noise, lambda v: from_view(v, spec.granularity, x32.shape)
+
+    def expand(v):
+        return None if v is None else jnp.broadcast_to(v, xv.shape).reshape(x32.shape)
+
+    nz = None if noise is None else noise.reshape(x32.shape)
+    return x32, expand(_effective(scale, tscale)), expand(zp), nz, lambda v: v
+
+
 def _grid_values(xv, scale, zp, tscale, spec, noise):
     eff = _effective(scale, tscale)
     v = xv / eff
@@ -344,12 +353,13 @@ def quantize(x, spec, *, key=None) -> QTensor:
 # dispatching op by op; inside a user's jit they inline.
 @functools.partial(jax.jit, static_argnums=1)
 def _quantize(x, spec: QuantSpec, noise) -> QTensor:
-    xv, axes = to_view(x.astype(_F32), spec.granularity)
+    x32 = x.astype(_F32)
+    xv, axes = to_view(x32, spec.granularity)
     scale, zp, tscale, _ = _qparams(xv, axes, spec, noise)
-    r = _grid_values(xv, scale, zp, tscale, spec, noise)
-    r = jnp.where(jnp.isnan(r), 0.0 if zp is None else zp, r)
-    codes = spec.fmt.encode(r)
-    codes = from_view(codes, spec.granularity, x.shape)
+    xe, eff, zpe, ne, back = _in_input_shape(x32, xv, spec, scale, zp, tscale, noise)
+    r = _grid_values(xe, eff, zpe, None, spec, ne)
+    r = jnp.where(jnp.isnan(r), 0.0 if zpe is None else zpe, r)
+    codes = back(spec.fmt.encode(r))
     return QTensor(codes, scale, zp, tscale, spec, tuple(x.shape), x.dtype)
 
 
@@ -375,11 +385,13 @@ def _dequantize(q: QTensor):
 
 
 def _fq_forward(x, spec: QuantSpec, noise, given_range=None):
-    xv, axes = to_view(x.astype(_F32), spec.granularity)
+    x32 = x.astype(_F32)
+    xv, axes = to_view(x32, spec.granularity)
     scale, zp, tscale, clip = _qparams(xv, axes, spec, noise, given_range)
-    r = _grid_values(xv, scale, zp, tscale, spec, noise)
-    y = _reconstruct(r, scale, zp, tscale)
-    return from_view(y, spec.granularity, x.shape).astype(x.dtype), clip
+    xe, eff, zpe, ne, back = _in_input_shape(x32, xv, spec, scale, zp, tscale, noise)
+    r = _grid_values(xe, eff, zpe, None, spec, ne)
+    y = _reconstruct(r, eff, zpe, None)
+    return back(y).astype(x.dtype), clip
 
 
 @functools.partial(jax.jit, static_argnums=1)
