@@ -502,9 +502,6 @@ def _make_ptq(name: str, algo: str, calibrated: bool):
             qmodel = fn(model, rules, [x[i:i + 128] for i in range(0, len(x), 128)])
         else:
             qmodel = fn(model, rules)
-        if isinstance(getattr(qmodel, "_qlab_ptq_info", None), list):
-            # qlab.ptq keeps its per-layer log as a static list: unhashable, so the model could not be jitted
-            delattr(qmodel, "_qlab_ptq_info")
         return _finish(ds, qmodel, info, order, t0, template=model)
 
     run.__name__ = f"run_{name}"

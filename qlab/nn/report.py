@@ -59,7 +59,12 @@ def layer_report(qmodel, *, sqnr: bool = True, warn: bool = True):
         pbytes = packed_nbytes(wspec, shape) if wspec is not None else 4 * n
         s = float("nan")
         if sqnr and w.size and wspec is not None:
-            s = float(sqnr_db(w, L.weight_value()))
+            ref = w
+            if L.input_scale is not None:  # PTQ smoothing quantized w * s: compare against that
+                bshape = [1] * w.ndim
+                bshape[L.contract_axis] = -1
+                ref = w * L.input_scale[...].reshape(bshape)
+            s = float(sqnr_db(ref, L.weight_value()))
         rows.append(dict(
             layer=path, kind=L.kind, rule=L.rule.pattern,
             weight_spec=None if wspec is None else str(wspec),

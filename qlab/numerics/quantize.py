@@ -296,15 +296,17 @@ def _reconstruct(r, scale, zp, tscale):
     return r * _effective(scale, tscale)
 
 
-def _mse_search(xv, axes, spec: QuantSpec, lo, hi, tscale):
-    m: MSE = spec.range
-    ratios = jnp.linspace(1.0, m.min_ratio, m.grid, dtype=_F32)
+def best_clip_ratio(err_for, ratios):
+    """Per-element argmin over candidate clip ratios, one ratio at a time (memory O(one error
+    array), not O(len(ratios))). ``err_for(r)`` returns an error array (e.g. one value per scale
+    group); the result has its shape. Used by the MSE range search and by AWQ's clip search.
 
-    def err_for(r):
-        s, z = _scale_and_zero(lo * r, hi * r, spec, tscale)
-        y = _reconstruct(_grid_values(xv, s, z, tscale, spec, None), s, z, tscale)
-        d = jnp.where(_finite(xv), jnp.abs(y - xv), 0.0)
-        return jnp.sum(d**m.norm, axis=axes, keepdims=True)
+    Example:
+        >>> import jax.numpy as jnp
+        >>> best_clip_ratio(lambda r: jnp.array([(r - 0.5) ** 2, (r - 0.9) ** 2]), jnp.array([1.0, 0.9, 0.5])).tolist()
+        [0.5, 0.8999999761581421]
+    """
+    ratios = jnp.asarray(ratios, _F32)
 
     def body(carry, r):
         best_err, best_r = carry
@@ -313,7 +315,20 @@ def _mse_search(xv, axes, spec: QuantSpec, lo, hi, tscale):
         return (jnp.where(better, e, best_err), jnp.where(better, r, best_r)), None
 
     e0 = err_for(ratios[0])
-    (_, best_r), _ = jax.lax.scan(body, (e0, jnp.ones_like(e0)), ratios[1:])
+    (_, best_r), _ = jax.lax.scan(body, (e0, jnp.full_like(e0, ratios[0])), ratios[1:])
+    return best_r
+
+
+def _mse_search(xv, axes, spec: QuantSpec, lo, hi, tscale):
+    m: MSE = spec.range
+
+    def err_for(r):
+        s, z = _scale_and_zero(lo * r, hi * r, spec, tscale)
+        y = _reconstruct(_grid_values(xv, s, z, tscale, spec, None), s, z, tscale)
+        d = jnp.where(_finite(xv), jnp.abs(y - xv), 0.0)
+        return jnp.sum(d**m.norm, axis=axes, keepdims=True)
+
+    best_r = best_clip_ratio(err_for, jnp.linspace(1.0, m.min_ratio, m.grid, dtype=_F32))
     return lo * best_r, hi * best_r
 
 

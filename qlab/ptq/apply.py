@@ -108,7 +108,10 @@ def _finish(qmodel, qts: dict, scales: dict, info: list, method: str):
     for path, s in scales.items():
         qnn.set_input_scale(qmodel, path, s)
     qnn.load_quantized_weights(qmodel, qts)
-    qmodel._qlab_ptq_info = [dict(method=method, **row) for row in info]
+    # a static NNX attribute must be hashable (jit keys on it): rows as sorted item tuples
+    qmodel._qlab_ptq_info = tuple(
+        tuple(sorted((k, _hashable(v)) for k, v in dict(method=method, **row).items())) for row in info
+    )
     return qmodel
 
 
@@ -123,7 +126,15 @@ def ptq_info(qmodel):
     features with calibration absmax > 6 as LLM.int8() would split them, ``alpha`` for AWQ, ...)."""
     import pandas as pd
 
-    return pd.DataFrame(getattr(qmodel, "_qlab_ptq_info", []))
+    return pd.DataFrame([dict(row) for row in getattr(qmodel, "_qlab_ptq_info", ())])
+
+
+def _hashable(v):
+    if isinstance(v, (list, np.ndarray)):
+        return tuple(np.asarray(v).reshape(-1).tolist())
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -38,7 +38,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from qlab.numerics.granularity import PerGroup
-from qlab.numerics.quantize import _base_range, _grid_values, _reconstruct, _scale_and_zero, fake_quant, quantize
+from qlab.numerics.quantize import (
+    _base_range,
+    _grid_values,
+    _reconstruct,
+    _scale_and_zero,
+    best_clip_ratio,
+    fake_quant,
+    quantize,
+)
 from qlab.ptq.rtn import group_size, resolve_weight_spec, tensor_scale_of
 
 __all__ = ["awq", "awq_scales", "awq_scale_search", "awq_clip_search"]
@@ -113,15 +121,7 @@ def _clip(Ws, Xs, *, spec, G, n_grid, max_shrink):
         d = jnp.einsum("tng,ngo->tno", Xv, q - Wv)
         return jnp.sum(d * d, axis=0)  # (ng, out)
 
-    def body(carry, r):
-        best_e, best_r = carry
-        e = err_for(r)
-        better = e < best_e
-        return (jnp.where(better, e, best_e), jnp.where(better, r, best_r)), None
-
-    e0 = err_for(ratios[0])
-    (_, best_r), _ = jax.lax.scan(body, (e0, jnp.ones_like(e0)), ratios[1:])
-    best_r = best_r[:, None, :]
+    best_r = best_clip_ratio(err_for, ratios)[:, None, :]
     Wc = jnp.clip(Wv, lo * best_r, hi * best_r).reshape(n_in, n_out)
     return Wc, best_r.reshape(ng, n_out)
 

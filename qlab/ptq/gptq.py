@@ -39,7 +39,6 @@ import warnings
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from qlab.numerics.granularity import PerGroup, PerTensor
 from qlab.numerics.quantize import QTensor
