@@ -31,7 +31,7 @@ import numpy as np
 
 from qlab.numerics.formats import IntFormat
 from qlab.numerics.granularity import from_view, to_view
-from qlab.numerics.spec import MSE, Fixed, Percentile, QuantSpec, as_spec
+from qlab.numerics.spec import MSE, Absmax, Fixed, MinMax, Percentile, QuantSpec, as_spec
 
 __all__ = ["QTensor", "quantize", "dequantize", "fake_quant", "fake_quant_range", "quant_error", "sqnr_db"]
 
@@ -419,18 +419,28 @@ def _fake_quant(x, spec, noise, given_range):
     return _fq_forward(x, spec, noise, given_range)[0]
 
 
+def _mask_free(spec: QuantSpec, given_range) -> bool:
+    """True when the clipped STE is the identity on finite inputs: absmax and min-max ranges
+    contain every finite value by construction, so no mask needs computing in the backward pass
+    (a non-finite input then passes its gradient unchanged)."""
+    return spec.ste == "identity" or (given_range is None and isinstance(spec.range, (Absmax, MinMax)))
+
+
 def _fake_quant_fwd(x, spec, noise, given_range):
     y, clip = _fq_forward(x, spec, noise, given_range)
+    if _mask_free(spec, given_range):
+        return y, (None, None, given_range)
     # keep x and the (small) clip range, not a full-size mask: x is alive for the matmul's
     # backward anyway, and the mask is one fused comparison to recompute
     return y, (x, clip, given_range)
 
 
 def _fake_quant_bwd(spec, res, g):
-    x, (lo, hi), given_range = res
+    x, clip, given_range = res
     zero_range = None if given_range is None else jax.tree.map(jnp.zeros_like, given_range)
-    if spec.ste == "identity":
+    if _mask_free(spec, given_range):
         return g, None, zero_range
+    lo, hi = clip
     xv, _ = to_view(x.astype(_F32), spec.granularity)
     inside = (xv >= lo) & (xv <= hi)
     gx = jnp.where(from_view(inside, spec.granularity, x.shape), g, jnp.zeros_like(g))
@@ -447,7 +457,9 @@ def fake_quant(x, spec, *, key=None):
     gradient is 1 inside the clip range ``[lo, hi]`` that the range method chose (absmax:
     ``[-absmax, absmax]``, so nothing finite is masked; ``fixed(-1,1)``: ``[-1, 1]``; MSE and
     percentile: the searched range), boundary included (``x == hi`` passes its gradient), and
-    0 outside it; with ``spec.ste == "identity"`` it is 1 everywhere. Scales computed from ``x`` are treated as
+    0 outside it; with ``spec.ste == "identity"`` it is 1 everywhere. For absmax and min-max
+    ranges, which contain every finite input, the backward pass is the identity and computes
+    no mask (so a non-finite input passes its gradient unchanged). Scales computed from ``x`` are treated as
     constants (no gradient flows through the range statistics).
 
     Example:
