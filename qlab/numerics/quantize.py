@@ -470,10 +470,7 @@ def fake_quant(x, spec, *, key=None):
     """
     spec = as_spec(spec)
     x = _check_input(x)
-    if spec.rounding == "stochastic":
-        noise = _noise(key, spec.granularity.view(x.shape)[0], spec)
-    else:
-        noise = None
+    noise = _noise(key, spec.granularity.view(x.shape)[0], spec)
     return _fake_quant_jit(x, spec, noise, None)
 
 
@@ -490,10 +487,7 @@ def fake_quant_range(x, spec, lo, hi, *, key=None):
     """
     spec = as_spec(spec)
     x = _check_input(x)
-    if spec.rounding == "stochastic":
-        noise = _noise(key, spec.granularity.view(x.shape)[0], spec)
-    else:
-        noise = None
+    noise = _noise(key, spec.granularity.view(x.shape)[0], spec)
     return _fake_quant_jit(x, spec, noise, (jnp.asarray(lo, _F32), jnp.asarray(hi, _F32)))
 
 
