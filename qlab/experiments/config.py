@@ -83,16 +83,31 @@ DEFAULTS: dict[str, Any] = {
     "act": "none",  # activation spec or "none"
     "rules": "all",  # a rule set name: built-in (all, first_last_8bit) or one of [rule_sets]
     "seed": 0,
+    # language models (model = "gemma3" | "gemma3_tiny"; dropped from the runs of image models)
+    "eval_tokens": 1024,  # perplexity over the first N tokens (BOS + text) of the data text
+    "calibration": "emma",  # calibration text (ptq_gptq / ptq_awq): an Austen novel name or "tiny_text"
+    "calibration_seqs": 32,  # calibration windows ...
+    "calibration_len": 256,  # ... of this many tokens (BOS + text), at fixed random offsets (seed 0)
+    "act_order": False,  # ptq_gptq: quantize columns in order of decreasing Hessian diagonal
 }
 
 #: Keys that only matter to quantized methods: a ``float`` run has them all set to None.
 QUANT_KEYS = ("qat_steps", "qat_learning_rate", "calibration_size", "format", "bits", "granularity", "symmetric", "range",
-              "weight", "act", "rules")
+              "weight", "act", "rules", "calibration", "calibration_seqs", "calibration_len", "act_order")
 #: Keys that are read only by QAT methods.
 QAT_KEYS = ("qat_steps", "qat_learning_rate")
 
-MODELS = ("mlp", "cnn")
-DATASETS = ("digits", "fashion_mnist")
+MODELS = ("mlp", "cnn", "gemma3", "gemma3_tiny")
+DATASETS = ("digits", "fashion_mnist", "austen", "tiny_text")
+#: Language models (evaluated by perplexity), their texts and methods.
+LM_MODELS = ("gemma3", "gemma3_tiny")
+LM_DATASETS = ("austen", "tiny_text")  # austen: Pride and Prejudice (evaluation text)
+LM_METHODS = ("float", "ptq_rtn", "ptq_gptq", "ptq_awq", "ptq_hqq")
+LM_CALIBRATION = ("sensesensibility", "prideprejudice", "mansfieldpark", "emma", "northangerabbey", "persuasion", "tiny_text")
+#: Keys only language models read (removed from image-model runs: their hashes do not change).
+LM_KEYS = ("eval_tokens", "calibration", "calibration_seqs", "calibration_len", "act_order")
+#: Keys only image models read (None in language-model runs).
+IMAGE_KEYS = ("hidden", "train_size", "steps", "batch_size", "learning_rate", "calibration_size")
 TOP_LEVEL = ("name", "description", "base", "sweep", "include", "rule_sets", "batch")
 
 #: Built-in rule sets. Patterns are regexes over layer paths (``layers/0``, ``head``, ``convs/1``...; matched with re.fullmatch);
@@ -286,6 +301,19 @@ def _validate_run(run: dict, where: str, rule_sets: Mapping[str, list[dict]]):
         raise ConfigError(f"{where}: model = {run['model']!r} is unknown; allowed: {', '.join(MODELS)}")
     if run["data"] not in DATASETS:
         raise ConfigError(f"{where}: data = {run['data']!r} is unknown; allowed: {', '.join(DATASETS)}")
+    lm = run["model"] in LM_MODELS
+    if lm and run["data"] not in LM_DATASETS:
+        raise ConfigError(f"{where}: model = {run['model']!r} is a language model; data = {run['data']!r} must be "
+                          f"a text: {', '.join(LM_DATASETS)}")
+    if not lm and run["data"] in LM_DATASETS:
+        raise ConfigError(f"{where}: data = {run['data']!r} is a text; model = {run['model']!r} needs images "
+                          f"({', '.join(d for d in DATASETS if d not in LM_DATASETS)}), or use a language model: "
+                          f"{', '.join(LM_MODELS)}")
+    if lm and run["method"] not in LM_METHODS:
+        raise ConfigError(f"{where}: method = {run['method']!r} is not supported for language models; "
+                          f"allowed: {', '.join(LM_METHODS)}")
+    if lm and run["calibration"] not in LM_CALIBRATION:
+        raise ConfigError(f"{where}: calibration = {run['calibration']!r} is unknown; allowed: {_allowed(LM_CALIBRATION)}")
     if run["method"] == "float":
         return
     if run["rules"] not in rule_sets:
@@ -342,6 +370,17 @@ def _normalize(run: dict) -> dict:
             run["act"] = "none"
     if run["model"] != "mlp":
         run["hidden"] = None
+    if run["model"] in LM_MODELS:
+        for k in IMAGE_KEYS:
+            run[k] = None
+        if run["method"] != "ptq_gptq":
+            run["act_order"] = None
+        if run["method"] not in ("ptq_gptq", "ptq_awq"):
+            for k in ("calibration", "calibration_seqs", "calibration_len"):
+                run[k] = None
+    else:
+        for k in LM_KEYS:
+            run.pop(k, None)
     return run
 
 
@@ -421,6 +460,10 @@ def check_data(runs: list[dict]):
                 from qlab.data import load_fashion_mnist
 
                 load_fashion_mnist("test")
+            elif name == "austen":
+                from qlab.data.text import load_austen
+
+                load_austen("prideprejudice")
         except (ImportError, FileNotFoundError, OSError) as e:
             raise ConfigError(f"data = {name!r} is not available: {e}") from None
 

@@ -18,6 +18,13 @@ per process and reused. Metrics: ``accuracy`` (test), ``float_accuracy``, ``accu
 ``params``, ``quantized_params``, ``bits_per_weight`` (quantized weights, scales included),
 ``model_bytes`` / ``model_mib`` (packed quantized weights + float32 for the rest), ``float_mib``.
 
+Language models (``model = "gemma3"``: Gemma 3 270M, or ``"gemma3_tiny"``, a random toy for tests) run
+``float``, ``ptq_rtn``, ``ptq_gptq`` (``act_order``), ``ptq_awq`` and ``ptq_hqq`` on the model loaded once per
+process (:func:`run_lm`; the embedding stays float, the rules apply to the attention / MLP projections) and
+report ``perplexity`` on the first ``eval_tokens`` tokens of the ``data`` text, ``float_perplexity``,
+``perplexity_increase`` and the size metrics above. GPTQ / AWQ statistics (``calibration_seqs`` x
+``calibration_len`` tokens of the ``calibration`` text) are captured once per process.
+
 Add your own::
 
     from qlab.experiments import register
@@ -142,7 +149,10 @@ def check_shapes(config: Mapping[str, Any]) -> None:
     """
     from qlab.numerics import bits_per_weight, parse_spec
 
-    shapes = _layer_shapes(config["model"], json_key(config.get("hidden")), config["data"])
+    if is_lm(config):
+        shapes = _lm_layer_shapes(config["model"])
+    else:
+        shapes = _layer_shapes(config["model"], json_key(config.get("hidden")), config["data"])
     paths = [p for p, _ in shapes]
     for rule in nn_rules(paths, _rules_of(config)):
         for path, shape in shapes:
@@ -404,7 +414,9 @@ def _finish(ds, qmodel, info, order, t0, extra=None, template=None):
 
 @register("float")
 def run_float(config, seed, progress=False):
-    """The float model: trained, evaluated on the test split."""
+    """The float model: trained, evaluated on the test split (language models: perplexity)."""
+    if is_lm(config):
+        return run_lm(config, seed, progress)
     model, info = float_model(config, seed, progress=progress)
     return {
         "accuracy": info["float_accuracy"],
@@ -421,6 +433,8 @@ def run_ptq_rtn(config, seed, progress=False):
     """Round-to-nearest post-training quantization of the float model (weights; activations if ``act``)."""
     from qlab import evaluate
 
+    if is_lm(config):
+        return run_lm(config, seed, progress)
     t0 = time.perf_counter()
     ds, model, info, order = _setup(config, seed, progress)
     rules = nn_rules(order, _rules_of(config))
@@ -492,6 +506,8 @@ def _make_ptq(name: str, algo: str, calibrated: bool):
     def run(config, seed, progress=False):
         from qlab import ptq
 
+        if is_lm(config):
+            return run_lm(config, seed, progress)
         t0 = time.perf_counter()
         ds, model, info, order = _setup(config, seed, progress)
         rules = nn_rules(order, _rules_of(config))
@@ -512,6 +528,179 @@ def _make_ptq(name: str, algo: str, calibrated: bool):
 
 for _name, (_algo, _cal) in PTQ_ALGORITHMS.items():
     register(_name, check=_check_ptq)(_make_ptq(_name, _algo, _cal))
+
+
+# --------------------------------------------------------------------------- language models (Gemma 3)
+
+#: Language models: ``gemma3`` (Gemma 3 270M, ``qlab.models.gemma3.load_gemma3``) and ``gemma3_tiny``
+#: (a random Gemma3Config.tiny() model with the toy vocabulary: for tests).
+LM_MODELS = ("gemma3", "gemma3_tiny")
+#: A short text for ``data`` / ``calibration`` = "tiny_text" (tests).
+TINY_TEXT = ("the cat sat at the inn. the heat in the attic was a trial, and the cat ran. "
+             "then the tenant came in. a cat, the cat, at that hour: there it sat, content. ") * 6
+#: Projection layers (quantized by the study's rules); the tied embedding always stays float.
+_LM_PROJ = (("attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", ("gate_proj", "up_proj", "down_proj")))
+
+
+def is_lm(config: Mapping[str, Any]) -> bool:
+    """Whether the run's model is a language model (evaluated by perplexity)."""
+    return config.get("model") in LM_MODELS
+
+
+_lm_cache: dict[str, tuple[Any, Any]] = {}
+
+
+def lm_model(name: str):
+    """``(model, tokenizer)`` of a language model, loaded once per process (the shared float model:
+    methods must not change it, or must restore it)."""
+    if name not in _lm_cache:
+        from qlab.models import gemma3 as G
+
+        if name == "gemma3":
+            _lm_cache[name] = G.load_gemma3()
+        elif name == "gemma3_tiny":
+            _lm_cache[name] = (G.Gemma3(G.Gemma3Config.tiny(), rngs=nnx.Rngs(0)), G.build_tokenizer(*G.tiny_vocab(320)))
+        else:
+            raise ValueError(f"model = {name!r} is not a language model; allowed: {', '.join(LM_MODELS)}")
+    return _lm_cache[name]
+
+
+@functools.lru_cache(maxsize=16)
+def _lm_layer_shapes(name: str) -> tuple[tuple[str, tuple[int, int]], ...]:
+    from qlab.models.gemma3 import Gemma3Config
+
+    c = Gemma3Config() if name == "gemma3" else Gemma3Config.tiny()
+    q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    shapes = {"q_proj": (c.d_model, q), "k_proj": (c.d_model, kv), "v_proj": (c.d_model, kv), "o_proj": (q, c.d_model),
+              "gate_proj": (c.d_model, c.ffn_dim), "up_proj": (c.d_model, c.ffn_dim), "down_proj": (c.ffn_dim, c.d_model)}
+    return tuple((f"layers/{i}/{blk}/{n}", shapes[n]) for i in range(c.n_layers) for blk, names in _LM_PROJ for n in names)
+
+
+def _lm_linears(model) -> dict[str, nnx.Linear]:
+    return {f"layers/{i}/{blk}/{n}": getattr(getattr(layer, blk), n)
+            for i, layer in enumerate(model.layers) for blk, names in _LM_PROJ for n in names}
+
+
+def _lm_text(name: str) -> str:
+    if name == "tiny_text":
+        return TINY_TEXT
+    from qlab.data.text import load_austen
+
+    return load_austen("prideprejudice" if name == "austen" else name)
+
+
+@functools.lru_cache(maxsize=8)
+def _lm_eval_ids(model: str, data: str, eval_tokens: int):
+    _, tok = lm_model(model)
+    return jnp.asarray([tok.encode(_lm_text(data)).ids[:eval_tokens]], jnp.int32)
+
+
+@functools.lru_cache(maxsize=8)
+def _lm_float_ppl(model: str, data: str, eval_tokens: int) -> tuple[float, float]:
+    from qlab.models.gemma3 import perplexity
+
+    t = time.perf_counter()
+    ppl = perplexity(lm_model(model)[0], _lm_eval_ids(model, data, eval_tokens))
+    return ppl, time.perf_counter() - t
+
+
+def _lm_calibration(model: str, calibration: str, seqs: int, length: int) -> np.ndarray:
+    """``seqs`` windows of ``length`` tokens (BOS + text) at fixed random offsets (seed 0) of the text."""
+    _, tok = lm_model(model)
+    ids = np.asarray(tok.encode(_lm_text(calibration)).ids[1:], np.int32)
+    if len(ids) <= length:
+        raise ValueError(f"calibration text {calibration!r} has {len(ids)} tokens: too short for calibration_len = {length}")
+    bos = lm_model(model)[0].config.bos_id
+    starts = np.random.default_rng(0).integers(0, len(ids) - length, seqs)
+    return np.stack([np.concatenate([[bos], ids[s:s + length - 1]]) for s in starts]).astype(np.int32)
+
+
+_lm_stats_cache: dict[tuple, Any] = {}
+
+
+def _lm_stats(model_name: str, calibration: str, seqs: int, length: int):
+    """Calibration statistics of every projection's input, captured once (one float pass) per process."""
+    from qlab import nn as qnn
+
+    key = (model_name, calibration, seqs, length)
+    if key not in _lm_stats_cache:
+        _lm_stats_cache.clear()  # large (Hessians): keep one set
+        model = lm_model(model_name)[0]
+        calib = _lm_calibration(model_name, calibration, seqs, length)
+        qm0 = quantize(model, (qnn.Rule("embed"), qnn.Rule("|".join(map(re.escape, _lm_linears(model))), weight="int8/ch")))
+        _lm_stats_cache[key] = qnn.capture(qm0, [jnp.asarray(calib[i:i + 4]) for i in range(0, len(calib), 4)],
+                                           forward=lambda m, b: m.features(b),
+                                           stats=("hessian", "mean_abs", "absmax", "inputs"), max_input_rows=512)
+    return _lm_stats_cache[key]
+
+
+def _lm_effective_kernels(qmodel) -> dict[str, jax.Array]:
+    """``{path: dequantize(q) / s}`` of every converted layer (``s``: an AWQ input scale)."""
+    from qlab import nn as qnn
+
+    out = {}
+    for path, L in qnn.quantized_layers(qmodel).items():
+        w = jnp.asarray(L.weight_value())
+        if getattr(L, "input_scale", None) is not None:
+            w = w / jnp.asarray(L.input_scale[...]).reshape(-1, 1)
+        out[path] = w
+    return out
+
+
+def run_lm(config, seed, progress=False):
+    """A method on a language model: perplexity of the first ``eval_tokens`` tokens of the ``data`` text.
+
+    The quantized model is evaluated through the float model with its projection kernels replaced by
+    the effective (fake-quantized) weights, so every spec shares one compiled evaluation."""
+    from qlab import nn as qnn
+    from qlab import ptq
+    from qlab.models.gemma3 import perplexity
+
+    t0 = time.perf_counter()
+    model, _ = lm_model(config["model"])
+    key = (config["model"], config["data"], int(config["eval_tokens"]))
+    fppl, feval_s = _lm_float_ppl(*key)
+    method = config["method"]
+    if method == "float":
+        return {"perplexity": fppl, "float_perplexity": fppl, "perplexity_increase": 0.0,
+                **size_metrics(quantize(model, ())), "eval_s": feval_s}, None
+    linears = _lm_linears(model)
+    order = list(linears)
+    rules = (qnn.Rule("embed"),) + nn_rules(order, _rules_of(config))
+    calib_tokens = 0
+    tq = time.perf_counter()
+    if method == "ptq_rtn":
+        qm = ptq.rtn(model, rules)
+    elif method in ("ptq_gptq", "ptq_awq"):
+        ckey = (config["model"], config["calibration"], int(config["calibration_seqs"]), int(config["calibration_len"]))
+        stats = _lm_stats(*ckey)
+        calib_tokens = ckey[2] * ckey[3]
+        tq = time.perf_counter()
+        if method == "ptq_gptq":
+            qm = ptq.gptq(model, rules, None, act_order=bool(config.get("act_order")), calibration_stats=stats)
+        else:
+            qm = ptq.awq(model, rules, None, calibration_stats=stats)
+    elif method == "ptq_hqq":
+        qm = ptq.hqq(model, rules)
+    else:
+        raise ValueError(f"method = {method!r} is not supported for language models")
+    quant_s = time.perf_counter() - tq
+    kernels = _lm_effective_kernels(qm)
+    orig = {p: linears[p].kernel[...] for p in kernels}
+    te = time.perf_counter()
+    try:
+        for p, w in kernels.items():
+            linears[p].kernel.value = w
+        ppl = perplexity(model, _lm_eval_ids(*key))
+    finally:
+        for p, w in orig.items():
+            linears[p].kernel.value = w
+    metrics = {"perplexity": ppl, "float_perplexity": fppl, "perplexity_increase": ppl - fppl,
+               **size_metrics(qm), "quant_s": quant_s, "eval_s": time.perf_counter() - te,
+               "calib_tokens": calib_tokens}
+    layers = layer_table(qm, order)
+    metrics["method_s"] = time.perf_counter() - t0
+    return metrics, layers
 
 
 # --------------------------------------------------------------------------- batched variants
@@ -645,6 +834,8 @@ def _ensure_floats_batched(runs: list[dict]):
 def run_batched(runs: list[dict], progress: bool = False) -> list[tuple[dict, Any]]:
     """Run configs that differ only in :data:`BATCH_KEYS`: float models trained as one vmapped
     program, then (QAT methods) the quantized models fine-tuned as one vmapped program."""
+    if is_lm(runs[0]):
+        return [REGISTRY[r["method"]].fn(r, int(r["seed"]), progress=progress) for r in runs]
     if len(_float_cache) + len(runs) > 8:
         _float_cache.clear()
     _ensure_floats_batched(runs)

@@ -1,0 +1,75 @@
+"""Studies of language models: a tiny random Gemma 3 (model = "gemma3_tiny") on a tiny text."""
+
+import pathlib
+
+import numpy as np
+import pytest
+
+from qlab.experiments import ConfigError, expand, load_study, methods, sweep
+from qlab.experiments.runner import plan
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+LM = {"model": "gemma3_tiny", "data": "tiny_text", "calibration": "tiny_text", "eval_tokens": 64,
+      "calibration_seqs": 4, "calibration_len": 16}
+
+
+def test_lm_float_and_rtn_rows(tmp_path):
+    study = {"name": "lm", "base": {**LM, "bits": 4, "granularity": "g16"}, "sweep": {"method": ["float", "ptq_rtn"]}}
+    tab = sweep(study, out=tmp_path, progress=False, plots=False)
+    assert list(tab["method"]) == ["float", "ptq_rtn"]
+    fl, q = tab.iloc[0], tab.iloc[1]
+    assert np.isfinite(tab["perplexity"]).all() and (tab["perplexity"] > 1).all()
+    assert fl["float_perplexity"] == q["float_perplexity"] == fl["perplexity"]
+    assert q["perplexity"] != fl["perplexity"]
+    # 6 layers x 7 projections quantized, the tied embedding float
+    model, _ = methods.lm_model("gemma3_tiny")
+    proj = sum(L.kernel[...].size for L in methods._lm_linears(model).values())
+    params = int(fl["params"])
+    assert int(q["quantized_params"]) == proj and int(fl["quantized_params"]) == 0
+    assert q["bits_per_weight"] == pytest.approx(4 + 16 / 16)  # int4 + one 16-bit scale per 16 weights
+    assert int(q["model_bytes"]) == proj * 5 // 8 + (params - proj) * 4
+    assert int(fl["model_bytes"]) == params * 4
+    assert q["model_mib"] == pytest.approx(q["model_bytes"] / 2**20)
+    # the shared float model is left unchanged
+    assert sweep(study, out=tmp_path, progress=False, plots=False, force=True, only="method=float")[
+        "perplexity"].iloc[0] == pytest.approx(fl["perplexity"], rel=1e-6)
+
+
+def test_lm_keys_normalized_and_image_hashes_unchanged():
+    runs = expand({"base": LM, "sweep": {"method": ["float", "ptq_rtn", "ptq_gptq"]}})
+    f, r, g = runs
+    assert f["calibration"] is None and r["calibration"] is None and g["calibration"] == "tiny_text"
+    assert r["act_order"] is None and g["act_order"] is False and f["steps"] is None
+    img = expand({"sweep": {"bits": [8]}})[0]
+    assert "eval_tokens" not in img and "act_order" not in img
+
+
+@pytest.mark.parametrize("cfg,words", [
+    ({**LM, "data": "digits"}, "language model; data = 'digits' must be a text: austen, tiny_text"),
+    ({"model": "mlp", "data": "austen"}, "data = 'austen' is a text"),
+    ({**LM, "method": "qat"}, "method = 'qat' is not supported for language models"),
+    ({**LM, "method": "ptq_gptq", "calibration": "ulysses"}, "calibration = 'ulysses' is unknown; allowed: emma"),
+    ({**LM, "method": "ptq_gptq", "act_order": "yes"}, "act_order = 'yes' must be true or false"),
+    ({**LM, "eval_tokens": 0}, "eval_tokens = 0 must be a positive integer"),
+    ({**LM, "model": "gemma4"}, "model = 'gemma4' is unknown; allowed: mlp, cnn, gemma3, gemma3_tiny"),
+    ({**LM, "evaltokens": 5}, "unknown key 'evaltokens'"),
+])
+def test_lm_validation_errors(cfg, words):
+    with pytest.raises(ConfigError) as e:
+        load_study({"name": "x", "base": cfg}, check=False)
+    assert words in str(e.value)
+
+
+def test_lm_group_size_checked_before_running(tmp_path):
+    with pytest.raises(ConfigError, match=r"'int4/g128' does not fit layer 'layers/0/attn/q_proj' \(kernel 32x64\)"):
+        plan({"name": "x", "base": {**LM, "weight": "int4/g128"}}, out=tmp_path)
+    with pytest.raises(ConfigError, match="ptq_hqq.*asymmetric"):
+        plan({"name": "x", "base": {**LM, "method": "ptq_hqq", "weight": "int4/g16"}}, out=tmp_path)
+
+
+def test_gemma3_study_file_validates():
+    st = load_study(ROOT / "experiments/gemma3_ptq.toml", check=False)
+    assert len(st.runs) == 1 + 5 * 5
+    _, _, todo = plan(st, out="/nonexistent/gemma3_ptq")
+    assert {r["method"] for r in todo} == {"float", "ptq_rtn", "ptq_gptq", "ptq_awq", "ptq_hqq"}
+    assert sum(r["method"] == "ptq_gptq" and r["act_order"] for r in todo) == 5
