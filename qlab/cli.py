@@ -68,7 +68,7 @@ def main(argv=None) -> int:
         except SweepError as e:
             print(f"qlab sweep: {e}", file=sys.stderr)
             return 1
-        cols = [c for c in ("method", "weight", "rules", "seed", "accuracy", "bits_per_weight", "model_mib") if c in table]
+        cols = [c for c in ("method", "weight", "rules", "seed", "accuracy", "perplexity", "bits_per_weight", "model_mib") if c in table]
         with __import__("pandas").option_context("display.width", 140, "display.max_rows", 200):
             print(table[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
         print(f"{len(table)} runs in the table; {__import__('time').perf_counter() - t:.1f} s")

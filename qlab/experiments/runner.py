@@ -248,14 +248,17 @@ def _plots(table, layers, out_dir: pathlib.Path, name: str):
 
     from qlab import plot
 
+    # classification studies report accuracy (higher is better), language models perplexity (lower)
+    metric, maximize = ("accuracy", True) if "accuracy" in table else ("perplexity", False)
     try:
-        fig = plot.pareto(table, x="model_mib", y="accuracy", hue="method", label="weight", title=f"{name}: accuracy vs size")
+        fig = plot.pareto(table, x="model_mib", y=metric, hue="method", label="weight", maximize=maximize,
+                          title=f"{name}: {metric} vs size")
         plot.save(fig, out_dir / "pareto.png")
         plt.close(fig)
         q = table[table["method"] != "float"]
         if len(q) and "bits_per_weight" in q:
-            fig = plot.metric_vs_bits(table, y="accuracy", hue="method", title=f"{name}: accuracy vs bits/weight")
-            plot.save(fig, out_dir / "accuracy_vs_bits.png")
+            fig = plot.metric_vs_bits(table, y=metric, hue="method", title=f"{name}: {metric} vs bits/weight")
+            plot.save(fig, out_dir / f"{metric}_vs_bits.png")
             plt.close(fig)
         if len(layers) and "weight_sqnr_db" in layers:
             lay = layers[(layers["weight_spec"] != "float") & (layers["method"] == "ptq_rtn")] if (layers["method"] == "ptq_rtn").any() else layers[layers["weight_spec"] != "float"]
