@@ -73,6 +73,7 @@ def main():
     ap.add_argument("--no-qwix", action="store_true")
     ap.add_argument("--model", action="store_true", help="also time whole-model GPTQ on Gemma 3 270M")
     ap.add_argument("--calib-seqs", type=int, default=8)
+    ap.add_argument("--calib-len", type=int, default=256)
     args = ap.parse_args()
     spec = qlab.parse_spec(args.spec).resolve(1, 0)
     try:
@@ -105,7 +106,7 @@ def main():
     for name, shape, first, best, err in rows:
         print(f"{name:24s} {shape:>10s} {first:9.2f} {best:9.2f} {err:12.5f}")
     if args.model:
-        model_timing(args.calib_seqs)
+        model_timing(args.calib_seqs, args.calib_len)
     by = {(n, s): (f, b, e) for n, s, f, b, e in rows}
     parts = []
     for shape in ("2048x640", "640x2048"):
@@ -119,20 +120,21 @@ def main():
     print("summary: " + "; ".join(parts))
 
 
-def model_timing(calib_seqs):
+def model_timing(calib_seqs, calib_len=256):
     from qlab.data.text import load_austen
     from qlab.models.gemma3 import load_gemma3
     from qlab.nn import Rule
 
     model, tok = load_gemma3()
     ids = np.asarray(tok.encode(load_austen("emma")).ids, np.int32)
-    calib = [jnp.asarray(ids[i * 1024:(i * 1024) + 4 * 256].reshape(4, 256)) for i in range(max(1, calib_seqs // 4))]
+    n = 4 * calib_len
+    calib = [jnp.asarray(ids[i * n:(i + 1) * n].reshape(4, calib_len)) for i in range(max(1, calib_seqs // 4))]
     rules = [Rule("embed"), Rule(r"layers/\d+/(attn|mlp)/\w+_proj", weight="int4/g128")]
     t0 = time.perf_counter()
     qm = ptq.gptq(model, rules, calib, forward=lambda m, b: m.features(b))
     total = time.perf_counter() - t0
     per_layer = ptq.ptq_info(qm).seconds.sum()
-    print(f"whole-model GPTQ int4/g128 on Gemma 3 270M ({len(calib) * 4} x 256 calibration tokens): "
+    print(f"whole-model GPTQ int4/g128 on Gemma 3 270M ({len(calib) * 4} x {calib_len} calibration tokens): "
           f"{total:.0f}s total, of which {per_layer:.0f}s in the 126 per-layer GPTQ calls")
 
 
