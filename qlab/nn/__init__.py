@@ -28,7 +28,7 @@ from qlab.nn.nnx_quant import (
     quantized_layers,
     set_input_scale,
 )
-from qlab.nn.quantizers import ActQuantizer, QuantParam, QuantStat, WeightQuantizer, grad_scale
+from qlab.nn.quantizers import ActQuantizer, QuantParam, QuantStat, WeightQuantizer
 from qlab.nn.report import layer_report, model_size, unmatched_rules
 from qlab.nn.rules import Rule, as_rules, first_match
 
@@ -43,7 +43,6 @@ __all__ = [
     "QuantStat",
     "WeightQuantizer",
     "ActQuantizer",
-    "grad_scale",
     "set_input_scale",
     "load_quantized_weights",
     "convert",

@@ -25,7 +25,6 @@ Example:
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -34,11 +33,11 @@ from flax import nnx
 
 from qlab.numerics.formats import IntFormat
 from qlab.numerics.granularity import from_view, to_view
-from qlab.numerics.learned import pact_fake_quant, round_ste
+from qlab.numerics.learned import lsq_fake_quant, pact_fake_quant, round_ste, scale_grad
 from qlab.numerics.quantize import QTensor, fake_quant, fake_quant_range
 from qlab.numerics.spec import QuantSpec, as_spec
 
-__all__ = ["QuantParam", "QuantStat", "WeightQuantizer", "ActQuantizer", "grad_scale"]
+__all__ = ["QuantParam", "QuantStat", "WeightQuantizer", "ActQuantizer"]
 
 
 class QuantParam(nnx.Param):
@@ -49,26 +48,6 @@ class QuantStat(nnx.Variable):
     """Quantizer / calibration statistics (EMA ranges, counters). Never differentiated."""
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def grad_scale(x, g: float):
-    """Identity forward (bit-exact); multiplies the gradient by ``g``.
-
-    Example:
-        >>> float(jax.grad(lambda v: grad_scale(v, 0.5))(3.0))
-        0.5
-    """
-    return x
-
-
-def _gs_fwd(x, g):
-    return x, None
-
-
-def _gs_bwd(g, _, ct):
-    return (ct * g,)
-
-
-grad_scale.defvjp(_gs_fwd, _gs_bwd)
 
 
 def _int_fmt(spec: QuantSpec, what: str) -> IntFormat:
@@ -114,16 +93,13 @@ class WeightQuantizer(nnx.Module):
         else:
             raise ValueError(f"weight quantizer: unknown method {method!r} (ste, lsq)")
 
-    def _lsq_scale(self):
-        fmt = self.spec.fmt
-        g = 1.0 / math.sqrt(self.group_size * max(fmt.qmax, 1))
-        return grad_scale(jnp.abs(self.step[...]) + 1e-12, g)
-
     def __call__(self, w):
         if self.method == "ste":
             return fake_quant(w, self.spec)
+        fmt = self.spec.fmt
         wv, _ = to_view(w.astype(jnp.float32), self.spec.granularity)
-        _, y = _lsq_codes(wv, self._lsq_scale(), self.spec.fmt)
+        g = 1.0 / math.sqrt(self.group_size * max(fmt.qmax, 1))
+        y = lsq_fake_quant(wv, self.step[...], fmt, grad_scale=g)
         return from_view(y, self.spec.granularity, w.shape).astype(w.dtype)
 
     def quantize(self, w) -> QTensor:
@@ -218,7 +194,7 @@ class ActQuantizer(nnx.Module):
             qp = max(fmt.qmax, 1)
             s0 = self._first(lambda: jnp.maximum(2 * jnp.mean(jnp.abs(xs)) / math.sqrt(qp), 1e-8), self.step_init)
             g = 1.0 / math.sqrt(max(1, x2.size) * qp)
-            s = grad_scale(jnp.abs(self.step[...]) + 1e-12, g) * s0
+            s = scale_grad(jnp.abs(self.step[...]) + 1e-12, g) * s0
             _, y = _lsq_codes(x2.astype(jnp.float32), s, fmt)
             y = y.astype(x2.dtype)
         else:  # pact

@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -47,15 +48,28 @@ def round_ste(x):
     return x + jax.lax.stop_gradient(jnp.round(x) - x)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def scale_grad(x, g):
-    """Identity in the forward pass; multiplies the gradient by ``g`` in the backward pass.
+    """Identity in the forward pass (bit-exact); multiplies the gradient by ``g`` in the
+    backward pass.
 
     Example:
         >>> import jax
         >>> float(jax.grad(lambda v: scale_grad(v, 0.5))(2.0))
         0.5
     """
-    return jax.lax.stop_gradient(x - x * g) + x * g
+    return x
+
+
+def _scale_grad_fwd(x, g):
+    return x, None
+
+
+def _scale_grad_bwd(g, _, ct):
+    return (ct * g,)
+
+
+scale_grad.defvjp(_scale_grad_fwd, _scale_grad_bwd)
 
 
 def _int_fmt(fmt) -> IntFormat:
