@@ -338,3 +338,88 @@ def test_bad_inputs():
         qlab.QuantSpec("int8", range="median")
     with pytest.raises(ValueError, match="per_block: 3x3 tiles do not divide"):
         qlab.quantize(jnp.ones((4, 4)), "int8/b3x3")
+
+
+# ---------------------------------------------------------------------------------------
+# Traced overrides: fake_quant(x, spec, bits=..., clip_ratio=...) (batched variants, issue #4)
+
+INT_SPECS = ["int8/ch", "int4/g16", "int4/g16/asym", "uint4/g16/asym", "int4n/g16", "int3/tensor",
+             "int4/g16/s=e8m0", "int8/ch/mse(8)", "int4/g16/p99", "int4/g16/asym/zp=float",
+             "int4/g16/absmax_to=qmin", "int4/g16/s=f32", "int8/b4x8"]
+
+
+def _bits_view(y):
+    y = np.asarray(y)
+    return y.view({4: np.uint32, 2: np.uint16}[y.dtype.itemsize])
+
+
+@pytest.mark.parametrize("spec_str", INT_SPECS)
+@hsettings
+@given(data=st.data())
+def test_fake_quant_concrete_bits_override_is_bit_identical(spec_str, data):
+    spec = qlab.parse_spec(spec_str)
+    x = jnp.asarray(data.draw(arrays(data.draw(_shape_for(spec))))).astype(data.draw(st.sampled_from(DTYPES)))
+    plain = qlab.fake_quant(x, spec)
+    np.testing.assert_array_equal(_bits_view(qlab.fake_quant(x, spec, bits=spec.fmt.bits)), _bits_view(plain))
+    np.testing.assert_array_equal(_bits_view(qlab.fake_quant(x, spec, bits=spec.fmt.bits, clip_ratio=1.0)),
+                                  _bits_view(plain))
+    # traced (jit argument) equal to the spec's
+    y = jax.jit(lambda v, b: qlab.fake_quant(v, spec, bits=b))(x, jnp.int32(spec.fmt.bits))
+    np.testing.assert_array_equal(_bits_view(y), _bits_view(plain))
+
+
+@pytest.mark.parametrize("spec_str", ["int8/ch", "int8/g16/asym", "uint8/g16/asym", "int8n/g16", "int8/tensor/mse(8)",
+                                      "int8/g16/s=e8m0", "int8/g16/absmax_to=qmin", "int8/ch/asym/zp=float"])
+@hsettings
+@given(data=st.data())
+def test_fake_quant_vmapped_traced_bits_match_static_specs(spec_str, data):
+    spec = qlab.parse_spec(spec_str)
+    x = jnp.asarray(data.draw(arrays(data.draw(_shape_for(spec)))))
+    widths = [2, 3, 4, 8]
+    ys = jax.vmap(lambda b: qlab.fake_quant(x, spec, bits=b))(jnp.asarray(widths, jnp.int32))
+    for i, b in enumerate(widths):
+        ref = qlab.fake_quant(x, spec.replace(fmt=qlab.IntFormat(b, spec.fmt.signed, spec.fmt.narrow)))
+        np.testing.assert_array_equal(_bits_view(ys[i]), _bits_view(ref), err_msg=f"bits={b}")
+
+
+def test_fake_quant_traced_bits_gradients_and_range_override():
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 32)).astype(np.float32))
+    spec = qlab.parse_spec("int4/ch")
+    # clip_ratio multiplies the absmax range; equals a fixed range of the same size
+    a = float(jnp.max(jnp.abs(x)))
+    y = qlab.fake_quant(x, "int4/tensor", clip_ratio=0.5)
+    ref = qlab.fake_quant_range(x, "int4/tensor", -0.5 * a, 0.5 * a)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(ref))
+    # the STE mask follows the clipped range (and equals fake_quant_range's)
+    g = jax.grad(lambda v: qlab.fake_quant(v, "int4/tensor", clip_ratio=0.5).sum())(x)
+    gref = jax.grad(lambda v: qlab.fake_quant_range(v, "int4/tensor", -0.5 * a, 0.5 * a).sum())(x)
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(gref))
+    assert 0 < float(g.sum()) < x.size
+    # traced clip ratios under vmap: each slice uses its own range
+    gs = jax.vmap(jax.grad(lambda v, c: qlab.fake_quant(v, spec, clip_ratio=c).sum()), (None, 0))(
+        x, jnp.array([1.0, 0.5]))
+    np.testing.assert_array_equal(np.asarray(gs[0]), np.ones_like(x))
+    amax = np.max(np.abs(np.asarray(x)), axis=0, keepdims=True)
+    np.testing.assert_array_equal(np.asarray(gs[1]), (np.abs(np.asarray(x)) <= 0.5 * amax).astype(np.float32))
+    # traced bits: the gradient of an absmax range stays the identity; values equal the static spec
+    gb = jax.vmap(jax.grad(lambda v, b: qlab.fake_quant(v, spec, bits=b).sum()), (None, 0))(x, jnp.array([2, 8]))
+    np.testing.assert_array_equal(np.asarray(gb), np.ones((2, *x.shape), np.float32))
+    # fake_quant_range with traced bits
+    yr = jax.vmap(lambda b: qlab.fake_quant_range(x, "int8", -1.0, 1.0, bits=b))(jnp.array([2, 4]))
+    np.testing.assert_array_equal(np.asarray(yr[1]), np.asarray(qlab.fake_quant_range(x, "int4", -1.0, 1.0)))
+
+
+def test_fake_quant_override_errors_name_field_and_allowed_values():
+    x = jnp.ones((4, 32))
+    with pytest.raises(ValueError, match=r"bits= overrides integer formats only .* not fp8_e4m3"):
+        qlab.fake_quant(x, "fp8_e4m3", bits=4)
+    with pytest.raises(ValueError, match=r"bits=9 must be integers in 1\.\.8"):
+        qlab.fake_quant(x, "int8", bits=9)
+    with pytest.raises(ValueError, match=r"bits=1 must be integers in 2\.\.8"):
+        qlab.fake_quant(x, "int4n", bits=1)
+    with pytest.raises(ValueError, match=r"bits=2.5 must be integers"):
+        qlab.fake_quant(x, "int4", bits=2.5)
+    with pytest.raises(ValueError, match=r"clip_ratio=1.5 must be in \(0, 1\]"):
+        qlab.fake_quant(x, "int4", clip_ratio=1.5)
+    with pytest.raises(ValueError, match=r"fake_quant_range: clip_ratio=0 must be in"):
+        qlab.fake_quant_range(x, "int4", -1.0, 1.0, clip_ratio=0)

@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import math
@@ -33,7 +34,8 @@ from qlab.numerics.formats import IntFormat
 from qlab.numerics.granularity import from_view, to_view
 from qlab.numerics.spec import MSE, Absmax, Fixed, MinMax, Percentile, QuantSpec, as_spec
 
-__all__ = ["QTensor", "quantize", "dequantize", "fake_quant", "fake_quant_range", "quant_error", "sqnr_db"]
+__all__ = ["QTensor", "quantize", "dequantize", "fake_quant", "fake_quant_range", "quant_error", "sqnr_db",
+           "TracedIntFormat"]
 
 _F32 = jnp.float32
 
@@ -193,8 +195,17 @@ def _store_scale(s, spec: QuantSpec, qmax_abs: float):
     # s was computed as amax/qmax by the caller; we recover amax to apply the rule exactly.
     amax = s * qmax_abs
     _, e = jnp.frexp(amax)  # amax = f * 2**e, f in [0.5, 1): floor(log2 amax) = e - 1
-    exp = jnp.clip(e - 1 - int(math.floor(math.log2(qmax_abs))), -127, 127)
+    if isinstance(qmax_abs, (int, float)):
+        qlog = int(math.floor(math.log2(qmax_abs)))
+    else:  # traced bit width: floor(log2 q) of a positive integer-valued q, exactly
+        qlog = jnp.frexp(qmax_abs)[1] - 1
+    exp = jnp.clip(e - 1 - qlog, -127, 127)
     return jnp.where(ok, jnp.ldexp(jnp.ones_like(s), exp.astype(jnp.int32)), 1.0)
+
+
+def _num(v):
+    """A Python number as float; a traced value (``bits=`` override) as it is."""
+    return float(v) if isinstance(v, (int, float)) else v
 
 
 def _scale_and_zero(lo, hi, spec: QuantSpec, tscale):
@@ -202,12 +213,12 @@ def _scale_and_zero(lo, hi, spec: QuantSpec, tscale):
     fmt = spec.fmt
     if spec.symmetric:
         amax = jnp.maximum(-lo, hi)
-        denom = fmt.max_abs if spec.absmax_to == "qmax" else float(-fmt.qmin)
+        denom = fmt.max_abs if spec.absmax_to == "qmax" else _num(-fmt.qmin)
         raw = amax / denom
         if tscale is not None:
             raw = raw / tscale
         return _store_scale(raw, spec, denom), None
-    qmin, qmax = float(fmt.qmin), float(fmt.qmax)
+    qmin, qmax = _num(fmt.qmin), _num(fmt.qmax)
     raw = (hi - lo) / (qmax - qmin)
     scale = _store_scale(raw, spec, qmax - qmin)
     if spec.zero_point == "int":
@@ -239,11 +250,12 @@ def _round_codes(v, spec: QuantSpec, noise):
     return spec.fmt.round(v, noise)
 
 
-def _qparams(xv, axes, spec: QuantSpec, noise, given_range=None):
+def _qparams(xv, axes, spec: QuantSpec, noise, given_range=None, clip_ratio=None):
     """(scale, zero_point, tensor_scale, clip range) for the grouped view ``xv``.
 
     The clip range ``(lo, hi)`` is where the straight-through gradient passes; an unsigned
-    symmetric format clips at 0 from below. ``given_range`` skips the range method.
+    symmetric format clips at 0 from below. ``given_range`` skips the range method;
+    ``clip_ratio`` (a possibly traced scalar) multiplies the range that was chosen.
     """
     tscale = _tensor_scale(xv, spec) if spec.tensor_scale else None
     if given_range is None:
@@ -257,6 +269,8 @@ def _qparams(xv, axes, spec: QuantSpec, noise, given_range=None):
             lo, hi = -a, a
         else:
             lo, hi = jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
+    if clip_ratio is not None:
+        lo, hi = lo * clip_ratio, hi * clip_ratio
     scale, zp = _scale_and_zero(lo, hi, spec, tscale)
     if spec.symmetric and isinstance(spec.fmt, IntFormat) and not spec.fmt.signed:
         lo = jnp.zeros_like(lo)
@@ -399,10 +413,86 @@ def _dequantize(q: QTensor):
     return from_view(y, spec.granularity, q.shape).astype(q.dtype)
 
 
-def _fq_forward(x, spec: QuantSpec, noise, given_range=None):
+class TracedIntFormat(IntFormat):
+    """An :class:`IntFormat` whose bit width is a traced int32 scalar (``fake_quant(..., bits=b)``):
+    ``qmin`` / ``qmax`` / ``max_abs`` are traced float32 values derived from it with the base
+    format's signedness and narrow-range convention; rounding and encoding are IntFormat's own.
+    Built inside a trace only (it is not hashable, so it never reaches a static argument).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> f = TracedIntFormat(IntFormat(8, narrow=True), jnp.int32(4))
+        >>> float(f.qmin), float(f.qmax)
+        (-7.0, 7.0)
+    """
+
+    def __init__(self, base: IntFormat, bits):
+        object.__setattr__(self, "signed", base.signed)
+        object.__setattr__(self, "narrow", base.narrow)
+        object.__setattr__(self, "bits", jnp.asarray(bits, jnp.int32))
+
+    __hash__ = None
+
+    @property
+    def _half(self):  # 2 ** (bits - 1), exact
+        return jnp.left_shift(jnp.int32(1), self.bits - 1)
+
+    @property
+    def qmin(self):
+        if not self.signed:
+            return 0
+        return (-self._half + (1 if self.narrow else 0)).astype(_F32)
+
+    @property
+    def qmax(self):
+        h = self._half
+        return (h - 1 if self.signed else 2 * h - 1).astype(_F32)
+
+    @property
+    def max_abs(self):
+        q = self.qmax
+        return q if not self.signed else jnp.where(q > 0, q, -self.qmin)
+
+
+def _with_traced_bits(spec: QuantSpec, bits) -> QuantSpec:
+    """A copy of ``spec`` (no validation rerun) whose format is a TracedIntFormat of ``bits``."""
+    out = copy.copy(spec)
+    object.__setattr__(out, "fmt", TracedIntFormat(spec.fmt, bits))
+    return out
+
+
+def _overrides(spec: QuantSpec, bits, clip_ratio, where: str):
+    """Validated ``(bits int32, clip_ratio f32)`` (None entries allowed) or None when both are None."""
+    if bits is None and clip_ratio is None:
+        return None
+    if bits is not None:
+        if not isinstance(spec.fmt, IntFormat):
+            raise ValueError(
+                f"{where}: bits= overrides integer formats only (int1..int8, uint1..uint8, int2n..int8n), "
+                f"not {spec.fmt.name} (spec {spec})"
+            )
+        if not isinstance(bits, jax.core.Tracer):
+            b = np.asarray(bits)
+            lo = 2 if spec.fmt.narrow else 1
+            if b.size == 0 or not np.issubdtype(b.dtype, np.integer) or b.min() < lo or b.max() > 8:
+                raise ValueError(f"{where}: bits={bits!r} must be integers in {lo}..8 for {spec.fmt.name}")
+        bits = jnp.asarray(bits, jnp.int32)
+    if clip_ratio is not None:
+        if not isinstance(clip_ratio, jax.core.Tracer):
+            c = np.asarray(clip_ratio, np.float64)
+            if c.size == 0 or not (np.all(c > 0) and np.all(c <= 1)):
+                raise ValueError(f"{where}: clip_ratio={clip_ratio!r} must be in (0, 1]")
+        clip_ratio = jnp.asarray(clip_ratio, _F32)
+    return bits, clip_ratio
+
+
+def _fq_forward(x, spec: QuantSpec, noise, given_range=None, ov=None):
+    bits, clip_ratio = (None, None) if ov is None else ov
+    if bits is not None:
+        spec = _with_traced_bits(spec, bits)
     x32 = x.astype(_F32)
     xv, axes = to_view(x32, spec.granularity)
-    scale, zp, tscale, clip = _qparams(xv, axes, spec, noise, given_range)
+    scale, zp, tscale, clip = _qparams(xv, axes, spec, noise, given_range, clip_ratio)
     xe, eff, zpe, ne, back = _in_input_shape(x32, xv, spec, scale, zp, tscale, noise)
     r = _grid_values(xe, eff, zpe, None, spec, ne)
     y = _reconstruct(r, eff, zpe, None)
@@ -410,25 +500,29 @@ def _fq_forward(x, spec: QuantSpec, noise, given_range=None):
 
 
 @functools.partial(jax.jit, static_argnums=1)
-def _fake_quant_jit(x, spec, noise, given_range):
-    return _fake_quant(x, spec, noise, given_range)
+def _fake_quant_jit(x, spec, noise, given_range, ov=None):
+    return _fake_quant(x, spec, noise, given_range, ov)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _fake_quant(x, spec, noise, given_range):
-    return _fq_forward(x, spec, noise, given_range)[0]
+def _fake_quant(x, spec, noise, given_range, ov):
+    return _fq_forward(x, spec, noise, given_range, ov)[0]
 
 
-def _mask_free(spec: QuantSpec, given_range) -> bool:
+def _mask_free(spec: QuantSpec, given_range, ov=None) -> bool:
     """True when the clipped STE is the identity on finite inputs: absmax and min-max ranges
     contain every finite value by construction, so no mask needs computing in the backward pass
-    (a non-finite input then passes its gradient unchanged)."""
-    return spec.ste == "identity" or (given_range is None and isinstance(spec.range, (Absmax, MinMax)))
+    (a non-finite input then passes its gradient unchanged). A ``clip_ratio`` override shrinks
+    the range, so it needs the mask."""
+    if spec.ste == "identity":
+        return True
+    clipped = ov is not None and ov[1] is not None
+    return given_range is None and not clipped and isinstance(spec.range, (Absmax, MinMax))
 
 
-def _fake_quant_fwd(x, spec, noise, given_range):
-    y, clip = _fq_forward(x, spec, noise, given_range)
-    if _mask_free(spec, given_range):
+def _fake_quant_fwd(x, spec, noise, given_range, ov):
+    y, clip = _fq_forward(x, spec, noise, given_range, ov)
+    if _mask_free(spec, given_range, ov):
         return y, (None, None, given_range)
     # keep x and the (small) clip range, not a full-size mask: x is alive for the matmul's
     # backward anyway, and the mask is one fused comparison to recompute
@@ -438,19 +532,19 @@ def _fake_quant_fwd(x, spec, noise, given_range):
 def _fake_quant_bwd(spec, res, g):
     x, clip, given_range = res
     zero_range = None if given_range is None else jax.tree.map(jnp.zeros_like, given_range)
-    if _mask_free(spec, given_range):
-        return g, None, zero_range
+    if x is None:  # mask-free (see _mask_free)
+        return g, None, zero_range, None
     lo, hi = clip
     xv, _ = to_view(x.astype(_F32), spec.granularity)
     inside = (xv >= lo) & (xv <= hi)
     gx = jnp.where(from_view(inside, spec.granularity, x.shape), g, jnp.zeros_like(g))
-    return gx, None, zero_range
+    return gx, None, zero_range, None
 
 
 _fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
 
 
-def fake_quant(x, spec, *, key=None):
+def fake_quant(x, spec, *, key=None, bits=None, clip_ratio=None):
     """Quantize and dequantize in one step, with a straight-through gradient.
 
     The forward value is bit-identical to ``dequantize(quantize(x, spec, key=key))``. The
@@ -462,23 +556,34 @@ def fake_quant(x, spec, *, key=None):
     no mask (so a non-finite input passes its gradient unchanged). Scales computed from ``x`` are treated as
     constants (no gradient flows through the range statistics).
 
+    ``bits`` and ``clip_ratio`` may be traced values (``jax.vmap`` over variants of one compiled
+    program): ``bits`` (integer formats only, 1..8; 2..8 narrow) replaces the format's bit width,
+    keeping its signedness and narrow range (qmin / qmax derived from it); ``clip_ratio`` (in
+    (0, 1]) multiplies the chosen range (absmax, min-max, ...), and the gradient mask follows
+    that range (finite inputs outside it get 0; a non-finite input gets 0 too). With a concrete
+    ``bits`` equal to the spec's and no ``clip_ratio``, the result is bit-identical to the plain call.
+
     Example:
         >>> import jax, jax.numpy as jnp
         >>> x = jnp.array([0.3, -2.0, 1.0])
         >>> jax.grad(lambda v: fake_quant(v, "int8/fixed(-1,1)").sum())(x).tolist()
         [1.0, 0.0, 1.0]
+        >>> fake_quant(x, "int8", bits=2).tolist()   # the int2 grid {-2, -1, 0, 1} * 2.0
+        [0.0, -2.0, 0.0]
     """
     spec = as_spec(spec)
     x = _check_input(x)
+    ov = _overrides(spec, bits, clip_ratio, "fake_quant")
     noise = _noise(key, spec.granularity.view(x.shape)[0], spec)
-    return _fake_quant_jit(x, spec, noise, None)
+    return _fake_quant_jit(x, spec, noise, None, ov)
 
 
-def fake_quant_range(x, spec, lo, hi, *, key=None):
+def fake_quant_range(x, spec, lo, hi, *, key=None, bits=None, clip_ratio=None):
     """``fake_quant`` with a clip range given from outside (e.g. an EMA of activation ranges)
     instead of the spec's range method. ``lo``/``hi`` broadcast against the scale shape of
     ``spec``'s granularity (scalars for per-tensor); symmetric specs use ``max(-lo, hi)``.
     The gradient reaches ``x`` inside ``[lo, hi]`` (none flows to the range: it is a statistic).
+    ``bits`` / ``clip_ratio``: traced overrides as in :func:`fake_quant` (the range is scaled by ``clip_ratio``).
 
     Example:
         >>> import jax.numpy as jnp
@@ -488,7 +593,8 @@ def fake_quant_range(x, spec, lo, hi, *, key=None):
     spec = as_spec(spec)
     x = _check_input(x)
     noise = _noise(key, spec.granularity.view(x.shape)[0], spec)
-    return _fake_quant_jit(x, spec, noise, (jnp.asarray(lo, _F32), jnp.asarray(hi, _F32)))
+    ov = _overrides(spec, bits, clip_ratio, "fake_quant_range")
+    return _fake_quant_jit(x, spec, noise, (jnp.asarray(lo, _F32), jnp.asarray(hi, _F32)), ov)
 
 
 def quant_error(x, spec, *, key=None):
