@@ -50,6 +50,7 @@ def test_lm_keys_normalized_and_image_hashes_unchanged():
     ({**LM, "method": "qat"}, "method = 'qat' is not supported for language models"),
     ({**LM, "method": "ptq_gptq", "calibration": "ulysses"}, "calibration = 'ulysses' is unknown; allowed: emma"),
     ({**LM, "method": "ptq_gptq", "act_order": "yes"}, "act_order = 'yes' must be true or false"),
+    ({**LM, "method": "ptq_gptq", "sequential": 1}, "sequential = 1 must be true or false"),
     ({**LM, "eval_tokens": 0}, "eval_tokens = 0 must be a positive integer"),
     ({**LM, "model": "gemma4"}, "model = 'gemma4' is unknown; allowed: mlp, cnn, gemma3, gemma3_tiny"),
     ({**LM, "evaltokens": 5}, "unknown key 'evaltokens'"),
@@ -73,3 +74,13 @@ def test_gemma3_study_file_validates():
     _, _, todo = plan(st, out="/nonexistent/gemma3_ptq")
     assert {r["method"] for r in todo} == {"float", "ptq_rtn", "ptq_gptq", "ptq_awq", "ptq_hqq"}
     assert sum(r["method"] == "ptq_gptq" and r["act_order"] for r in todo) == 5
+
+
+def test_lm_gptq_sequential_and_one_pass(tmp_path):
+    study = {"name": "seq", "base": {**LM, "method": "ptq_gptq", "weight": "int3/g16"},
+             "sweep": {"sequential": [True, False]}}
+    tab = sweep(study, out=tmp_path, progress=False, plots=False)
+    assert list(tab["sequential"]) == [True, False]
+    seq, one = tab["perplexity"]
+    assert np.isfinite([seq, one]).all() and seq != one  # block-by-block statistics differ from one float pass
+    assert expand({"base": {**LM, "method": "ptq_hqq"}})[0]["sequential"] is None

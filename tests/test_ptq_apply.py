@@ -101,3 +101,95 @@ def test_drivers_refuse_no_data_and_unmatched_rules(setup):
     with pytest.raises(ValueError, match="nnx.Linear"):
         ptq.gptq(model, [Rule("emb", weight="int8/ch"), Rule("fc.")], calib,
                  forward=lambda m, x: m.emb.attend(x))
+
+
+# --------------------------------------------------------------------------- sequential (block by block)
+
+SEQ_RULES = [Rule("embed"), Rule("pos_embed"), Rule("(blocks/.*/(query|key|value|out|up|down))|head", weight="int3/g16")]
+
+
+@pytest.fixture(scope="module")
+def char_lm():
+    from qlab.models import Transformer, TransformerConfig
+
+    cfg = TransformerConfig(vocab_size=32, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_len=16)
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    toks = [jax.random.randint(jax.random.key(i), (8, 16), 0, 32) for i in range(3)]
+    return model, toks
+
+
+def _codes(qm, path):
+    return np.asarray(quantized_layers(qm)[path].qtensor().codes)
+
+
+def test_sequential_gptq_calibrates_each_block_on_quantized_predecessors(char_lm):
+    from qlab.nn import capture, load_quantized_weights, quantize_model
+    from qlab.ptq.gptq import gptq as gptq_layer
+
+    model, toks = char_lm
+    seq = ptq.gptq(model, SEQ_RULES, toks, sequential=True)
+    one = ptq.gptq(model, SEQ_RULES, toks)
+    info = ptq.ptq_info(seq)
+    assert set(info["calibration"]) == {"sequential over blocks"}
+    assert set(ptq.ptq_info(one)["calibration"]) == {"one float pass"}
+    paths = list(ptq.weight_layers(seq))
+    assert sorted(info["layer"]) == sorted(paths) and "head" in paths
+
+    def agree(a, b):
+        return float(np.mean(a == b))
+
+    # block 0 sees the float model's inputs: the same as one float pass
+    for p in [p for p in paths if p.startswith("blocks/0/")]:
+        assert agree(_codes(seq, p), _codes(one, p)) > 0.99, p
+    # block 1's first layers see the output of the QUANTIZED block 0: reference = capture on a model with
+    # block 0 loaded from the sequential result, layers running quantized
+    ref = quantize_model(model, SEQ_RULES)
+    load_quantized_weights(ref, {p: quantized_layers(seq)[p].qtensor() for p in paths if p.startswith("blocks/0/")})
+    st = capture(ref, toks, stats=("hessian",), quantized=True)
+    spec = quantized_layers(seq)["blocks/1/attn/query"].weight_quant.spec
+    for p in ["blocks/1/attn/query", "blocks/1/attn/key", "blocks/1/attn/value"]:
+        w = jnp.asarray(quantized_layers(seq)[p].weight[...])
+        want = np.asarray(gptq_layer(w, st[p]["hessian"], spec).codes)
+        assert agree(_codes(seq, p), want) > 0.99, p
+    # ... which is not what the float pass gives
+    assert np.mean([agree(_codes(seq, p), _codes(one, p)) for p in paths if p.startswith("blocks/1/")]) < 0.95
+    # the head (outside the blocks) is calibrated with every block quantized
+    load_quantized_weights(ref, {p: quantized_layers(seq)[p].qtensor() for p in paths if p.startswith("blocks/")})
+    st = capture(ref, toks, stats=("hessian",), quantized=True)
+    want = np.asarray(gptq_layer(jnp.asarray(quantized_layers(seq)["head"].weight[...]), st["head"]["hessian"],
+                                 spec).codes)
+    assert agree(_codes(seq, "head"), want) > 0.99
+    # the quantized model runs on dequantized codes
+    assert np.isfinite(np.asarray(seq(toks[0]))).all()
+
+
+def test_sequential_awq_and_smoothquant_run_block_by_block(char_lm):
+    model, toks = char_lm
+    for algo in (ptq.awq, lambda m, r, b, **kw: ptq.smoothquant(m, [Rule("embed"), Rule("pos_embed"),
+                                                                      Rule("blocks/.*/(query|key|value|out|up|down)",
+                                                                           weight="int8/ch", act="int8")], b, **kw)):
+        qm = algo(model, SEQ_RULES, toks, sequential="blocks")
+        info = ptq.ptq_info(qm)
+        assert set(info["calibration"]) == {"sequential over blocks"} and len(info) >= 12
+        assert np.isfinite(np.asarray(qm(toks[0]))).all()
+
+
+def test_sequential_errors(char_lm, setup):
+    model, toks = char_lm
+    with pytest.raises(ValueError, match="calibration_stats"):
+        ptq.gptq(model, SEQ_RULES, None, calibration_stats={}, sequential=True)
+    with pytest.raises(ValueError, match="no data"):
+        ptq.gptq(model, SEQ_RULES, [], sequential=True)
+    with pytest.raises(ValueError, match="not a non-empty list of blocks"):
+        ptq.gptq(model, SEQ_RULES, toks, sequential="ln_f")
+    # Tiny's layers are not in a list of blocks
+    tiny, batches, _ = setup
+    with pytest.raises(ValueError, match="no list of blocks"):
+        ptq.gptq(tiny, RULES, batches, sequential=True)
+    # an MLP's Linear layers form a list, but an activation runs between them: not a chain of blocks
+    from qlab.models import MLP
+
+    mlp = MLP(64, hidden=(32, 32), out=4, rngs=nnx.Rngs(0))
+    x = [jax.random.normal(jax.random.key(0), (16, 64))]
+    with pytest.raises(ValueError, match="use sequential=False"):
+        ptq.gptq(mlp, [Rule("layers/.*", weight="int4/g16")], x, sequential="layers")

@@ -89,11 +89,13 @@ DEFAULTS: dict[str, Any] = {
     "calibration_seqs": 32,  # calibration windows ...
     "calibration_len": 256,  # ... of this many tokens (BOS + text), at fixed random offsets (seed 0)
     "act_order": False,  # ptq_gptq: quantize columns in order of decreasing Hessian diagonal
+    "sequential": True,  # ptq_gptq / ptq_awq: calibrate block by block on the already-quantized predecessors
 }
 
 #: Keys that only matter to quantized methods: a ``float`` run has them all set to None.
 QUANT_KEYS = ("qat_steps", "qat_learning_rate", "calibration_size", "format", "bits", "granularity", "symmetric", "range",
-              "weight", "act", "rules", "calibration", "calibration_seqs", "calibration_len", "act_order")
+              "weight", "act", "rules", "calibration", "calibration_seqs", "calibration_len", "act_order",
+              "sequential")
 #: Keys that are read only by QAT methods.
 QAT_KEYS = ("qat_steps", "qat_learning_rate")
 
@@ -105,7 +107,7 @@ LM_DATASETS = ("austen", "tiny_text")  # austen: Pride and Prejudice (evaluation
 LM_METHODS = ("float", "ptq_rtn", "ptq_gptq", "ptq_awq", "ptq_hqq")
 LM_CALIBRATION = ("sensesensibility", "prideprejudice", "mansfieldpark", "emma", "northangerabbey", "persuasion", "tiny_text")
 #: Keys only language models read (removed from image-model runs: their hashes do not change).
-LM_KEYS = ("eval_tokens", "calibration", "calibration_seqs", "calibration_len", "act_order")
+LM_KEYS = ("eval_tokens", "calibration", "calibration_seqs", "calibration_len", "act_order", "sequential")
 #: Keys only image models read (None in language-model runs).
 IMAGE_KEYS = ("hidden", "train_size", "steps", "batch_size", "learning_rate", "calibration_size")
 TOP_LEVEL = ("name", "description", "base", "sweep", "include", "rule_sets", "batch")
@@ -376,7 +378,7 @@ def _normalize(run: dict) -> dict:
         if run["method"] != "ptq_gptq":
             run["act_order"] = None
         if run["method"] not in ("ptq_gptq", "ptq_awq"):
-            for k in ("calibration", "calibration_seqs", "calibration_len"):
+            for k in ("calibration", "calibration_seqs", "calibration_len", "sequential"):
                 run[k] = None
     else:
         for k in LM_KEYS:

@@ -22,8 +22,10 @@ Language models (``model = "gemma3"``: Gemma 3 270M, or ``"gemma3_tiny"``, a ran
 ``float``, ``ptq_rtn``, ``ptq_gptq`` (``act_order``), ``ptq_awq`` and ``ptq_hqq`` on the model loaded once per
 process (:func:`run_lm`; the embedding stays float, the rules apply to the attention / MLP projections) and
 report ``perplexity`` on the first ``eval_tokens`` tokens of the ``data`` text, ``float_perplexity``,
-``perplexity_increase`` and the size metrics above. GPTQ / AWQ statistics (``calibration_seqs`` x
-``calibration_len`` tokens of the ``calibration`` text) are captured once per process.
+``perplexity_increase`` and the size metrics above. GPTQ / AWQ calibrate on ``calibration_seqs`` x
+``calibration_len`` tokens of the ``calibration`` text: block by block on the already-quantized
+predecessors (``sequential = true``, the default; ``quant_s`` includes the captures), or with
+``sequential = false`` on statistics of one float pass, captured once per process and shared by the runs.
 
 Add your own::
 
@@ -673,13 +675,18 @@ def run_lm(config, seed, progress=False):
         qm = ptq.rtn(model, rules)
     elif method in ("ptq_gptq", "ptq_awq"):
         ckey = (config["model"], config["calibration"], int(config["calibration_seqs"]), int(config["calibration_len"]))
-        stats = _lm_stats(*ckey)
         calib_tokens = ckey[2] * ckey[3]
-        tq = time.perf_counter()
+        if config.get("sequential"):  # block by block: statistics depend on the run's own quantization
+            calib = _lm_calibration(*ckey)
+            cal = dict(calibration_batches=[jnp.asarray(calib[i:i + 4]) for i in range(0, len(calib), 4)],
+                       forward=lambda m, b: m.features(b), sequential=True)
+        else:  # one float pass, captured once per process and shared by the runs
+            cal = dict(calibration_batches=None, calibration_stats=_lm_stats(*ckey))
+            tq = time.perf_counter()
         if method == "ptq_gptq":
-            qm = ptq.gptq(model, rules, None, act_order=bool(config.get("act_order")), calibration_stats=stats)
+            qm = ptq.gptq(model, rules, act_order=bool(config.get("act_order")), **cal)
         else:
-            qm = ptq.awq(model, rules, None, calibration_stats=stats)
+            qm = ptq.awq(model, rules, max_input_rows=512, **cal)
     elif method == "ptq_hqq":
         qm = ptq.hqq(model, rules)
     else:

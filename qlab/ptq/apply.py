@@ -6,13 +6,22 @@ a weight spec, and loads the resulting QTensors with :func:`qlab.nn.load_quantiz
 uses ``dequantize(qtensor)`` exactly and :func:`qlab.nn.layer_report` / :func:`qlab.nn.model_size` count the
 packed bytes. Activation specs of the rules (e.g. ``act="int8"`` for W8A8) stay active in the result.
 
-Calibration (GPTQ, AWQ, SmoothQuant) uses :func:`qlab.nn.capture`: statistics of every layer's input are
-collected in ONE pass of the float model over ``calibration_batches`` (not block by block on the partially
-quantized model as the GPTQ/AWQ reference code does). One pass costs one forward per batch instead of one
-per block and keeps the CPU time of a 270M-parameter model in minutes; the price is that later layers are
-calibrated on float rather than already-quantized inputs (GPTQ's paper reports the sequential variant to be
-slightly better at 3 bits and below). A calibration that saw no data, or a weight-quantized layer that
-received no input during calibration, is an error: there is no silent fall back to RTN.
+Calibration (GPTQ, AWQ, SmoothQuant) collects statistics of every layer's input (:func:`qlab.nn.capture`)
+over ``calibration_batches``, in one of two ways:
+
+* ``sequential=False`` (default): ONE pass of the float model; every layer is calibrated on float inputs.
+  Cheapest, and the statistics can be captured once and shared (``calibration_stats``).
+* ``sequential=True`` (or the path of the blocks list, e.g. ``"layers"``): block by block, as the GPTQ and
+  AWQ reference code does. The inputs of the first block are caught once per batch, then for each block:
+  capture its layers' inputs, quantize them, and run the now quantized block to get the next block's
+  inputs; so each block is calibrated on the outputs of its already-quantized predecessors (within a block
+  the layers compute in float during capture). This needs a chain ``x -> block_0 -> block_1 -> ...`` whose
+  other arguments (masks, positions) are shared; it is checked on the first batch, and anything else is an
+  error. Weight layers outside the blocks (e.g. an output head) are calibrated last, in one pass of the model
+  with every block quantized. The cost is about one forward pass, plus a compile per block.
+
+A calibration that saw no data, or a weight-quantized layer that received no input during calibration,
+is an error: there is no silent fall back to RTN. :func:`ptq_info` records the mode (``calibration``).
 
 ``calibration_stats`` (the dict :func:`qlab.nn.capture` returns, e.g. captured once for a sweep over specs)
 may replace ``calibration_batches``; it must cover every weight-quantized layer.
@@ -37,8 +46,10 @@ from __future__ import annotations
 import time
 from typing import Callable, Iterable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from qlab.ptq.awq import awq as _awq_weight
 from qlab.ptq.gptq import gptq as _gptq_weight
@@ -103,14 +114,11 @@ def _calibrate(qmodel, layers, batches, forward, stats, max_input_rows, given=No
     return st
 
 
-def _finish(qmodel, qts: dict, scales: dict, info: list, method: str):
-    qnn = _nn()
-    for path, s in scales.items():
-        qnn.set_input_scale(qmodel, path, s)
-    qnn.load_quantized_weights(qmodel, qts)
+def _finish(qmodel, info: list, method: str, calibration: str | None = None):
     # a static NNX attribute must be hashable (jit keys on it): rows as sorted item tuples
+    extra = {} if calibration is None else {"calibration": calibration}
     qmodel._qlab_ptq_info = tuple(
-        tuple(sorted((k, _hashable(v)) for k, v in dict(method=method, **row).items())) for row in info
+        tuple(sorted((k, _hashable(v)) for k, v in dict(method=method, **extra, **row).items())) for row in info
     )
     return qmodel
 
@@ -138,6 +146,177 @@ def _hashable(v):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# calibration: one float pass, or block by block (sequential)
+
+
+def _resolve(root, path: str):
+    m = root
+    for k in path.split("/") if path else []:
+        m = m[int(k)] if k.isdigit() else getattr(m, k)
+    return m
+
+
+def _blocks_path(layers) -> str:
+    """The list of blocks that holds most weight layers: the path before the first numeric component."""
+    counts: dict[str, int] = {}
+    for p in layers:
+        parts = p.split("/")
+        i = next((i for i, k in enumerate(parts) if k.isdigit() and i > 0), None)
+        if i is not None and i < len(parts) - 1:
+            counts["/".join(parts[:i])] = counts.get("/".join(parts[:i]), 0) + 1
+    if not counts:
+        raise ValueError("PTQ sequential=True: found no list of blocks holding the weight layers (paths like "
+                         "'layers/3/attn/q_proj'); pass sequential='<path of the blocks list>' or sequential=False")
+    return max(counts, key=counts.get)
+
+
+class _Caught(Exception):
+    pass
+
+
+def _block_inputs(qmodel, blocks, batches, forward, check_chain: bool):
+    """``(args, kwargs)`` of the first block's call for every batch (the forward stops there), and, with
+    ``check_chain``, a check on the first batch that every block's first argument is the previous block's
+    output and its other arguments are the first block's (what block-by-block propagation assumes)."""
+    fwd = forward if forward is not None else (lambda m, b: m(b[0]) if isinstance(b, (tuple, list)) else m(b))
+    classes = {type(b) for b in blocks}
+    originals = {c: c.__call__ for c in classes}
+    first, calls, record_all = blocks[0], [], [False]
+
+    def patched(self, *args, **kwargs):
+        if record_all[0]:
+            out = originals[type(self)](self, *args, **kwargs)
+            calls.append((self, args, kwargs, out))
+            return out
+        if self is first:
+            raise _Caught(args, kwargs)
+        return originals[type(self)](self, *args, **kwargs)
+
+    inputs = []
+    try:
+        for c in classes:
+            c.__call__ = patched
+        for i, batch in enumerate(batches):
+            if i == 0 and check_chain:
+                record_all[0] = True
+                fwd(qmodel, batch)
+                record_all[0] = False
+                _check_chain(calls, blocks)
+            try:
+                fwd(qmodel, batch)
+            except _Caught as e:
+                inputs.append(e.args)
+                continue
+            raise ValueError("PTQ sequential: the forward never called the first block")
+    finally:
+        for c, f in originals.items():
+            c.__call__ = f
+    return inputs
+
+
+def _check_chain(calls, blocks):
+    order = [next((j for j, b in enumerate(blocks) if b is c[0]), None) for c in calls]
+    if order != list(range(len(blocks))):
+        raise ValueError(f"PTQ sequential: the blocks were called in order {order}, not once each in list order; "
+                         "sequential calibration needs x -> block_0 -> block_1 -> ... (use sequential=False)")
+    a0 = calls[0]
+    for k in range(1, len(calls)):
+        _, args, kwargs, _ = calls[k]
+        prev_out = calls[k - 1][3]
+        same_rest = len(args) == len(a0[1]) and all(x is y for x, y in zip(args[1:], a0[1][1:])) and \
+            kwargs.keys() == a0[2].keys() and all(kwargs[n] is a0[2][n] for n in kwargs)
+        if not (same_rest and np.shape(args[0]) == np.shape(prev_out)
+                and np.array_equal(np.asarray(args[0]), np.asarray(prev_out))):
+            raise ValueError(f"PTQ sequential: block {k}'s input is not block {k - 1}'s output with the same other "
+                             "arguments (something runs between blocks); use sequential=False")
+
+
+def _run_block(block):
+    graphdef, state = nnx.split(block)
+
+    @jax.jit
+    def run(state, args, kwargs):
+        return nnx.merge(graphdef, state)(*args, **kwargs)
+
+    return lambda args, kwargs: run(state, args, kwargs)
+
+
+def _quantize_layers(paths, layers, stats_of, quantize_layer):
+    qts, scales, info = {}, {}, []
+    for path in paths:
+        t = time.perf_counter()
+        q, s, extra = quantize_layer(path, layers[path], stats_of[path])
+        jax.block_until_ready(q.codes)
+        qts[path] = q
+        if s is not None:
+            scales[path] = s
+        info.append(dict(layer=path, spec=str(layers[path].weight_quant.spec), seconds=time.perf_counter() - t,
+                         rows=stats_of[path]["count"], outlier_features=_outlier_count(stats_of[path]), **extra))
+    return qts, scales, info
+
+
+def _load(qmodel, qts, scales):
+    qnn = _nn()
+    for path, s in scales.items():
+        qnn.set_input_scale(qmodel, path, s)
+    qnn.load_quantized_weights(qmodel, qts)
+
+
+def _calibrated(model, rules, method, batches, forward, stats, max_rows, given, sequential, quantize_layer):
+    """Quantize every weight layer with ``quantize_layer(path, layer, stats) -> (QTensor, input scale or None,
+    info)`` on statistics of its calibration inputs (see the module docstring for ``sequential``)."""
+    qnn = _nn()
+    qmodel, layers = _start(model, rules)
+    for L in layers.values():
+        _kernel(L, method)  # fail before calibrating
+    if not sequential:
+        st = _calibrate(qmodel, layers, batches, forward, stats, max_rows, given)
+        qts, scales, info = _quantize_layers(list(layers), layers, st, quantize_layer)
+        _load(qmodel, qts, scales)
+        return _finish(qmodel, info, method, "one float pass")
+    if given is not None:
+        raise ValueError("PTQ: calibration_stats (captured once, in float) cannot be used with sequential "
+                         "calibration, which recaptures each block's inputs after quantizing its predecessors")
+    if batches is None:
+        raise ValueError("PTQ: calibration_batches is None; this method needs calibration data")
+    bpath = _blocks_path(layers) if sequential is True else str(sequential)
+    blocks = _resolve(qmodel, bpath)
+    if not isinstance(blocks, (nnx.List, list, tuple)) or not len(blocks):
+        raise ValueError(f"PTQ sequential={sequential!r}: {bpath!r} is not a non-empty list of blocks")
+    batches = list(batches)
+    xs = _block_inputs(qmodel, blocks, batches, forward, check_chain=True)
+    if not xs:
+        raise ValueError("PTQ: calibration saw no data (calibration_batches is empty; no fallback to RTN)")
+    all_info = []
+    for k, block in enumerate(blocks):
+        prefix = f"{bpath}/{k}/"
+        paths = [p for p in layers if p.startswith(prefix)]
+        if paths:
+            st = qnn.capture(block, xs, forward=lambda m, b: m(*b[0], **b[1]), stats=stats, max_input_rows=max_rows)
+            st = {prefix + p: v for p, v in st.items()}
+            missing = [p for p in paths if p not in st or st[p].get("count", 0) == 0]
+            if missing:
+                raise ValueError(f"PTQ: calibration saw no input for layers {missing} (no fallback to RTN)")
+            qts, scales, info = _quantize_layers(paths, layers, st, quantize_layer)
+            _load(qmodel, qts, scales)
+            all_info += info
+        if k + 1 < len(blocks):
+            run = _run_block(block)
+            xs = [((run(a, kw),) + tuple(a[1:]), kw) for a, kw in xs]
+    rest = [p for p in layers if not any(p.startswith(f"{bpath}/{k}/") for k in range(len(blocks)))]
+    if rest:  # layers outside the blocks: one pass of the model with every block already quantized
+        st = qnn.capture(qmodel, batches, forward=forward, stats=stats, max_input_rows=max_rows, quantized=True)
+        missing = [p for p in rest if p not in st or st[p].get("count", 0) == 0]
+        if missing:
+            raise ValueError(f"PTQ: calibration saw no input for layers {missing} (no fallback to RTN)")
+        qts, scales, info = _quantize_layers(rest, layers, st, quantize_layer)
+        _load(qmodel, qts, scales)
+        all_info += info
+    order = {p: i for i, p in enumerate(layers)}
+    return _finish(qmodel, sorted(all_info, key=lambda r: order[r["layer"]]), method, f"sequential over {bpath}")
+
+
+# ----------------------------------------------------------------------------------------------------------
 
 
 def rtn(model, rules):
@@ -160,83 +339,115 @@ def rtn(model, rules):
         else:  # LSQ: the learned steps
             qts[path] = wq.quantize(L.weight[...])
         info.append(dict(layer=path, spec=str(L.weight_quant.spec), seconds=time.perf_counter() - t))
-    return _finish(qmodel, qts, {}, info, "rtn")
+    _load(qmodel, qts, {})
+    return _finish(qmodel, info, "rtn")
 
 
 def gptq(model, rules, calibration_batches: Iterable, forward: Callable | None = None, *, act_order: bool = False,
-         damp: float = 0.01, block_size: int = 128, static_groups: bool | None = None, calibration_stats=None):
-    """GPTQ every weight-quantized Linear layer with Hessians ``X^T X`` captured in one float pass over
-    ``calibration_batches`` (``forward(model, batch)``, default ``model(batch)``). See
-    :func:`qlab.ptq.gptq.gptq` for the per-layer algorithm and its arguments."""
-    qmodel, layers = _start(model, rules)
-    Ws = {p: _kernel(L, "gptq") for p, L in layers.items()}
-    st = _calibrate(qmodel, layers, calibration_batches, forward, ("hessian", "absmax"), 1, calibration_stats)
-    qts, info = {}, []
-    for path, L in layers.items():
-        t = time.perf_counter()
-        qts[path] = _gptq_weight(Ws[path], st[path]["hessian"], L.weight_quant.spec, damp=damp,
-                               block_size=block_size, act_order=act_order, static_groups=static_groups)
-        qts[path].codes.block_until_ready()
-        info.append(dict(layer=path, spec=str(L.weight_quant.spec), seconds=time.perf_counter() - t,
-                         rows=st[path]["count"], act_order=act_order, outlier_features=_outlier_count(st[path])))
-    return _finish(qmodel, qts, {}, info, "gptq")
+         damp: float = 0.01, block_size: int = 128, static_groups: bool | None = None, calibration_stats=None,
+         sequential: bool | str = False):
+    """GPTQ every weight-quantized Linear layer with Hessians ``X^T X`` of its inputs over
+    ``calibration_batches`` (``forward(model, batch)``, default ``model(batch)``): captured in one float
+    pass, or block by block on the partially quantized model with ``sequential`` (module docstring).
+    See :func:`qlab.ptq.gptq.gptq` for the per-layer algorithm and its arguments.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from qlab.models import Transformer, TransformerConfig
+        >>> from qlab.nn import Rule
+        >>> cfg = TransformerConfig(vocab_size=16, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_len=8)
+        >>> m = Transformer(cfg, rngs=nnx.Rngs(0))
+        >>> toks = [jax.random.randint(jax.random.key(i), (4, 8), 0, 16) for i in range(2)]
+        >>> qm = gptq(m, [Rule("blocks/.*/(query|key|value|out|up|down)", weight="int4/g32")], toks,
+        ...           sequential=True)
+        >>> ptq_info(qm)["calibration"].iloc[0]
+        'sequential over blocks'
+    """
+    def layer(path, L, s):
+        q = _gptq_weight(_kernel(L, "gptq"), s["hessian"], L.weight_quant.spec, damp=damp, block_size=block_size,
+                         act_order=act_order, static_groups=static_groups)
+        return q, None, dict(act_order=act_order)
+
+    return _calibrated(model, rules, "gptq", calibration_batches, forward, ("hessian", "absmax"), 1,
+                       calibration_stats, sequential, layer)
 
 
 def awq(model, rules, calibration_batches: Iterable, forward: Callable | None = None, *, n_grid: int = 20,
-        clip_search: bool = True, max_shrink: float = 0.5, max_input_rows: int = 4096, calibration_stats=None):
+        clip_search: bool = True, max_shrink: float = 0.5, max_input_rows: int = 4096, calibration_stats=None,
+        sequential: bool | str = False):
     """AWQ every weight-quantized Linear layer: per-layer input scales ``s`` (searched on the captured
     Hessian and mean |x|; clip search on up to 512 of the first ``max_input_rows`` captured input rows),
     weights quantized as ``W * s`` and ``qlab.nn.set_input_scale(path, s)`` so the layer computes
-    ``(x / s) @ Q(W s)``. See :mod:`qlab.ptq.awq`."""
-    qmodel, layers = _start(model, rules)
-    Ws = {p: _kernel(L, "awq") for p, L in layers.items()}
-    st = _calibrate(qmodel, layers, calibration_batches, forward, ("hessian", "mean_abs", "absmax", "inputs"),
-                    max_input_rows, calibration_stats)
-    qts, scales, info = {}, {}, []
-    for path, L in layers.items():
-        t = time.perf_counter()
-        s_ = st[path]
-        if "inputs" not in s_:
+    ``(x / s) @ Q(W s)``. ``sequential`` as for :func:`gptq`. See :mod:`qlab.ptq.awq`.
+
+    Example:
+        >>> import jax
+        >>> from flax import nnx
+        >>> from qlab.models import MLP
+        >>> from qlab.nn import Rule
+        >>> m = MLP(64, hidden=(32,), out=4, rngs=nnx.Rngs(0))
+        >>> qm = awq(m, [Rule("layers/.*", weight="int4/g32")], [jax.random.normal(jax.random.key(0), (16, 64))])
+        >>> ptq_info(qm)["layer"].tolist()
+        ['layers/0']
+    """
+    def layer(path, L, s):
+        if "inputs" not in s:
             raise ValueError(f"PTQ: awq needs captured 'inputs' for {path!r} (clip search)")
-        q, s, extra = _awq_weight(Ws[path], s_["inputs"], L.weight_quant.spec, n_grid=n_grid, clip_search=clip_search,
-                               max_shrink=max_shrink, H=s_["hessian"], x_mean_abs=s_["mean_abs"], return_info=True)
-        qts[path], scales[path] = q, s
-        info.append(dict(layer=path, spec=str(L.weight_quant.spec), seconds=time.perf_counter() - t,
-                         rows=s_["count"], alpha=extra["alpha"], outlier_features=_outlier_count(s_)))
-    return _finish(qmodel, qts, scales, info, "awq")
+        q, scale, extra = _awq_weight(_kernel(L, "awq"), s["inputs"], L.weight_quant.spec, n_grid=n_grid,
+                                      clip_search=clip_search, max_shrink=max_shrink, H=s["hessian"],
+                                      x_mean_abs=s["mean_abs"], return_info=True)
+        return q, scale, dict(alpha=extra["alpha"])
+
+    return _calibrated(model, rules, "awq", calibration_batches, forward, ("hessian", "mean_abs", "absmax", "inputs"),
+                       max_input_rows, calibration_stats, sequential, layer)
 
 
 def hqq(model, rules, *, iters: int = 20, lp_norm: float = 0.7, beta: float = 10.0, kappa: float = 1.01,
         optimize_scale: bool = False):
     """HQQ (calibration-free) every weight-quantized Linear layer; the rules' weight specs must be asymmetric
-    integer ones, e.g. ``"int4/g64/asym/zp=float"``. See :mod:`qlab.ptq.hqq`."""
+    integer ones, e.g. ``"int4/g64/asym/zp=float"``. See :mod:`qlab.ptq.hqq`.
+
+    Example:
+        >>> from flax import nnx
+        >>> from qlab.nn import Rule
+        >>> qm = hqq(nnx.Linear(64, 8, rngs=nnx.Rngs(0)), [Rule(".*", weight="int4/g32/asym/zp=float")])
+        >>> ptq_info(qm)["method"].tolist()
+        ['hqq']
+    """
     qmodel, layers = _start(model, rules)
     qts, info = {}, []
     for path, L in layers.items():
         t = time.perf_counter()
         qts[path] = _hqq_weight(_kernel(L, "hqq"), L.weight_quant.spec, iters=iters, lp_norm=lp_norm, beta=beta,
-                             kappa=kappa, optimize_scale=optimize_scale)
+                                kappa=kappa, optimize_scale=optimize_scale)
         info.append(dict(layer=path, spec=str(L.weight_quant.spec), seconds=time.perf_counter() - t))
-    return _finish(qmodel, qts, {}, info, "hqq")
+    _load(qmodel, qts, {})
+    return _finish(qmodel, info, "hqq")
 
 
 def smoothquant(model, rules, calibration_batches: Iterable, forward: Callable | None = None, *,
-                alpha: float = 0.5, calibration_stats=None):
+                alpha: float = 0.5, calibration_stats=None, sequential: bool | str = False):
     """SmoothQuant: per-layer smoothing ``s = max|X|^alpha / max|W|^(1-alpha)`` from captured activation
     absmax, weights quantized (RTN) as ``W * s``, and ``set_input_scale(path, s)``; the rules' ``act`` specs
-    (e.g. ``Rule(".*", weight="int8/ch", act="int8")`` for W8A8) then quantize the smoothed activations."""
-    qmodel, layers = _start(model, rules)
-    Ws = {p: _kernel(L, "smoothquant") for p, L in layers.items()}
-    st = _calibrate(qmodel, layers, calibration_batches, forward, ("absmax",), 1, calibration_stats)
-    qts, scales, info = {}, {}, []
-    for path, L in layers.items():
-        t = time.perf_counter()
-        a = st[path]["absmax"]
-        s = smoothquant_scales(a, Ws[path], alpha)
-        qts[path] = _rtn_weight(Ws[path] * s[:, None], L.weight_quant.spec)
-        scales[path] = s
-        info.append(dict(layer=path, spec=str(L.weight_quant.spec), seconds=time.perf_counter() - t,
-                         rows=st[path]["count"], act_absmax=float(np.max(a)),
-                         act_absmax_smoothed=float(np.max(np.asarray(a) / np.asarray(s))),
-                         outlier_features=_outlier_count(st[path])))
-    return _finish(qmodel, qts, scales, info, "smoothquant")
+    (e.g. ``Rule(".*", weight="int8/ch", act="int8")`` for W8A8) then quantize the smoothed activations.
+    ``sequential`` as for :func:`gptq`.
+
+    Example:
+        >>> import jax
+        >>> from flax import nnx
+        >>> from qlab.nn import Rule
+        >>> x = [jax.random.normal(jax.random.key(0), (16, 64))]
+        >>> qm = smoothquant(nnx.Linear(64, 8, rngs=nnx.Rngs(0)), [Rule(".*", weight="int8/ch", act="int8")], x)
+        >>> bool(ptq_info(qm)["act_absmax_smoothed"].iloc[0] < ptq_info(qm)["act_absmax"].iloc[0])
+        True
+    """
+    def layer(path, L, s):
+        a = s["absmax"]
+        w = _kernel(L, "smoothquant")
+        sc = smoothquant_scales(a, w, alpha)
+        q = _rtn_weight(w * sc[:, None], L.weight_quant.spec)
+        return q, sc, dict(act_absmax=float(np.max(a)), act_absmax_smoothed=float(np.max(np.asarray(a) / np.asarray(sc))))
+
+    return _calibrated(model, rules, "smoothquant", calibration_batches, forward, ("absmax",), 1, calibration_stats,
+                       sequential, layer)
