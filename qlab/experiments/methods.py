@@ -10,8 +10,9 @@ A method is registered by name; a study's ``method`` key picks it. Built in:
 * ``ptq_gptq``, ``ptq_awq``, ``ptq_smoothquant`` (calibrated on the first ``calibration_size``
   training images) and ``ptq_hqq``: the ``qlab.ptq`` model-level drivers.
 
-Runs that differ only in seed / learning rates can train together as one vmapped program
-(:func:`run_batched`, :func:`train_variants`; ``qlab sweep --batch``), sharded over devices.
+Runs that differ only in seed / learning rates (and, for ``qat`` / ``ptq_rtn``, integer bit widths of one
+spec family, traced) can train together as one vmapped program (:func:`run_batched`, :func:`train_variants`;
+``qlab sweep --batch``), sharded over devices.
 
 Every method shares the float model of its (model, data, training budget, seed): it is trained once
 per process and reused. Metrics: ``accuracy`` (test), ``float_accuracy``, ``accuracy_drop``,
@@ -717,6 +718,48 @@ def run_lm(config, seed, progress=False):
 BATCH_KEYS = ("seed", "learning_rate", "qat_learning_rate", "config_hash")
 #: Methods that support batched execution.
 BATCHABLE = {"float", "ptq_rtn", "qat", "qat_lsq"}
+#: Keys that carry the quantization specs; :func:`batch_signature` compares them up to the integer bit
+#: width where the method can trace it (``qat``: STE quantizers; ``ptq_rtn`` trains nothing quantized).
+SPEC_KEYS = ("bits", "weight", "act", "rules_def")
+#: Methods whose runs may differ in integer bit widths and still train as one program.
+TRACED_BITS = {"ptq_rtn", "qat"}
+
+
+def _spec_family(spec: str | None) -> str | None:
+    """A spec string with an integer format's bit width replaced by ``int*`` (signedness and narrow
+    range kept): specs of one family differ only in a traceable value."""
+    from qlab.numerics import IntFormat, parse_spec
+
+    if spec is None:
+        return None
+    sp = parse_spec(spec)
+    if not isinstance(sp.fmt, IntFormat):
+        return str(sp)
+    f = sp.fmt
+    return f"{'' if f.signed else 'u'}int*{'n' if f.narrow else ''}|" + str(sp.replace(fmt=IntFormat(8, f.signed, f.narrow)))
+
+
+def batch_signature(run: Mapping[str, Any]) -> str:
+    """What runs must share to train as one vmapped program (``qlab sweep --batch``): every key but
+    :data:`BATCH_KEYS` (seed, learning rates); for methods in :data:`TRACED_BITS` the resolved rules
+    are compared with integer bit widths masked (``int2/ch`` and ``int8/ch`` batch; ``int4/ch`` and
+    ``int4/g32`` or ``fp8_e4m3/ch`` do not).
+
+    Example:
+        >>> from qlab.experiments.config import expand
+        >>> a, b, c = expand({"base": {"method": "qat"}, "sweep": {"bits": [2, 8], "granularity": ["ch"]},
+        ...                   "include": [{"method": "qat", "granularity": "g16"}]})
+        >>> batch_signature(a) == batch_signature(b), batch_signature(a) == batch_signature(c)
+        (True, False)
+    """
+    import json
+
+    cfg = {k: v for k, v in run.items() if k not in BATCH_KEYS and not k.startswith("_")}
+    if run.get("method") in TRACED_BITS:
+        for k in SPEC_KEYS:
+            cfg.pop(k, None)
+        cfg["rules"] = [(r["pattern"], _spec_family(r["weight"]), _spec_family(r["act"])) for r in _rules_of(run)]
+    return json.dumps(cfg, sort_keys=True, default=str)
 
 
 def _stack(trees):
@@ -839,8 +882,10 @@ def _ensure_floats_batched(runs: list[dict]):
 
 
 def run_batched(runs: list[dict], progress: bool = False) -> list[tuple[dict, Any]]:
-    """Run configs that differ only in :data:`BATCH_KEYS`: float models trained as one vmapped
-    program, then (QAT methods) the quantized models fine-tuned as one vmapped program."""
+    """Run configs of one :func:`batch_signature` (differing in seed, learning rates and, for ``qat``,
+    integer bit widths): float models trained as one vmapped program, then (QAT methods) the quantized
+    models fine-tuned as one vmapped program. Bit widths are traced (``qlab.nn.nnx_quant.traced_variant``):
+    each run keeps its own static specs for its metrics (bits_per_weight, model size, layer table)."""
     if is_lm(runs[0]):
         return [REGISTRY[r["method"]].fn(r, int(r["seed"]), progress=progress) for r in runs]
     if len(_float_cache) + len(runs) > 8:
@@ -854,10 +899,16 @@ def run_batched(runs: list[dict], progress: bool = False) -> list[tuple[dict, An
     setups = [_setup(r, int(r["seed"]), False) for r in runs]
     qmodels = [quantize(m, nn_rules(order, _rules_of(r), quantizer, quantizer))
                for r, (ds, m, info, order) in zip(runs, setups)]
-    losses = train_variants(qmodels, setups[0][0], steps=int(runs[0]["qat_steps"]),
+    views = _traced_views(qmodels)
+    losses = train_variants(views, setups[0][0], steps=int(runs[0]["qat_steps"]),
                             batch_size=int(runs[0]["batch_size"]),
                             learning_rates=[float(r["qat_learning_rate"]) for r in runs],
                             seeds=[int(r["seed"]) + 1 for r in runs])
+    if views is not qmodels:  # trained values back into each run's own-spec model
+        from qlab.nn.quantizers import QuantOverride
+
+        for qm, v in zip(qmodels, views):
+            nnx.update(qm, nnx.state(v, nnx.Not(QuantOverride)))
     dt = (time.perf_counter() - t0) / len(runs)
     out = []
     for (ds, m, info, order), qm, ls in zip(setups, qmodels, losses):
@@ -866,3 +917,14 @@ def run_batched(runs: list[dict], progress: bool = False) -> list[tuple[dict, An
         out.append(_finish(ds, qm, info, order, time.perf_counter() - dt,
                            {"qat_final_loss": float(ls[-1]), "qat_s": dt, "batched": len(runs)}, template=m))
     return out
+
+
+def _traced_views(qmodels: list[nnx.Module]) -> list[nnx.Module]:
+    """``qmodels`` as they are when their graphs are equal, else views of them on the first one's graph
+    with integer bit widths as traced state (``qlab.nn.nnx_quant.traced_variant``)."""
+    from qlab.nn.nnx_quant import traced_variant
+
+    g0 = nnx.graphdef(qmodels[0])
+    if all(nnx.graphdef(q) == g0 for q in qmodels[1:]):
+        return qmodels
+    return [traced_variant(q, qmodels[0]) for q in qmodels]

@@ -157,8 +157,9 @@ def sweep(
         out: results folder (default ``results/<name>``).
         progress: one ``tqdm.auto`` bar over the study (and the training loop's own bars).
         plots: write ``pareto.png``, ``accuracy_vs_bits.png`` and ``layers.png`` when there is data.
-        batch: train runs that differ only in seed/learning rates together (vmapped); default: the
-            study's ``batch`` key.
+        batch: train runs that differ only in traceable values together, as one vmapped program: seed,
+            learning rates and (``qat``, ``ptq_rtn``) integer bit widths of one spec family (``int2/ch``
+            .. ``int8/ch``); each row keeps its own specs' size metrics. Default: the study's ``batch`` key.
 
     Each finished run is saved at once (``runs/<hash>.json``, atomic) and ``runs.csv`` /
     ``layers.csv`` are rebuilt, so a sweep killed at any point resumes where it stopped.
@@ -225,8 +226,9 @@ def sweep(
 
 
 def _batch_groups(todo: list[dict]) -> list[list[dict]]:
-    """Group runs that differ only in traceable values (seed, learning rates) of a batchable method."""
-    from .methods import BATCH_KEYS, BATCHABLE
+    """Group runs of a batchable method that differ only in traceable values: seed, learning rates
+    and (``qat``, ``ptq_rtn``) integer bit widths of one spec family (``methods.batch_signature``)."""
+    from .methods import BATCHABLE, batch_signature
 
     groups: dict[str, list[dict]] = {}
     singles = []
@@ -234,9 +236,7 @@ def _batch_groups(todo: list[dict]) -> list[list[dict]]:
         if run["method"] not in BATCHABLE:
             singles.append([run])
             continue
-        key = json.dumps({k: v for k, v in run.items() if k not in BATCH_KEYS and not k.startswith("_")
-                          and k != "config_hash"}, sort_keys=True, default=str)
-        groups.setdefault(key, []).append(run)
+        groups.setdefault(batch_signature(run), []).append(run)
     return singles + list(groups.values())
 
 

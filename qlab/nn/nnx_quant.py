@@ -42,7 +42,7 @@ from flax import nnx
 
 from qlab.numerics.granularity import PerChannel, PerGroup
 from qlab.numerics.quantize import QTensor, dequantize, fake_quant
-from qlab.nn.quantizers import ActQuantizer, QuantStat, WeightQuantizer
+from qlab.nn.quantizers import ActQuantizer, QuantOverride, QuantStat, WeightQuantizer
 from qlab.nn.rules import Rule, as_rules, first_match
 
 __all__ = [
@@ -53,6 +53,7 @@ __all__ = [
     "float_layers",
     "find_layer",
     "LAYER_KINDS",
+    "traced_variant",
 ]
 
 LAYER_KINDS = {nnx.Linear: "linear", nnx.Conv: "conv", nnx.Einsum: "einsum", nnx.Embed: "embed"}
@@ -315,7 +316,7 @@ class QuantizedLayer(nnx.Module):
             table = self.weight[...]
             rows = jnp.take(table, ids, axis=0)
             r2 = rows.reshape(-1, table.shape[1])
-            return fake_quant(r2, wq.spec).reshape(rows.shape)
+            return wq(r2).reshape(rows.shape)
         return self._run("__call__", ids, *args, **kwargs)
 
     def _outlier_forward(self, x, *args, **kwargs):
@@ -695,3 +696,66 @@ def set_input_scale(qmodel, path: str, s) -> None:
     if s.shape != (layer.in_features,):
         raise ValueError(f"{path}: input_scale must have shape ({layer.in_features},), got {s.shape}")
     layer.input_scale = QuantStat(s)
+
+
+def _same_family(own, tmpl) -> bool:
+    """True when two specs differ at most in their integer bit width."""
+    from qlab.numerics.formats import IntFormat
+
+    if own == tmpl:
+        return True
+    if not (isinstance(own.fmt, IntFormat) and isinstance(tmpl.fmt, IntFormat)):
+        return False
+    return own.replace(fmt=tmpl.fmt) == tmpl
+
+
+def traced_variant(qmodel, like=None, *, clip_ratio=None) -> nnx.Module:
+    """A copy of ``qmodel`` on ``like``'s graph whose STE quantizers hold their integer bit width
+    (each from ``qmodel``'s OWN spec) and, with ``clip_ratio``, the weight clip ratio as traced
+    :class:`~qlab.nn.quantizers.QuantOverride` state. Variants of one model that differ only in
+    those values (``int2/ch`` vs ``int8/ch`` ...) then have equal graphdefs and can train as one
+    ``jax.vmap``-ed program (``qlab.experiments.methods.train_variants``); copy the trained values
+    back with ``nnx.update(qmodel, nnx.state(view, nnx.Not(QuantOverride)))``.
+
+    Every quantizer of ``like`` with an integer format and method ``"ste"`` gets ``traced_bits``
+    (whatever its bits), so all variants built against one ``like`` share one structure; other
+    quantizers must have equal specs. ValueError names the layer otherwise.
+
+    Example:
+        >>> from qlab.models import MLP
+        >>> m = MLP(8, hidden=(16,), out=2, rngs=nnx.Rngs(0))
+        >>> q2, q8 = (quantize_model(m, [Rule(".*", weight=w)]) for w in ("int2/ch", "int8/ch"))
+        >>> v2, v8 = traced_variant(q2, q8), traced_variant(q8, q8)
+        >>> nnx.graphdef(v2) == nnx.graphdef(v8), int(v2.head.weight_quant.traced_bits[...])
+        (True, 2)
+        >>> bool((v2(jnp.ones((1, 8))) == q2(jnp.ones((1, 8)))).all())
+        True
+    """
+    from qlab.numerics.formats import IntFormat
+
+    like = qmodel if like is None else like
+    own, tmpl = quantized_layers(qmodel), quantized_layers(like)
+    if list(own) != list(tmpl):
+        raise ValueError(f"traced_variant: quantized layers differ: {list(own)} vs {list(tmpl)}")
+    view = nnx.merge(nnx.graphdef(like), nnx.state(qmodel))
+    for path, L in quantized_layers(view).items():
+        for name in ("weight_quant", "act_quant"):
+            a, t = getattr(own[path], name), getattr(tmpl[path], name)
+            if (a is None) != (t is None) or (a is not None and (a.method != t.method or not _same_family(a.spec, t.spec))):
+                raise ValueError(
+                    f"traced_variant: layer {path!r} {name}: {None if a is None else str(a.spec)!r} and "
+                    f"{None if t is None else str(t.spec)!r} differ in more than an integer bit width "
+                    "(or in the quantizer method)"
+                )
+            if a is None:
+                continue
+            traced = t.method == "ste" and isinstance(t.spec.fmt, IntFormat)
+            if a.spec != t.spec and not traced:
+                raise ValueError(f"traced_variant: layer {path!r} {name}: bit widths differ ({a.spec} vs {t.spec}) "
+                                 f"but method {t.method!r} cannot trace them (use 'ste')")
+            if traced:
+                getattr(L, name).set_traced(bits=a.spec.fmt.bits,
+                                            clip_ratio=clip_ratio if name == "weight_quant" else None)
+            elif clip_ratio is not None and name == "weight_quant":
+                getattr(L, name).set_traced(clip_ratio=clip_ratio)
+    return view

@@ -5,6 +5,9 @@
   ``nnx.state(model, QuantParam)``.
 * :class:`QuantStat` (an ``nnx.Variable``): statistics (EMA ranges, first-batch initial values,
   calibration sums). Updated by forward passes in training mode, never differentiated.
+* :class:`QuantOverride` (a ``QuantStat``): a quantizer's integer bit width / clip ratio held as
+  traced state (``set_traced``), so that models differing only in those values share one graph
+  and train together under ``jax.vmap`` (``qlab.nn.traced_variant``, batched sweeps).
 
 :class:`WeightQuantizer` fake-quantizes a layer weight (``"ste"``: ``qlab.fake_quant``; ``"lsq"``:
 a learned step per scale group). :class:`ActQuantizer` fake-quantizes a layer's input viewed as
@@ -37,7 +40,7 @@ from qlab.numerics.learned import lsq_fake_quant, pact_fake_quant, round_ste, sc
 from qlab.numerics.quantize import QTensor, fake_quant, fake_quant_range
 from qlab.numerics.spec import QuantSpec, as_spec
 
-__all__ = ["QuantParam", "QuantStat", "WeightQuantizer", "ActQuantizer"]
+__all__ = ["QuantParam", "QuantStat", "QuantOverride", "WeightQuantizer", "ActQuantizer"]
 
 
 class QuantParam(nnx.Param):
@@ -46,6 +49,35 @@ class QuantParam(nnx.Param):
 
 class QuantStat(nnx.Variable):
     """Quantizer / calibration statistics (EMA ranges, counters). Never differentiated."""
+
+
+class QuantOverride(QuantStat):
+    """A traced quantizer setting: ``traced_bits`` (int32) or ``clip_ratio`` (float32), read by the
+    forward pass in place of the spec's static bit width / full range (see ``set_traced``)."""
+
+
+def _set_traced(q, spec: QuantSpec, what: str, bits, clip_ratio):
+    """Validate and store ``bits`` / ``clip_ratio`` overrides on quantizer ``q``."""
+    from qlab.numerics.quantize import _overrides
+
+    if q.method != "ste":
+        raise ValueError(f"{what}: traced bits / clip ratio need method 'ste', got {q.method!r}")
+    ov = _overrides(spec, bits, clip_ratio, f"{what}.set_traced")
+    if bits is not None:
+        q.traced_bits = QuantOverride(ov[0])
+    if clip_ratio is not None:
+        q.clip_ratio = QuantOverride(ov[1])
+
+
+def _traced(q) -> dict:
+    """The ``bits`` / ``clip_ratio`` keyword overrides a quantizer holds (values, maybe traced)."""
+    out = {}
+    b, c = getattr(q, "traced_bits", None), getattr(q, "clip_ratio", None)
+    if b is not None:
+        out["bits"] = b[...]
+    if c is not None:
+        out["clip_ratio"] = c[...]
+    return out
 
 
 
@@ -93,9 +125,24 @@ class WeightQuantizer(nnx.Module):
         else:
             raise ValueError(f"weight quantizer: unknown method {method!r} (ste, lsq)")
 
+    def set_traced(self, *, bits=None, clip_ratio=None):
+        """Hold the integer bit width and/or a clip ratio (multiplying the range) as traced
+        :class:`QuantOverride` state, used by the forward pass instead of ``spec``'s bit width /
+        full range. ``spec`` stays as it is (it names the format family: signedness, narrow
+        range, granularity); method ``"ste"``, integer formats only for ``bits``.
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> wq = WeightQuantizer("int8/ch", channel_axis=1, contract_axis=0)
+            >>> wq.set_traced(bits=2)
+            >>> sorted(set(wq(jnp.linspace(-1, 1, 16).reshape(8, 2)).ravel().tolist()))   # int2: absmax * {-1, 0, 1}
+            [-1.0, 0.0, 1.0]
+        """
+        _set_traced(self, self.spec, "WeightQuantizer", bits, clip_ratio)
+
     def __call__(self, w):
         if self.method == "ste":
-            return fake_quant(w, self.spec)
+            return fake_quant(w, self.spec, **_traced(self))
         fmt = self.spec.fmt
         wv, _ = to_view(w.astype(jnp.float32), self.spec.granularity)
         g = 1.0 / math.sqrt(self.group_size * max(fmt.qmax, 1))
@@ -149,6 +196,11 @@ class ActQuantizer(nnx.Module):
         else:
             raise ValueError(f"activation quantizer: unknown method {method!r} (ste, lsq, pact)")
 
+    def set_traced(self, *, bits=None, clip_ratio=None):
+        """Traced bit width / clip ratio, as :meth:`WeightQuantizer.set_traced` (method ``"ste"``,
+        dynamic or EMA range)."""
+        _set_traced(self, self.spec, "ActQuantizer", bits, clip_ratio)
+
     def effective_step(self):
         """LSQ step in data units (``step * step_init``)."""
         return jnp.abs(self.step[...]) * self.step_init[...]
@@ -169,7 +221,7 @@ class ActQuantizer(nnx.Module):
     def __call__(self, x2):
         spec = self.spec
         if self.method == "ste" and self.range == "dynamic":
-            return fake_quant(x2, spec)
+            return fake_quant(x2, spec, **_traced(self))
         xs = jax.lax.stop_gradient(x2.astype(jnp.float32))
         train = not self.use_running_average
         if self.method == "ste":
@@ -188,7 +240,7 @@ class ActQuantizer(nnx.Module):
             else:
                 lo = jnp.where(seen, self.lo[...], blo)
                 hi = jnp.where(seen, self.hi[...], bhi)
-            y = fake_quant_range(x2, spec, lo, hi)
+            y = fake_quant_range(x2, spec, lo, hi, **_traced(self))
         elif self.method == "lsq":
             fmt = spec.fmt
             qp = max(fmt.qmax, 1)

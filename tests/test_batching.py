@@ -1,0 +1,106 @@
+"""Batched variants with traced integer bit widths / clip ratios (issue #4): qlab.nn quantizers
+holding their bits as state, traced views of models, and sweeps that group runs across bit widths."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from qlab.experiments import methods, sweep
+from qlab.experiments.runner import _batch_groups, plan
+from qlab.models import MLP
+from qlab.nn import Rule, quantize_model
+from qlab.nn.nnx_quant import traced_variant
+from qlab.nn.quantizers import QuantOverride, WeightQuantizer
+
+TINY = {"hidden": [16], "train_size": 256, "steps": 15, "qat_steps": 10, "batch_size": 32}
+
+
+def _loss(m, x, y):
+    import optax
+
+    return optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
+
+
+@pytest.mark.parametrize("weight, act", [("int{}/ch", None), ("int{}/g16/asym", "int8"), ("uint{}/ch/asym", None)])
+def test_traced_views_match_own_spec_models_exactly(weight, act):
+    m = MLP(64, hidden=(32,), out=10, rngs=nnx.Rngs(0))
+    widths = [2, 3, 4, 8]
+    own = [quantize_model(m, [Rule(".*", weight=weight.format(b), act=act)]) for b in widths]
+    views = [traced_variant(q, own[-1]) for q in own]
+    assert all(nnx.graphdef(v) == nnx.graphdef(views[0]) for v in views)
+    x = jax.random.normal(jax.random.key(1), (8, 64))
+    y = jnp.arange(8) % 10
+    # stacked and vmapped, as train_variants runs them: forward and gradients equal the own-spec models
+    gd, params, rest = nnx.split(views[0], nnx.Param, ...)
+    states = [nnx.split(v, nnx.Param, ...) for v in views]
+    P = jax.tree.map(lambda *a: jnp.stack(a), *[s[1] for s in states])
+    R = jax.tree.map(lambda *a: jnp.stack(a), *[s[2] for s in states])
+
+    def f(p, r):
+        return jax.value_and_grad(lambda p: _loss(nnx.merge(gd, p, r), x, y))(p)
+
+    losses, grads = jax.vmap(f)(P, R)
+    for i, q in enumerate(own):
+        l_ref, g_ref = nnx.value_and_grad(_loss)(q, x, y)
+        assert float(losses[i]) == pytest.approx(float(l_ref), rel=1e-6, abs=1e-6)
+        g_i = jax.tree.map(lambda a: a[i], grads)
+        for a, b in zip(jax.tree.leaves(g_i), jax.tree.leaves(nnx.state(g_ref, nnx.Param))):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    # unbatched forward is bit-identical
+    for v, q in zip(views, own):
+        np.testing.assert_array_equal(np.asarray(v(x)), np.asarray(q(x)))
+    # trained values copy back into the own-spec model
+    nnx.update(own[0], nnx.state(views[0], nnx.Not(QuantOverride)))
+
+
+def test_traced_variant_errors_and_clip_ratio():
+    m = MLP(64, hidden=(32,), out=10, rngs=nnx.Rngs(0))
+    q4 = quantize_model(m, [Rule(".*", weight="int4/ch")])
+    with pytest.raises(ValueError, match=r"layer 'head' weight_quant: 'int4/g16a0' and 'int4/ch1' differ in more than an integer bit width"):
+        traced_variant(quantize_model(m, [Rule(".*", weight="int4/g16")]), q4)
+    with pytest.raises(ValueError, match=r"method 'lsq' cannot trace"):
+        traced_variant(quantize_model(m, [Rule(".*", weight="int2/ch", weight_quantizer="lsq")]),
+                       quantize_model(m, [Rule(".*", weight="int4/ch", weight_quantizer="lsq")]))
+    with pytest.raises(ValueError, match=r"bits= overrides integer formats only"):
+        WeightQuantizer("fp8_e4m3/ch", channel_axis=1, contract_axis=0).set_traced(bits=4)
+    with pytest.raises(ValueError, match=r"clip_ratio=2.0 must be in \(0, 1\]"):
+        WeightQuantizer("int4/ch", channel_axis=1, contract_axis=0).set_traced(clip_ratio=2.0)
+    v = traced_variant(q4, clip_ratio=0.5)
+    assert float(v.head.weight_quant.clip_ratio[...]) == 0.5
+    w = q4.head.layer.kernel[...]
+    np.testing.assert_array_equal(np.asarray(v.head.weight_value()),
+                                  np.asarray(__import__("qlab").fake_quant(w, q4.head.weight_quant.spec, clip_ratio=0.5)))
+
+
+def test_batch_groups_span_bit_widths_of_one_family(tmp_path):
+    study = {"name": "g", "base": TINY,
+             "sweep": {"method": ["qat", "qat_lsq", "ptq_rtn"], "bits": [2, 8], "granularity": ["ch", "g16"],
+                       "seed": [0, 1]}}
+    _, _, todo = plan(study, out=tmp_path)
+    groups = _batch_groups(todo)
+    shape = sorted((g[0]["method"], g[0]["granularity"], len(g)) for g in groups)
+    # qat / ptq_rtn: one group per granularity over bits x seeds; qat_lsq: per bit width
+    assert shape == sorted([("qat", "ch", 4), ("qat", "g16", 4), ("ptq_rtn", "ch", 4), ("ptq_rtn", "g16", 4),
+                            ("qat_lsq", "ch", 2), ("qat_lsq", "ch", 2), ("qat_lsq", "g16", 2), ("qat_lsq", "g16", 2)])
+
+
+def test_batched_sweep_over_bit_widths_matches_unbatched(tmp_path):
+    study = {"name": "bits", "base": {**TINY, "hidden": [16, 16], "rules": "first_last_8bit"},
+             "sweep": {"method": ["qat", "ptq_rtn"], "bits": [2, 3, 4, 8], "seed": [0], "qat_learning_rate": [1e-3]},
+             "include": [{"method": "qat", "bits": 4, "seed": 1, "qat_learning_rate": 3e-3}]}
+    methods._float_cache.clear()
+    seq = sweep(study, out=tmp_path / "s", progress=False, plots=False, batch=False)
+    methods._float_cache.clear()
+    bat = sweep(study, out=tmp_path / "b", progress=False, plots=False, batch=True)
+    assert list(bat["config_hash"]) == list(seq["config_hash"])
+    q = bat["method"] == "qat"
+    assert (bat.loc[q, "batched"] == 5).all()  # 4 bit widths + another seed / learning rate: one program
+    # each row reports its own static spec's size
+    for col in ("bits_per_weight", "model_bytes", "quantized_params", "weight"):
+        assert list(bat[col]) == list(seq[col]), col
+    assert len(set(bat.loc[q, "bits_per_weight"])) == 4
+    # same training up to float rounding (vmapped matmuls may sum in another order)
+    np.testing.assert_allclose(bat["qat_final_loss"].dropna(), seq["qat_final_loss"].dropna(), rtol=2e-3, atol=2e-3)
+    assert (abs(bat["accuracy"] - seq["accuracy"]) <= 0.03).all()
