@@ -84,3 +84,32 @@ def test_lm_gptq_sequential_and_one_pass(tmp_path):
     seq, one = tab["perplexity"]
     assert np.isfinite([seq, one]).all() and seq != one  # block-by-block statistics differ from one float pass
     assert expand({"base": {**LM, "method": "ptq_hqq"}})[0]["sequential"] is None
+
+
+def test_lm_effective_kernels_reproduce_the_quantized_forward():
+    """run_lm evaluates through the float graph with kernels dequantize(q) / s: the same logits as the
+    quantized model's own forward (AWQ included, whose layers divide their input by s)."""
+    import jax.numpy as jnp
+
+    from qlab import nn as qnn
+    from qlab import ptq
+
+    model, _ = methods.lm_model("gemma3_tiny")
+    linears = methods._lm_linears(model)
+    rules = (qnn.Rule("embed"), qnn.Rule("|".join(linears), weight="int4/g16"))
+    calib = [jnp.asarray(methods._lm_calibration("gemma3_tiny", "tiny_text", 4, 16))]
+    toks = calib[0][:2]
+    qm = ptq.awq(model, rules, calib, forward=lambda m, b: m.features(b), sequential=True)
+    kernels = methods._lm_effective_kernels(qm)
+    assert set(kernels) == set(linears)
+    orig = {p: L.kernel[...] for p, L in linears.items()}
+    try:
+        for p, w in kernels.items():
+            linears[p].kernel.value = w
+        folded = np.asarray(model(toks))
+    finally:
+        for p, w in orig.items():
+            linears[p].kernel.value = w
+    want = np.asarray(qm(toks))
+    assert np.abs(folded - want).max() <= 1e-4 * np.abs(want).max()
+    assert np.abs(np.asarray(model(toks)) - want).max() > 1e-3 * np.abs(want).max()  # quantization did something

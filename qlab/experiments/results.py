@@ -29,7 +29,8 @@ import pathlib
 import tempfile
 from typing import Any, Iterable, Mapping
 
-__all__ = ["write_run", "read_runs", "atomic_write_text", "rebuild_tables", "load_results", "runs_dir"]
+__all__ = ["write_run", "read_runs", "atomic_write_text", "rebuild_tables", "load_results", "runs_dir", "setting_label",
+           "method_table"]
 
 
 def runs_dir(out) -> pathlib.Path:
@@ -153,3 +154,50 @@ def load_results(out, layers: bool = False):
         return runs
     lp = p / "layers.csv"
     return runs, (pd.read_csv(lp) if lp.is_file() else pd.DataFrame())
+
+
+def setting_label(weight) -> str:
+    """A short label for a weight spec: bits (or format) and granularity, e.g. ``"W4 g128"``, ``"W8 ch"``,
+    ``"float"``; symmetry, range and zero-point options are dropped (so HQQ's asymmetric spec shares its row).
+
+    Example:
+        >>> setting_label("int4/g128/asym/zp=float"), setting_label("int8/ch"), setting_label(None)
+        ('W4 g128', 'W8 ch', 'float')
+    """
+    from qlab.numerics import parse_spec
+
+    if weight is None or (isinstance(weight, float) and math.isnan(weight)) or weight in ("", "none", "float"):
+        return "float"
+    parts = str(parse_spec(str(weight))).split("/")
+    head = "W" + parts[0][3:] if parts[0].startswith("int") else parts[0]
+    return f"{head} {parts[1]}" if len(parts) > 1 else head
+
+
+def method_table(table, metric: str = "perplexity", digits: int = 4):
+    """Pivot a study's runs into ``setting x method``: one row per weight setting (:func:`setting_label`),
+    one column per method (``ptq_gptq`` with ``act_order`` true becomes ``ptq_gptq act-order``), cells the
+    ``metric`` rounded to ``digits`` significant digits; the float run, if any, is its own row.
+
+    Example:
+        >>> import pandas as pd
+        >>> t = pd.DataFrame({"method": ["float", "ptq_rtn", "ptq_gptq", "ptq_gptq"], "weight": [None] + ["int4/ch"] * 3,
+        ...                   "act_order": [None, None, False, True], "perplexity": [17.26, 64.6, 25.8, 23.6]})
+        >>> method_table(t).loc["W4 ch", ["ptq_rtn", "ptq_gptq", "ptq_gptq act-order"]].tolist()
+        [64.6, 25.8, 23.6]
+        >>> method_table(t).loc["float", "float"]
+        np.float64(17.26)
+    """
+    import pandas as pd
+
+    t = table.copy()
+    t["setting"] = [setting_label(w) for w in t.get("weight", [None] * len(t))]
+    act = t["act_order"] if "act_order" in t else pd.Series([None] * len(t), index=t.index)
+    t["method"] = [f"{m} act-order" if m == "ptq_gptq" and str(a).lower() in ("true", "1", "1.0") else m
+                   for m, a in zip(t["method"], act)]
+    t[metric] = [float(f"{v:.{digits}g}") for v in t[metric]]
+    piv = t.pivot_table(index="setting", columns="method", values=metric, aggfunc="first", sort=False)
+    cols = [c for c in ["float", "ptq_rtn", "ptq_gptq", "ptq_gptq act-order", "ptq_awq", "ptq_hqq", "ptq_smoothquant"]
+            if c in piv.columns]
+    piv = piv[cols + [c for c in piv.columns if c not in cols]]
+    piv.columns.name = None
+    return piv
