@@ -4,9 +4,10 @@ Two Gemma-3-270M-shaped layers, a 2048x640 (down_proj: in 2048, out 640) and a 6
 with a Hessian from 4096 random correlated input rows. For each implementation: the first call (compile +
 run) and the best of ``--repeats`` later calls, and the relative output error ``||X W - X Q||^2 / ||X W||^2``
 (the quantity GPTQ minimises) next to RTN's. ``--model`` also times whole-model GPTQ W4 g128 of Gemma 3 270M
-(``qlab.ptq.gptq``: one float calibration pass + 126 layers) on ``--calib-seqs`` x 256 tokens.
+(``qlab.ptq.gptq``: 126 layers) on ``--calib-seqs`` x ``--calib-len`` tokens, calibrated block by block
+on the quantized predecessors (``sequential=True``, as the paper) and, with ``--one-pass``, in one float pass too.
 
-    python benchmarks/gptq.py [--spec int4/g128] [--repeats 2] [--no-qwix] [--model --calib-seqs 8]
+    python benchmarks/gptq.py [--spec int4/g128] [--repeats 2] [--no-qwix] [--model --calib-seqs 8 [--one-pass]]
 
 qwix (``pip install -e .[bench]``) runs ``qwix.contrib.gptq_core.quantize_weight`` as qwix calls it (eagerly,
 a Python loop over the input columns) with ``HowToQuantize(int4, channelwise out, tiles of G along in)``.
@@ -74,6 +75,7 @@ def main():
     ap.add_argument("--model", action="store_true", help="also time whole-model GPTQ on Gemma 3 270M")
     ap.add_argument("--calib-seqs", type=int, default=8)
     ap.add_argument("--calib-len", type=int, default=256)
+    ap.add_argument("--one-pass", action="store_true", help="--model: also time one-float-pass calibration")
     args = ap.parse_args()
     spec = qlab.parse_spec(args.spec).resolve(1, 0)
     try:
@@ -106,7 +108,8 @@ def main():
     for name, shape, first, best, err in rows:
         print(f"{name:24s} {shape:>10s} {first:9.2f} {best:9.2f} {err:12.5f}")
     if args.model:
-        model_timing(args.calib_seqs, args.calib_len)
+        for sequential in (True, False) if args.one_pass else (True,):
+            model_timing(args.calib_seqs, args.calib_len, sequential)
     by = {(n, s): (f, b, e) for n, s, f, b, e in rows}
     parts = []
     for shape in ("2048x640", "640x2048"):
@@ -120,7 +123,7 @@ def main():
     print("summary: " + "; ".join(parts))
 
 
-def model_timing(calib_seqs, calib_len=256):
+def model_timing(calib_seqs, calib_len=256, sequential=True):
     from qlab.data.text import load_austen
     from qlab.models.gemma3 import load_gemma3
     from qlab.nn import Rule
@@ -131,10 +134,11 @@ def model_timing(calib_seqs, calib_len=256):
     calib = [jnp.asarray(ids[i * n:(i + 1) * n].reshape(4, calib_len)) for i in range(max(1, calib_seqs // 4))]
     rules = [Rule("embed"), Rule(r"layers/\d+/(attn|mlp)/\w+_proj", weight="int4/g128")]
     t0 = time.perf_counter()
-    qm = ptq.gptq(model, rules, calib, forward=lambda m, b: m.features(b))
+    qm = ptq.gptq(model, rules, calib, forward=lambda m, b: m.features(b), sequential=sequential)
     total = time.perf_counter() - t0
     per_layer = ptq.ptq_info(qm).seconds.sum()
-    print(f"whole-model GPTQ int4/g128 on Gemma 3 270M ({len(calib) * 4} x {calib_len} calibration tokens): "
+    mode = "block by block" if sequential else "one float pass"
+    print(f"whole-model GPTQ int4/g128 on Gemma 3 270M ({len(calib) * 4} x {calib_len} calibration tokens, {mode}): "
           f"{total:.0f}s total, of which {per_layer:.0f}s in the 126 per-layer GPTQ calls")
 
 
