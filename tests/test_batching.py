@@ -104,3 +104,38 @@ def test_batched_sweep_over_bit_widths_matches_unbatched(tmp_path):
     # same training up to float rounding (vmapped matmuls may sum in another order)
     np.testing.assert_allclose(bat["qat_final_loss"].dropna(), seq["qat_final_loss"].dropna(), rtol=2e-3, atol=2e-3)
     assert (abs(bat["accuracy"] - seq["accuracy"]) <= 0.03).all()
+
+
+def test_clip_ratio_key_validated_and_hash_neutral():
+    from qlab.experiments import ConfigError, expand
+
+    a = expand({"base": {"method": "qat"}})[0]
+    b = expand({"base": {"method": "qat", "clip_ratio": 1.0}})[0]
+    c = expand({"base": {"method": "qat", "clip_ratio": 0.8}})[0]
+    assert "clip_ratio" not in a and a == b and c["clip_ratio"] == 0.8 and c["config_hash"] != a["config_hash"]
+    assert "clip_ratio" not in expand({"base": {"method": "float", "clip_ratio": 0.8}})[0]
+    with pytest.raises(ConfigError, match=r"clip_ratio = 1.5 must be in \(0, 1\]"):
+        expand({"base": {"clip_ratio": 1.5}})
+    with pytest.raises(ConfigError, match=r"clip_ratio = 0.5 applies to methods ptq_rtn, qat .* not 'qat_lsq'"):
+        expand({"base": {"method": "qat_lsq", "clip_ratio": 0.5}})
+
+
+def test_batched_sweep_over_clip_ratios_matches_unbatched(tmp_path):
+    study = {"name": "clip", "base": {**TINY, "hidden": [32], "granularity": "ch"},
+             "sweep": {"method": ["qat", "ptq_rtn"], "bits": [3, 8], "clip_ratio": [1.0, 0.6], "seed": [0]}}
+    methods._float_cache.clear()
+    seq = sweep(study, out=tmp_path / "s", progress=False, plots=False, batch=False)
+    methods._float_cache.clear()
+    bat = sweep(study, out=tmp_path / "b", progress=False, plots=False, batch=True)
+    assert list(bat["config_hash"]) == list(seq["config_hash"])
+    q = bat["method"] == "qat"
+    assert (bat.loc[q, "batched"] == 4).all()
+    for col in ("bits_per_weight", "model_bytes", "weight"):
+        assert list(bat[col]) == list(seq[col]), col
+    # ptq_rtn rows are computed the same way in both modes: exactly equal; clipping changes them
+    p = seq["method"] == "ptq_rtn"
+    assert list(bat.loc[p, "accuracy"]) == list(seq.loc[p, "accuracy"])
+    assert sorted(seq.loc[p, "clip_ratio"].fillna(1.0)) == [0.6, 0.6, 1.0, 1.0]
+    np.testing.assert_allclose(bat["qat_final_loss"].dropna(), seq["qat_final_loss"].dropna(), rtol=2e-3, atol=2e-3)
+    assert (abs(bat["accuracy"] - seq["accuracy"]) <= 0.03).all()
+    assert len(set(seq.loc[q, "qat_final_loss"])) == 4  # the clip ratio changes the training

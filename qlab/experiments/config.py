@@ -79,6 +79,7 @@ DEFAULTS: dict[str, Any] = {
     "granularity": "ch",  # tensor | ch | g<N> (groups along the input axis)
     "symmetric": True,
     "range": "absmax",  # absmax | minmax | mse | p<q> (e.g. p99.9)
+    "clip_ratio": 1.0,  # (0, 1]: weight range multiplied by this (ptq_rtn, qat); kept in a run only when < 1
     "weight": None,  # a whole weight spec string; overrides format/bits/granularity/symmetric/range
     "act": "none",  # activation spec or "none"
     "rules": "all",  # a rule set name: built-in (all, first_last_8bit) or one of [rule_sets]
@@ -94,8 +95,10 @@ DEFAULTS: dict[str, Any] = {
 
 #: Keys that only matter to quantized methods: a ``float`` run has them all set to None.
 QUANT_KEYS = ("qat_steps", "qat_learning_rate", "calibration_size", "format", "bits", "granularity", "symmetric", "range",
-              "weight", "act", "rules", "calibration", "calibration_seqs", "calibration_len", "act_order",
+              "clip_ratio", "weight", "act", "rules", "calibration", "calibration_seqs", "calibration_len", "act_order",
               "sequential")
+#: Methods that read ``clip_ratio`` (STE weight quantizers with a range to clip).
+CLIP_METHODS = ("ptq_rtn", "qat")
 #: Keys that are read only by QAT methods.
 QAT_KEYS = ("qat_steps", "qat_learning_rate")
 
@@ -320,6 +323,11 @@ def _validate_run(run: dict, where: str, rule_sets: Mapping[str, list[dict]]):
         return
     if run["rules"] not in rule_sets:
         raise ConfigError(f"{where}: rules = {run['rules']!r} is unknown; allowed: {_allowed(rule_sets)}")
+    if not 0 < run["clip_ratio"] <= 1:
+        raise ConfigError(f"{where}: clip_ratio = {run['clip_ratio']!r} must be in (0, 1] (1: the full range)")
+    if run["clip_ratio"] != 1 and (run["method"] not in CLIP_METHODS or lm):
+        raise ConfigError(f"{where}: clip_ratio = {run['clip_ratio']!r} applies to methods {', '.join(CLIP_METHODS)} "
+                          f"on image models only, not {run['method']!r} on {run['model']!r}; allowed here: 1.0")
     if run.get("weight") in (None, ""):
         fmt = run["format"]
         if fmt not in ("int", "uint"):
@@ -370,6 +378,10 @@ def _normalize(run: dict) -> dict:
         run["weight"] = weight_spec(run)
         if run.get("act") in (None, "", "none"):
             run["act"] = "none"
+    if run.get("clip_ratio") in (None, 1):  # the default: not part of the run (older results keep their hashes)
+        run.pop("clip_ratio", None)
+    else:
+        run["clip_ratio"] = float(run["clip_ratio"])
     if run["model"] != "mlp":
         run["hidden"] = None
     if run["model"] in LM_MODELS:

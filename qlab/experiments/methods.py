@@ -441,7 +441,7 @@ def run_ptq_rtn(config, seed, progress=False):
     t0 = time.perf_counter()
     ds, model, info, order = _setup(config, seed, progress)
     rules = nn_rules(order, _rules_of(config))
-    qmodel = quantize(model, rules)
+    qmodel = with_clip_ratio(quantize(model, rules), config)
     metrics, layers = _finish(ds, qmodel, info, order, t0, template=model)
     # sensitivity: accuracy drop when only this layer is quantized (by its rule)
     eff = effective_model(qmodel, model)
@@ -455,7 +455,7 @@ def run_ptq_rtn(config, seed, progress=False):
             one = copy_model(model)
             dict(quantizable_layers(one))[path].kernel.value = dict(quantizable_layers(eff))[path].kernel[...]
         else:
-            one = quantize(model, [dataclasses.replace(rule, pattern=re.escape(path))])
+            one = with_clip_ratio(quantize(model, [dataclasses.replace(rule, pattern=re.escape(path))]), config)
         drops.append(info["float_accuracy"] - evaluate.accuracy(one, *ds.test))
     layers["sensitivity_drop"] = drops
     return metrics, layers
@@ -466,7 +466,7 @@ def _run_qat(config, seed, quantizer: str, progress=False):
 
     t0 = time.perf_counter()
     ds, model, info, order = _setup(config, seed, progress)
-    qmodel = quantize(model, nn_rules(order, _rules_of(config), quantizer, quantizer))
+    qmodel = with_clip_ratio(quantize(model, nn_rules(order, _rules_of(config), quantizer, quantizer)), config)
     hist = train(qmodel, ds, steps=int(config["qat_steps"]), batch_size=int(config["batch_size"]),
                  learning_rate=float(config["qat_learning_rate"]), seed=seed + 1, progress=progress)
     if hasattr(qmodel, "eval"):
@@ -756,7 +756,7 @@ def batch_signature(run: Mapping[str, Any]) -> str:
 
     cfg = {k: v for k, v in run.items() if k not in BATCH_KEYS and not k.startswith("_")}
     if run.get("method") in TRACED_BITS:
-        for k in SPEC_KEYS:
+        for k in (*SPEC_KEYS, "clip_ratio"):
             cfg.pop(k, None)
         cfg["rules"] = [(r["pattern"], _spec_family(r["weight"]), _spec_family(r["act"])) for r in _rules_of(run)]
     return json.dumps(cfg, sort_keys=True, default=str)
@@ -897,7 +897,8 @@ def run_batched(runs: list[dict], progress: bool = False) -> list[tuple[dict, An
     quantizer = "lsq" if method == "qat_lsq" else "ste"
     t0 = time.perf_counter()
     setups = [_setup(r, int(r["seed"]), False) for r in runs]
-    qmodels = [quantize(m, nn_rules(order, _rules_of(r), quantizer, quantizer))
+    clip = any(float(r.get("clip_ratio", 1.0)) != 1.0 for r in runs)  # then every variant holds one (1.0 too)
+    qmodels = [with_clip_ratio(quantize(m, nn_rules(order, _rules_of(r), quantizer, quantizer)), r, always=clip)
                for r, (ds, m, info, order) in zip(runs, setups)]
     views = _traced_views(qmodels)
     losses = train_variants(views, setups[0][0], steps=int(runs[0]["qat_steps"]),
@@ -928,3 +929,17 @@ def _traced_views(qmodels: list[nnx.Module]) -> list[nnx.Module]:
     if all(nnx.graphdef(q) == g0 for q in qmodels[1:]):
         return qmodels
     return [traced_variant(q, qmodels[0]) for q in qmodels]
+
+
+def with_clip_ratio(qmodel: nnx.Module, config: Mapping[str, Any], *, always: bool = False) -> nnx.Module:
+    """``qmodel`` with the run's ``clip_ratio`` (when not 1, or ``always``) held by every STE weight
+    quantizer (``WeightQuantizer.set_traced``: the weight range is multiplied by it). In place; returns it."""
+    from qlab import nn as qnn
+
+    c = float(config.get("clip_ratio") or 1.0)
+    if c == 1.0 and not always:
+        return qmodel
+    for L in qnn.quantized_layers(qmodel).values():
+        if L.weight_quant is not None and L.weight_quant.method == "ste":
+            L.weight_quant.set_traced(clip_ratio=c)
+    return qmodel
