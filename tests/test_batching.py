@@ -23,11 +23,14 @@ def _loss(m, x, y):
     return optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
 
 
-@pytest.mark.parametrize("weight, act", [("int{}/ch", None), ("int{}/g16/asym", "int8"), ("uint{}/ch/asym", None)])
-def test_traced_views_match_own_spec_models_exactly(weight, act):
+@pytest.mark.parametrize("weight, act, method", [("int{}/ch", None, "ste"), ("int{}/g16/asym", "int8", "ste"),
+                                                  ("uint{}/ch/asym", None, "ste"), ("int{}/g16", None, "lsq"),
+                                                  ("int{}/ch", None, "lsq")])
+def test_traced_views_match_own_spec_models_exactly(weight, act, method):
     m = MLP(64, hidden=(32,), out=10, rngs=nnx.Rngs(0))
     widths = [2, 3, 4, 8]
-    own = [quantize_model(m, [Rule(".*", weight=weight.format(b), act=act)]) for b in widths]
+    own = [quantize_model(m, [Rule(".*", weight=weight.format(b), act=act, weight_quantizer=method, act_quantizer=method)])
+           for b in widths]
     views = [traced_variant(q, own[-1]) for q in own]
     assert all(nnx.graphdef(v) == nnx.graphdef(views[0]) for v in views)
     x = jax.random.normal(jax.random.key(1), (8, 64))
@@ -39,7 +42,7 @@ def test_traced_views_match_own_spec_models_exactly(weight, act):
     R = jax.tree.map(lambda *a: jnp.stack(a), *[s[2] for s in states])
 
     def f(p, r):
-        return jax.value_and_grad(lambda p: _loss(nnx.merge(gd, p, r), x, y))(p)
+        return jax.value_and_grad(lambda p, r: _loss(nnx.merge(gd, p, r), x, y))(p, r)
 
     losses, grads = jax.vmap(f)(P, R)
     for i, q in enumerate(own):
@@ -60,9 +63,11 @@ def test_traced_variant_errors_and_clip_ratio():
     q4 = quantize_model(m, [Rule(".*", weight="int4/ch")])
     with pytest.raises(ValueError, match=r"layer 'head' weight_quant: 'int4/g16a0' and 'int4/ch1' differ in more than an integer bit width"):
         traced_variant(quantize_model(m, [Rule(".*", weight="int4/g16")]), q4)
-    with pytest.raises(ValueError, match=r"method 'lsq' cannot trace"):
-        traced_variant(quantize_model(m, [Rule(".*", weight="int2/ch", weight_quantizer="lsq")]),
-                       quantize_model(m, [Rule(".*", weight="int4/ch", weight_quantizer="lsq")]))
+    with pytest.raises(ValueError, match=r"act_quant: bit widths differ .* method 'lsq' cannot trace"):
+        traced_variant(quantize_model(m, [Rule(".*", weight="int2/ch", act="int4", act_quantizer="lsq")]),
+                       quantize_model(m, [Rule(".*", weight="int4/ch", act="int8", act_quantizer="lsq")]))
+    with pytest.raises(ValueError, match=r"need method 'ste' \(LSQ weights: bits only\), got method 'lsq'"):
+        traced_variant(quantize_model(m, [Rule(".*", weight="int2/ch", weight_quantizer="lsq")]), clip_ratio=0.5)
     with pytest.raises(ValueError, match=r"bits= overrides integer formats only"):
         WeightQuantizer("fp8_e4m3/ch", channel_axis=1, contract_axis=0).set_traced(bits=4)
     with pytest.raises(ValueError, match=r"clip_ratio=2.0 must be in \(0, 1\]"):
@@ -81,14 +86,18 @@ def test_batch_groups_span_bit_widths_of_one_family(tmp_path):
     _, _, todo = plan(study, out=tmp_path)
     groups = _batch_groups(todo)
     shape = sorted((g[0]["method"], g[0]["granularity"], len(g)) for g in groups)
-    # qat / ptq_rtn: one group per granularity over bits x seeds; qat_lsq: per bit width
+    # one group per method and granularity, over bits x seeds
     assert shape == sorted([("qat", "ch", 4), ("qat", "g16", 4), ("ptq_rtn", "ch", 4), ("ptq_rtn", "g16", 4),
-                            ("qat_lsq", "ch", 2), ("qat_lsq", "ch", 2), ("qat_lsq", "g16", 2), ("qat_lsq", "g16", 2)])
+                            ("qat_lsq", "ch", 4), ("qat_lsq", "g16", 4)])
+    # LSQ activations keep static bits: act widths split qat_lsq groups, not qat ones
+    _, _, todo = plan({"name": "a", "base": TINY, "sweep": {"method": ["qat", "qat_lsq"], "act": ["int4", "int8"]}},
+                      out=tmp_path)
+    assert sorted(len(g) for g in _batch_groups(todo)) == [1, 1, 2]
 
 
 def test_batched_sweep_over_bit_widths_matches_unbatched(tmp_path):
     study = {"name": "bits", "base": {**TINY, "hidden": [16, 16], "rules": "first_last_8bit"},
-             "sweep": {"method": ["qat", "ptq_rtn"], "bits": [2, 3, 4, 8], "seed": [0], "qat_learning_rate": [1e-3]},
+             "sweep": {"method": ["qat", "ptq_rtn", "qat_lsq"], "bits": [2, 3, 4, 8], "seed": [0], "qat_learning_rate": [1e-3]},
              "include": [{"method": "qat", "bits": 4, "seed": 1, "qat_learning_rate": 3e-3}]}
     methods._float_cache.clear()
     seq = sweep(study, out=tmp_path / "s", progress=False, plots=False, batch=False)
@@ -101,6 +110,7 @@ def test_batched_sweep_over_bit_widths_matches_unbatched(tmp_path):
     for col in ("bits_per_weight", "model_bytes", "quantized_params", "weight"):
         assert list(bat[col]) == list(seq[col]), col
     assert len(set(bat.loc[q, "bits_per_weight"])) == 4
+    assert (bat.loc[bat["method"] == "qat_lsq", "batched"] == 4).all()
     # same training up to float rounding (vmapped matmuls may sum in another order)
     np.testing.assert_allclose(bat["qat_final_loss"].dropna(), seq["qat_final_loss"].dropna(), rtol=2e-3, atol=2e-3)
     assert (abs(bat["accuracy"] - seq["accuracy"]) <= 0.03).all()

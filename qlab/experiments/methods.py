@@ -719,10 +719,11 @@ BATCH_KEYS = ("seed", "learning_rate", "qat_learning_rate", "config_hash")
 #: Methods that support batched execution.
 BATCHABLE = {"float", "ptq_rtn", "qat", "qat_lsq"}
 #: Keys that carry the quantization specs; :func:`batch_signature` compares them up to the integer bit
-#: width where the method can trace it (``qat``: STE quantizers; ``ptq_rtn`` trains nothing quantized).
+#: width where the method can trace it (``qat``: STE quantizers; ``qat_lsq``: LSQ weights, not activations;
+#: ``ptq_rtn`` trains nothing quantized).
 SPEC_KEYS = ("bits", "weight", "act", "rules_def")
 #: Methods whose runs may differ in integer bit widths and still train as one program.
-TRACED_BITS = {"ptq_rtn", "qat"}
+TRACED_BITS = {"ptq_rtn", "qat", "qat_lsq"}
 
 
 def _spec_family(spec: str | None) -> str | None:
@@ -758,7 +759,8 @@ def batch_signature(run: Mapping[str, Any]) -> str:
     if run.get("method") in TRACED_BITS:
         for k in (*SPEC_KEYS, "clip_ratio"):
             cfg.pop(k, None)
-        cfg["rules"] = [(r["pattern"], _spec_family(r["weight"]), _spec_family(r["act"])) for r in _rules_of(run)]
+        act = (lambda a: a) if run["method"] == "qat_lsq" else _spec_family  # LSQ activations: static bits
+        cfg["rules"] = [(r["pattern"], _spec_family(r["weight"]), act(r["act"])) for r in _rules_of(run)]
     return json.dumps(cfg, sort_keys=True, default=str)
 
 
@@ -882,8 +884,8 @@ def _ensure_floats_batched(runs: list[dict]):
 
 
 def run_batched(runs: list[dict], progress: bool = False) -> list[tuple[dict, Any]]:
-    """Run configs of one :func:`batch_signature` (differing in seed, learning rates and, for ``qat``,
-    integer bit widths): float models trained as one vmapped program, then (QAT methods) the quantized
+    """Run configs of one :func:`batch_signature` (differing in seed, learning rates and, for ``qat`` /
+    ``qat_lsq``, integer bit widths and clip ratios): float models trained as one vmapped program, then (QAT methods) the quantized
     models fine-tuned as one vmapped program. Bit widths are traced (``qlab.nn.nnx_quant.traced_variant``):
     each run keeps its own static specs for its metrics (bits_per_weight, model size, layer table)."""
     if is_lm(runs[0]):

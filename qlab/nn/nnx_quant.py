@@ -717,7 +717,7 @@ def traced_variant(qmodel, like=None, *, clip_ratio=None) -> nnx.Module:
     ``jax.vmap``-ed program (``qlab.experiments.methods.train_variants``); copy the trained values
     back with ``nnx.update(qmodel, nnx.state(view, nnx.Not(QuantOverride)))``.
 
-    Every quantizer of ``like`` with an integer format and method ``"ste"`` gets ``traced_bits``
+    Every quantizer of ``like`` with an integer format and method ``"ste"`` (or an LSQ weight quantizer) gets ``traced_bits``
     (whatever its bits), so all variants built against one ``like`` share one structure; other
     quantizers must have equal specs. ValueError names the layer otherwise.
 
@@ -749,7 +749,7 @@ def traced_variant(qmodel, like=None, *, clip_ratio=None) -> nnx.Module:
                 )
             if a is None:
                 continue
-            traced = t.method == "ste" and isinstance(t.spec.fmt, IntFormat)
+            traced = (t.method == "ste" or (t.method == "lsq" and name == "weight_quant")) and isinstance(t.spec.fmt, IntFormat)
             if a.spec != t.spec and not traced:
                 raise ValueError(f"traced_variant: layer {path!r} {name}: bit widths differ ({a.spec} vs {t.spec}) "
                                  f"but method {t.method!r} cannot trace them (use 'ste')")

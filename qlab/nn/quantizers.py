@@ -37,7 +37,7 @@ from flax import nnx
 from qlab.numerics.formats import IntFormat
 from qlab.numerics.granularity import from_view, to_view
 from qlab.numerics.learned import lsq_fake_quant, pact_fake_quant, round_ste, scale_grad
-from qlab.numerics.quantize import QTensor, fake_quant, fake_quant_range
+from qlab.numerics.quantize import QTensor, TracedIntFormat, fake_quant, fake_quant_range
 from qlab.numerics.spec import QuantSpec, as_spec
 
 __all__ = ["QuantParam", "QuantStat", "QuantOverride", "WeightQuantizer", "ActQuantizer"]
@@ -60,11 +60,19 @@ def _set_traced(q, spec: QuantSpec, what: str, bits, clip_ratio):
     """Validate and store ``bits`` / ``clip_ratio`` overrides on quantizer ``q``."""
     from qlab.numerics.quantize import _overrides
 
-    if q.method != "ste":
-        raise ValueError(f"{what}: traced bits / clip ratio need method 'ste', got {q.method!r}")
+    lsq_bits = q.method == "lsq" and isinstance(q, WeightQuantizer) and clip_ratio is None
+    if q.method != "ste" and not lsq_bits:
+        raise ValueError(f"{what}: traced bits / clip ratio need method 'ste' (LSQ weights: bits only), "
+                         f"got method {q.method!r}")
     ov = _overrides(spec, bits, clip_ratio, f"{what}.set_traced")
     if bits is not None:
         q.traced_bits = QuantOverride(ov[0])
+    if lsq_bits and bits is not None:
+        if isinstance(bits, jax.core.Tracer):
+            raise ValueError(f"{what}.set_traced: LSQ needs a concrete bits (its gradient scale is computed from it)")
+        qmax = TracedIntFormat(spec.fmt, int(bits)).qmax
+        # the same Python float the static path computes, held per variant
+        q.lsq_grad_scale = QuantOverride(jnp.float32(1.0 / math.sqrt(q.group_size * max(float(qmax), 1))))
     if clip_ratio is not None:
         q.clip_ratio = QuantOverride(ov[1])
 
@@ -80,6 +88,12 @@ def _traced(q) -> dict:
     return out
 
 
+
+
+def _scale_grad_traced(x, g):
+    """``numerics.scale_grad`` for a traced ``g``: forward ``x`` exactly (``a - a`` is 0), gradient ``g``."""
+    xg = x * g
+    return jax.lax.stop_gradient(x) + (xg - jax.lax.stop_gradient(xg))
 
 
 def _int_fmt(spec: QuantSpec, what: str) -> IntFormat:
@@ -145,6 +159,10 @@ class WeightQuantizer(nnx.Module):
             return fake_quant(w, self.spec, **_traced(self))
         fmt = self.spec.fmt
         wv, _ = to_view(w.astype(jnp.float32), self.spec.granularity)
+        if getattr(self, "traced_bits", None) is not None:  # LSQ with a traced bit width (set_traced)
+            s = _scale_grad_traced(jnp.abs(self.step[...]) + 1e-12, self.lsq_grad_scale[...])
+            _, y = _lsq_codes(wv, s, TracedIntFormat(fmt, self.traced_bits[...]))
+            return from_view(y, self.spec.granularity, w.shape).astype(w.dtype)
         g = 1.0 / math.sqrt(self.group_size * max(fmt.qmax, 1))
         y = lsq_fake_quant(wv, self.step[...], fmt, grad_scale=g)
         return from_view(y, self.spec.granularity, w.shape).astype(w.dtype)
