@@ -28,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="rerun runs that already have results")
     s.add_argument("--only", metavar="FILTER", help="only runs matching key=value[,key=value] (values: a|b, globs)")
     s.add_argument("--out", metavar="DIR", help="results folder (default results/<name>)")
-    s.add_argument("--batch", action="store_true", default=None, help="train seed/learning-rate variants together (vmapped)")
+    s.add_argument("--batch", action="store_true", default=None, help="train variants that differ only in seed, learning rates, integer bit width or clip ratio together (vmapped)")
     s.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     c = sub.add_parser("check", help="validate a study and list its runs; runs nothing")

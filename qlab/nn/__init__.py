@@ -27,8 +27,9 @@ from qlab.nn.nnx_quant import (
     quantize_model,
     quantized_layers,
     set_input_scale,
+    traced_variant,
 )
-from qlab.nn.quantizers import ActQuantizer, QuantParam, QuantStat, WeightQuantizer
+from qlab.nn.quantizers import ActQuantizer, QuantOverride, QuantParam, QuantStat, WeightQuantizer
 from qlab.nn.report import layer_report, model_size, unmatched_rules
 from qlab.nn.rules import Rule, as_rules, first_match
 
@@ -41,6 +42,8 @@ __all__ = [
     "QuantizedLayer",
     "QuantParam",
     "QuantStat",
+    "QuantOverride",
+    "traced_variant",
     "WeightQuantizer",
     "ActQuantizer",
     "set_input_scale",
