@@ -113,3 +113,16 @@ def test_lm_effective_kernels_reproduce_the_quantized_forward():
     want = np.asarray(qm(toks))
     assert np.abs(folded - want).max() <= 1e-4 * np.abs(want).max()
     assert np.abs(np.asarray(model(toks)) - want).max() > 1e-3 * np.abs(want).max()  # quantization did something
+
+
+def test_lm_rules_keep_attention_call_sites_float(tmp_path):
+    """The study's rules (pattern '.*') quantize the projections only: with sequential calibration the
+    blocks run quantized, and the attention einsums must not be fake-quantized with the weight spec."""
+    from qlab.nn import nnx_quant
+
+    nnx_quant.SEEN_CALL_SITES.clear()
+    study = {"name": "sites", "base": {**LM, "method": "ptq_gptq", "weight": "int4/g16", "sequential": True}}
+    tab = sweep(study, out=tmp_path, progress=False, plots=False)
+    assert np.isfinite(tab["perplexity"]).all()
+    quantized_sites = [p for sites in nnx_quant.SEEN_CALL_SITES.values() for p in sites]
+    assert quantized_sites == []

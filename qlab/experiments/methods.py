@@ -545,6 +545,10 @@ TINY_TEXT = ("the cat sat at the inn. the heat in the attic was a trial, and the
 _LM_PROJ = (("attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", ("gate_proj", "up_proj", "down_proj")))
 
 
+#: Call sites (jnp.einsum / dot / matmul inside the attention) of a language model: always float.
+_LM_CALL_SITES = r"(.*/)?(einsum|dot|matmul|dot_general)_\d+"
+
+
 def is_lm(config: Mapping[str, Any]) -> bool:
     """Whether the run's model is a language model (evaluated by perplexity)."""
     return config.get("model") in LM_MODELS
@@ -669,7 +673,8 @@ def run_lm(config, seed, progress=False):
                 **size_metrics(quantize(model, ())), "eval_s": feval_s}, None
     linears = _lm_linears(model)
     order = list(linears)
-    rules = (qnn.Rule("embed"),) + nn_rules(order, _rules_of(config))
+    # the study's rules are for the projections: the embedding and the attention call sites (q.k^T, p.v) stay float
+    rules = (qnn.Rule("embed"), qnn.Rule(_LM_CALL_SITES)) + nn_rules(order, _rules_of(config))
     calib_tokens = 0
     tq = time.perf_counter()
     if method == "ptq_rtn":
