@@ -157,3 +157,31 @@ def test_input_scale_and_set_input_scale():
         qnn.set_input_scale(qm, "", jnp.ones(3))
     with pytest.raises(ValueError, match="no quantized layer"):
         qnn.set_input_scale(qm, "nope", s)
+
+
+def test_w8a8_linear_multiplies_integer_codes():
+    """A W8A8 Linear runs qlab.numerics.quantized_matmul (NNX, converted NNX and Linen alike);
+    Rule(int_matmul=False) keeps the float32 fake-quant product; both train with the same gradients."""
+    from qlab.models import MLP, linen_mlp_from_nnx
+    from qlab.numerics.matmul import quantized_matmul
+
+    m = MLP(512, hidden=(256,), out=8, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (32, 512))
+    rule = dict(weight="int8/ch", act="int8")
+    qm = qnn.quantize_model(m, [qnn.Rule(".*", **rule)])
+    qf = qnn.quantize_model(m, [qnn.Rule(".*", **rule, int_matmul=False)])
+    L = qm.layers[0]
+    want = quantized_matmul(x, L.weight[...], "int8", "int8/ch1") + L.bias[...]
+    np.testing.assert_array_equal(np.asarray(L(x)), np.asarray(want))
+    assert "int32" in str(jax.make_jaxpr(lambda x: qm(x))(x))
+    assert "int32" not in str(jax.make_jaxpr(lambda x: qf(x))(x))
+    np.testing.assert_allclose(np.asarray(qm.layers[0](x)), np.asarray(qf.layers[0](x)), rtol=1e-5, atol=1e-5)
+    # the converted model multiplies the stored codes: the same numbers as the QAT model
+    np.testing.assert_array_equal(np.asarray(qnn.convert(qm)(x)), np.asarray(qm(x)))
+    module, variables = linen_mlp_from_nnx(m)
+    np.testing.assert_array_equal(np.asarray(qnn.quantize_linen(module, [qnn.Rule(".*", **rule)]).apply(variables, x)),
+                                  np.asarray(qm(x)))
+    gi = nnx.grad(lambda mm: jnp.sum(mm.layers[0](x) ** 2))(qm)
+    gf = nnx.grad(lambda mm: jnp.sum(mm.layers[0](x) ** 2))(qf)
+    np.testing.assert_allclose(np.asarray(gi.layers[0].layer.kernel[...]), np.asarray(gf.layers[0].layer.kernel[...]),
+                               rtol=1e-4, atol=1e-4)

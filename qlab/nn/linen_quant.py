@@ -26,7 +26,9 @@ import contextlib
 import threading
 
 import flax.linen as nn
+import jax.numpy as jnp
 
+from qlab.numerics.matmul import int_matmul_supported, quantized_matmul
 from qlab.numerics.quantize import fake_quant
 from qlab.nn.rules import as_rules, first_match
 
@@ -39,6 +41,14 @@ def _axes(m, kernel):
     if isinstance(m, nn.Dense):
         return 1, 0
     return kernel.ndim - 1, kernel.ndim - 2
+
+
+def _int_matmul_ok(m, rule, x, kernel, args, kwargs) -> bool:
+    return (isinstance(m, nn.Dense) and rule.int_matmul and rule.act is not None and rule.weight is not None
+            and len(args) == 1 and not kwargs and x.dtype == jnp.float32 and kernel.dtype == jnp.float32
+            and m.dtype in (None, jnp.float32) and m.precision is None and getattr(m, "dot_general", None) is None
+            and getattr(m, "dot_general_cls", None) is None
+            and int_matmul_supported(rule.act.resolve(0, 1), 0) and int_matmul_supported(rule.weight.resolve(1, 0), 1))
 
 
 def _make_interceptor(rules, seen):
@@ -63,6 +73,11 @@ def _make_interceptor(rules, seen):
         seen[path] = rule
         x = args[0]
         kernel = m.get_variable("params", "kernel")
+        if _int_matmul_ok(m, rule, x, kernel, args, kwargs):  # the same integer product as the NNX path
+            shp = x.shape
+            y = quantized_matmul(x.reshape(-1, shp[-1]), kernel, rule.act.resolve(0, 1), rule.weight.resolve(1, 0))
+            y = y.reshape(shp[:-1] + (y.shape[-1],))
+            return y + m.get_variable("params", "bias") if m.has_variable("params", "bias") else y
         params = {"kernel": kernel}
         if m.has_variable("params", "bias"):
             params["bias"] = m.get_variable("params", "bias")

@@ -41,8 +41,9 @@ import numpy as np
 from flax import nnx
 
 from qlab.numerics.granularity import PerChannel, PerGroup
+from qlab.numerics.matmul import int_matmul_supported, quantized_matmul, quantized_matmul_codes
 from qlab.numerics.quantize import QTensor, dequantize, fake_quant
-from qlab.nn.quantizers import ActQuantizer, QuantOverride, QuantStat, WeightQuantizer
+from qlab.nn.quantizers import ActQuantizer, QuantOverride, QuantStat, WeightQuantizer, _traced
 from qlab.nn.rules import Rule, as_rules, first_match
 
 __all__ = [
@@ -288,9 +289,46 @@ class QuantizedLayer(nnx.Module):
         view = _with_weight(self.layer, self.weight_name, w)
         return getattr(type(self.layer), method)(view, x, *args, **kwargs)
 
+    def _int_matmul_specs(self, x):
+        """(input spec, weight spec or QTensor) when the forward can multiply integer codes, else None
+        (see ``Rule.int_matmul``)."""
+        aq, wq, lin = self.act_quant, self.weight_quant, self.layer
+        if not (self.kind == "linear" and self.rule.int_matmul and aq is not None and self.outlier_threshold is None
+                and self.capture_stats is None and not self.capture_float and x.dtype == jnp.float32
+                and aq.method == "ste" and aq.range == "dynamic" and not _traced(aq)
+                and int_matmul_supported(aq.spec, 0)
+                and getattr(lin, "dot_general", None) in (None, _ORIG["dot_general"])  # jax.lax's, maybe patched now
+                and getattr(lin, "dtype", None) in (None, jnp.float32) and lin.precision is None):
+            return None
+        if self.q_meta is not None:
+            q = self.qtensor()
+            ok = self.contract_axis == 0 and q.zero_point is None and int_matmul_supported(q.spec, 1)
+            return (aq.spec, q) if ok else None
+        if (wq is not None and wq.method == "ste" and not _traced(wq) and self.contract_axis == 0
+                and self.weight[...].dtype == jnp.float32 and int_matmul_supported(wq.spec, 1)):
+            return aq.spec, wq.spec
+        return None
+
+    def _int_matmul_forward(self, x, specs):
+        aspec, w = specs
+        if self.input_scale is not None:
+            x = x / self.input_scale[...].astype(x.dtype)
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if isinstance(w, QTensor):
+            y = quantized_matmul_codes(x2, aspec, w)
+        else:
+            y = quantized_matmul(x2, self.weight[...], aspec, w)
+        y = y.reshape(shape[:-1] + (y.shape[-1],))
+        bias = getattr(self.layer, "bias", None)
+        return y if bias is None else y + bias[...]
+
     def __call__(self, x, *args, **kwargs):
         if self.kind == "embed":
             return self._lookup(x, *args, **kwargs)
+        specs = None if args or kwargs else self._int_matmul_specs(x)
+        if specs is not None:
+            return self._int_matmul_forward(x, specs)
         if self.outlier_threshold is not None and not self.capture_float:
             return self._outlier_forward(x, *args, **kwargs)
         return self._run("__call__", self._prep_input(x), *args, **kwargs)

@@ -55,6 +55,12 @@ class Rule:
         ema_decay: EMA decay for ``act_range="ema"``.
         outlier_threshold: LLM.int8-style decomposition: input features whose |x| exceeds this
             anywhere in the batch stay float (with their weight rows); the rest are quantized.
+        int_matmul: for ``nnx.Linear`` / ``nn.Dense`` layers whose weight and input specs are both
+            symmetric absmax integers (<= 8 bits) with scales that factor out of the product (per
+            tensor or per output channel for the weight; per tensor or per row for a dynamic STE
+            input), multiply the integer codes (exact int32 sums, then rescale:
+            :func:`qlab.numerics.quantized_matmul`) instead of the float32 fake-quant values; the
+            gradients are the same. False always uses the float32 product.
 
     Example:
         >>> Rule(r"blocks/\\d+/mlp/.*", weight="int4/g32", act="int8")
@@ -69,6 +75,7 @@ class Rule:
     act_range: str = "dynamic"
     ema_decay: float = 0.99
     outlier_threshold: float | None = None
+    int_matmul: bool = True
 
     def __post_init__(self):
         try:
@@ -85,6 +92,8 @@ class Rule:
             raise ValueError(f"Rule.act_range: got {self.act_range!r}; allowed: {_ACT_RANGES}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"Rule.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not isinstance(self.int_matmul, bool):
+            raise ValueError(f"Rule.int_matmul must be True or False, got {self.int_matmul!r}")
         if self.outlier_threshold is not None and not self.outlier_threshold > 0:
             raise ValueError(f"Rule.outlier_threshold must be positive, got {self.outlier_threshold}")
 
@@ -118,7 +127,7 @@ class Rule:
         if self.act is not None:
             parts.append(f"act={str(self.act)!r}")
         defaults = {"weight_quantizer": "ste", "act_quantizer": "ste", "act_range": "dynamic",
-                    "ema_decay": 0.99, "outlier_threshold": None}
+                    "ema_decay": 0.99, "outlier_threshold": None, "int_matmul": True}
         for k, d in defaults.items():
             v = getattr(self, k)
             if v != d:

@@ -12,6 +12,7 @@ from qlab.numerics.formats import (
 )
 from qlab.numerics.granularity import PerBlock, PerChannel, PerGroup, PerTensor, per_block, per_channel, per_group, per_tensor
 from qlab.numerics.learned import lsq_fake_quant, lsq_grad_scale, lsq_init_step, pact_fake_quant, round_ste, scale_grad
+from qlab.numerics.matmul import int_matmul_supported, quantized_matmul, quantized_matmul_codes
 from qlab.numerics.packing import (
     bits_per_weight,
     pack_bits,
@@ -47,6 +48,9 @@ __all__ = [
     "pact_fake_quant",
     "round_ste",
     "scale_grad",
+    "int_matmul_supported",
+    "quantized_matmul",
+    "quantized_matmul_codes",
     "bits_per_weight",
     "pack_bits",
     "pack_qtensor",
