@@ -423,3 +423,28 @@ def test_fake_quant_override_errors_name_field_and_allowed_values():
         qlab.fake_quant(x, "int4", clip_ratio=1.5)
     with pytest.raises(ValueError, match=r"fake_quant_range: clip_ratio=0 must be in"):
         qlab.fake_quant_range(x, "int4", -1.0, 1.0, clip_ratio=0)
+
+
+def test_materialize_is_the_identity_bit_for_bit():
+    # fake_quant/quantize route the stored scale and zero point through _materialize (a division
+    # by 1 that keeps XLA from recomputing them per element): it must not change a single bit
+    from qlab.numerics.quantize import _materialize
+
+    v = np.array([0.0, -0.0, 1.0, -3.5, 2.0**-24, 1e-45, -1e-45, 6.0e-39, 65504.0, 3.4e38, np.inf, -np.inf,
+                  np.float32(np.pi)], np.float32)
+    v = np.concatenate([v, np.random.default_rng(0).standard_normal(64).astype(np.float32) * 1e3])
+    out = np.asarray(jax.jit(_materialize)(jnp.asarray(v)))
+    np.testing.assert_array_equal(out.view(np.uint32), v.view(np.uint32))
+    assert np.isnan(np.asarray(jax.jit(_materialize)(jnp.array([np.nan], jnp.float32)))).all()
+
+
+@pytest.mark.parametrize("spec_str", ["int8/ch", "int4/g16", "int4/g16/asym", "int4/g16/s=bf16",
+                                      "int4/g16/asym/zp=float", "fp8_e4m3/ch", "nvfp4"])
+def test_fake_quant_in_place_on_donated_input_is_dequantize_of_quantize(spec_str):
+    # the path of benchmarks/fake_quant.py: jit with the input donated, so XLA writes in place
+    spec = qlab.parse_spec(spec_str)
+    x = jnp.asarray(np.random.default_rng(1).standard_t(3, size=(64, 128)).astype(np.float32))
+    x = x.at[3, 5].set(jnp.inf).at[7, 9].set(-0.0)
+    z = np.asarray(jax.jit(qlab.dequantize)(_jq(x, spec)))
+    y = np.asarray(jax.jit(lambda v: qlab.fake_quant(v, spec), donate_argnums=0)(jnp.array(x)))
+    np.testing.assert_array_equal(y.view(np.uint32), z.view(np.uint32))
