@@ -95,15 +95,20 @@ def test_batch_groups_span_bit_widths_of_one_family(tmp_path):
     assert sorted(len(g) for g in _batch_groups(todo)) == [1, 1, 2]
 
 
-def test_batched_sweep_over_bit_widths_matches_unbatched(tmp_path):
-    study = {"name": "bits", "base": {**TINY, "hidden": [16, 16], "rules": "first_last_8bit"},
-             "sweep": {"method": ["qat", "ptq_rtn", "qat_lsq"], "bits": [2, 3, 4, 8], "seed": [0], "qat_learning_rate": [1e-3]},
-             "include": [{"method": "qat", "bits": 4, "seed": 1, "qat_learning_rate": 3e-3}]}
+def _unbatched_and_batched(study, tmp_path):
     methods._float_cache.clear()
     seq = sweep(study, out=tmp_path / "s", progress=False, plots=False, batch=False)
     methods._float_cache.clear()
     bat = sweep(study, out=tmp_path / "b", progress=False, plots=False, batch=True)
     assert list(bat["config_hash"]) == list(seq["config_hash"])
+    return seq, bat
+
+
+def test_batched_sweep_over_bit_widths_matches_unbatched(tmp_path):
+    study = {"name": "bits", "base": {**TINY, "hidden": [16, 16], "rules": "first_last_8bit"},
+             "sweep": {"method": ["qat", "ptq_rtn", "qat_lsq"], "bits": [2, 3, 4, 8], "seed": [0], "qat_learning_rate": [1e-3]},
+             "include": [{"method": "qat", "bits": 4, "seed": 1, "qat_learning_rate": 3e-3}]}
+    seq, bat = _unbatched_and_batched(study, tmp_path)
     q = bat["method"] == "qat"
     assert (bat.loc[q, "batched"] == 5).all()  # 4 bit widths + another seed / learning rate: one program
     # each row reports its own static spec's size
@@ -133,11 +138,7 @@ def test_clip_ratio_key_validated_and_hash_neutral():
 def test_batched_sweep_over_clip_ratios_matches_unbatched(tmp_path):
     study = {"name": "clip", "base": {**TINY, "hidden": [32], "granularity": "ch"},
              "sweep": {"method": ["qat", "ptq_rtn"], "bits": [3, 8], "clip_ratio": [1.0, 0.6], "seed": [0]}}
-    methods._float_cache.clear()
-    seq = sweep(study, out=tmp_path / "s", progress=False, plots=False, batch=False)
-    methods._float_cache.clear()
-    bat = sweep(study, out=tmp_path / "b", progress=False, plots=False, batch=True)
-    assert list(bat["config_hash"]) == list(seq["config_hash"])
+    seq, bat = _unbatched_and_batched(study, tmp_path)
     q = bat["method"] == "qat"
     assert (bat.loc[q, "batched"] == 4).all()
     for col in ("bits_per_weight", "model_bytes", "weight"):

@@ -287,31 +287,28 @@ def _calibrated(model, rules, method, batches, forward, stats, max_rows, given, 
     xs = _block_inputs(qmodel, blocks, batches, forward, check_chain=True)
     if not xs:
         raise ValueError("PTQ: calibration saw no data (calibration_batches is empty; no fallback to RTN)")
+    def quantize_part(paths, module, data, fwd, prefix="", **kw):
+        st = qnn.capture(module, data, forward=fwd, stats=stats, max_input_rows=max_rows, **kw)
+        st = {prefix + p: v for p, v in st.items()}
+        missing = [p for p in paths if p not in st or st[p].get("count", 0) == 0]
+        if missing:
+            raise ValueError(f"PTQ: calibration saw no input for layers {missing} (no fallback to RTN)")
+        qts, scales, info = _quantize_layers(paths, layers, st, quantize_layer)
+        _load(qmodel, qts, scales)
+        return info
+
     all_info = []
     for k, block in enumerate(blocks):
         prefix = f"{bpath}/{k}/"
         paths = [p for p in layers if p.startswith(prefix)]
         if paths:
-            st = qnn.capture(block, xs, forward=lambda m, b: m(*b[0], **b[1]), stats=stats, max_input_rows=max_rows)
-            st = {prefix + p: v for p, v in st.items()}
-            missing = [p for p in paths if p not in st or st[p].get("count", 0) == 0]
-            if missing:
-                raise ValueError(f"PTQ: calibration saw no input for layers {missing} (no fallback to RTN)")
-            qts, scales, info = _quantize_layers(paths, layers, st, quantize_layer)
-            _load(qmodel, qts, scales)
-            all_info += info
+            all_info += quantize_part(paths, block, xs, lambda m, b: m(*b[0], **b[1]), prefix)
         if k + 1 < len(blocks):
             run = _run_block(block)
             xs = [((run(a, kw),) + tuple(a[1:]), kw) for a, kw in xs]
     rest = [p for p in layers if not any(p.startswith(f"{bpath}/{k}/") for k in range(len(blocks)))]
     if rest:  # layers outside the blocks: one pass of the model with every block already quantized
-        st = qnn.capture(qmodel, batches, forward=forward, stats=stats, max_input_rows=max_rows, quantized=True)
-        missing = [p for p in rest if p not in st or st[p].get("count", 0) == 0]
-        if missing:
-            raise ValueError(f"PTQ: calibration saw no input for layers {missing} (no fallback to RTN)")
-        qts, scales, info = _quantize_layers(rest, layers, st, quantize_layer)
-        _load(qmodel, qts, scales)
-        all_info += info
+        all_info += quantize_part(rest, qmodel, batches, forward, quantized=True)
     order = {p: i for i, p in enumerate(layers)}
     return _finish(qmodel, sorted(all_info, key=lambda r: order[r["layer"]]), method, f"sequential over {bpath}")
 
