@@ -93,6 +93,13 @@ def save(fig: Figure, path, dpi: int = 120) -> pathlib.Path:
     return path
 
 
+def _wide(values, ratio: float) -> bool:
+    """True when the positive values span more than ``ratio`` (and all are positive)."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    return len(v) > 1 and bool((v > 0).all()) and v.max() / v.min() > ratio
+
+
 def pareto_front(table, x: str = "model_mib", y: str = "accuracy", maximize: bool = True) -> list:
     """Index labels of the Pareto-optimal rows (smallest ``x`` for the best ``y``), sorted by ``x``.
 
@@ -116,11 +123,12 @@ def pareto_front(table, x: str = "model_mib", y: str = "accuracy", maximize: boo
 
 
 def pareto(table, x: str = "model_mib", y: str = "accuracy", hue: str | None = "method", label: str | None = None,
-           *, maximize: bool = True, logx: bool | None = None, ax=None, title: str | None = None,
-           label_all: bool | None = None) -> Figure:
+           *, maximize: bool = True, logx: bool | None = None, logy: bool | None = None, ax=None,
+           title: str | None = None, label_all: bool | None = None) -> Figure:
     """Scatter ``y`` against ``x`` coloured by ``hue``, the Pareto frontier drawn as a step line and
     its points ringed; ``label`` (a column) annotates the points: all of them when ``label_all``
-    (default: when there are at most 40), else the frontier's.
+    (default: when there are at most 40), else the frontier's. ``logx`` / ``logy``: log axes
+    (default: when the positive values span more than 8x / 100x, e.g. perplexities of collapsed runs).
 
     Example:
         >>> import pandas as pd
@@ -151,11 +159,10 @@ def pareto(table, x: str = "model_mib", y: str = "accuracy", hue: str | None = "
                 txt = f"{row[hue]} {txt}"
             ax.annotate(str(txt), (row[x], row[y]), xytext=(4, 3), textcoords="offset points",
                         fontsize=7, alpha=0.9 if i in front else 0.6)
-    if logx is None:
-        vals = t[x][t[x] > 0]
-        logx = len(vals) > 1 and vals.max() / vals.min() > 8
-    if logx:
+    if _wide(t[x], 8) if logx is None else logx:
         ax.set_xscale("log")
+    if _wide(t[y], 100) if logy is None else logy:
+        ax.set_yscale("log")
     ax.set_xlabel(_label(x))
     ax.set_ylabel(_label(y))
     ax.grid(True, alpha=0.3)
@@ -167,10 +174,10 @@ def pareto(table, x: str = "model_mib", y: str = "accuracy", hue: str | None = "
 
 def metric_vs_bits(table, y: str = "accuracy", x: str = "bits_per_weight", hue: str = "method",
                    by: str | None = "granularity", *, ax=None, title: str | None = None,
-                   reference: str | None = "float") -> Figure:
+                   reference: str | None = "float", logy: bool | None = None) -> Figure:
     """``y`` against bits/weight, one line per ``hue`` (and per ``by`` value, as line styles); seeds
     are averaged (error bars: standard deviation). Rows whose ``hue`` equals ``reference`` (float)
-    are drawn as a horizontal line.
+    are drawn as a horizontal line. ``logy``: a log y axis (default: when positive ``y`` spans > 100x).
 
     Example:
         >>> import pandas as pd
@@ -194,6 +201,8 @@ def metric_vs_bits(table, y: str = "accuracy", x: str = "bits_per_weight", hue: 
         ls = styles[by_vals.index(name[-1]) % len(styles)] if by and by in t and len(name) == len(keys) else "-"
         ax.errorbar(agg[x], agg["mean"], yerr=agg["std"].fillna(0), marker="o", ms=4, ls=ls, capsize=2,
                     label=" / ".join(str(n) for n in name))
+    if _wide(table[y].dropna(), 100) if logy is None else logy:
+        ax.set_yscale("log")
     ax.set_xlabel(_label(x))
     ax.set_ylabel(_label(y))
     ax.grid(True, alpha=0.3)

@@ -62,3 +62,17 @@ def test_weight_histogram_grid():
     assert ax.get_xlabel() == "weight value" and "SQNR" in ax.get_title()
     assert len(ax.lines) >= len(grid)  # grid lines drawn
     assert isinstance(plot.weight_histogram(w), Figure)
+
+
+def test_log_axes_when_the_metric_spans_orders_of_magnitude():
+    import pandas as pd
+
+    from qlab import plot
+
+    t = pd.DataFrame({"model_mib": [600.0, 650.0, 700.0, 1000.0], "perplexity": [1e9, 60.0, 21.0, 17.0],
+                      "method": ["rtn", "gptq", "gptq", "float"], "bits_per_weight": [2.0, 3.0, 4.0, 32.0]})
+    assert plot.pareto(t, y="perplexity", maximize=False).axes[0].get_yscale() == "log"
+    assert plot.metric_vs_bits(t, y="perplexity", by=None).axes[0].get_yscale() == "log"
+    near = t.assign(perplexity=[25.0, 22.0, 21.0, 17.0])
+    assert plot.pareto(near, y="perplexity", maximize=False).axes[0].get_yscale() == "linear"
+    assert plot.pareto(t, y="perplexity", maximize=False, logy=False).axes[0].get_yscale() == "linear"
