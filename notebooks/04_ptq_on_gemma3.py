@@ -20,7 +20,7 @@
 # baseline is the Q4_K_M GGUF dequantized to float32.
 #
 # `SMALL = True` runs a tiny version of it (float, RTN at int8/ch and int4/g128, GPTQ at int4/g128
-# calibrated in one float pass; 128 evaluation tokens, 4 x 64 calibration tokens; a few minutes on
+# calibrated block by block; 128 evaluation tokens, 4 x 64 calibration tokens; a few minutes on
 # 2 CPU cores) into
 # `$QLAB_RESULTS/nb04_ptq_small/`. `SMALL = False` runs the whole study (26 runs, hours on a CPU) into
 # `$QLAB_RESULTS/gemma3_ptq/`: it resumes, and does nothing when that folder is complete.
@@ -48,8 +48,7 @@ if SMALL:  # the same study, shrunk: two specs, GPTQ without act-order, AWQ / HQ
     study = {
         "name": "nb04_ptq_small",
         "base": {"model": "gemma3", "data": "austen", "eval_tokens": 128,
-                 "calibration": "emma", "calibration_seqs": 4, "calibration_len": 64,
-                 "sequential": False},  # GPTQ statistics from one float pass, not block by block
+                 "calibration": "emma", "calibration_seqs": 4, "calibration_len": 64},
         "include": [{"method": "float"}],
         "sweep": [{"method": ["ptq_rtn"], "weight": ["int8/ch", "int4/g128"]},
                   {"method": ["ptq_gptq"], "weight": ["int4/g128"]}],
