@@ -1,8 +1,9 @@
 """QAT training-step overhead vs float: qlab.nn (and Qwix's QAT, when installed).
 
 Models: MLP 784-1024-1024-10 (batch 256) and the char Transformer (4 layers, d_model 256,
-seq 128, batch 16). Schemes: W8A8 (int8 per-channel weights, int8 per-tensor dynamic
-activations, all linear layers incl. embeddings/attention call sites for the same rule `.*`)
+seq 128, batch 16). Schemes: W8A8 (int8 per-channel weights, int8 per-token dynamic
+activations, which is what Qwix's QtRule does by default; all linear layers incl. embeddings/attention call
+sites for the same rule `.*`)
 and W4 g128 (int4 weights, groups of 128, float activations). One jitted Adam step per
 call (the qlab.train pattern); per config: first-step time (trace + compile + run) and the median
 of N steps, measured interleaved across configs in rounds so load changes hit all alike.
@@ -33,7 +34,7 @@ from qlab import nn as qnn
 from qlab.models import MLP, Transformer, TransformerConfig
 
 SCHEMES = {
-    "W8A8": dict(weight="int8/ch", act="int8"),
+    "W8A8": dict(weight="int8/ch", act="int8/ch"),  # per-channel weights, per-token activations (as Qwix)
     "W4g128": dict(weight="int4/g128p", act=None),  # padded groups: 784 = 6.125 x 128
 }
 
