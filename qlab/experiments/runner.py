@@ -250,6 +250,9 @@ def _plots(table, layers, out_dir: pathlib.Path, name: str):
 
     # classification studies report accuracy (higher is better), language models perplexity (lower)
     metric, maximize = ("accuracy", True) if "accuracy" in table else ("perplexity", False)
+    if "act_order" in table:  # GPTQ with act-order is its own series
+        table = table.assign(method=[f"{m} act-order" if str(a).lower() in ("true", "1", "1.0") else m
+                                     for m, a in zip(table["method"], table["act_order"])])
     try:
         fig = plot.pareto(table, x="model_mib", y=metric, hue="method", label="weight", maximize=maximize,
                           title=f"{name}: {metric} vs size")
@@ -257,7 +260,8 @@ def _plots(table, layers, out_dir: pathlib.Path, name: str):
         plt.close(fig)
         q = table[table["method"] != "float"]
         if len(q) and "bits_per_weight" in q:
-            fig = plot.metric_vs_bits(table, y=metric, hue="method", title=f"{name}: {metric} vs bits/weight")
+            by = "granularity" if "granularity" in q and q["granularity"].nunique() > 1 else None
+            fig = plot.metric_vs_bits(table, y=metric, hue="method", by=by, title=f"{name}: {metric} vs bits/weight")
             plot.save(fig, out_dir / f"{metric}_vs_bits.png")
             plt.close(fig)
         if len(layers) and "weight_sqnr_db" in layers:
