@@ -88,14 +88,6 @@ def _traced(q) -> dict:
     return out
 
 
-
-
-def _scale_grad_traced(x, g):
-    """``numerics.scale_grad`` for a traced ``g``: forward ``x`` exactly (``a - a`` is 0), gradient ``g``."""
-    xg = x * g
-    return jax.lax.stop_gradient(x) + (xg - jax.lax.stop_gradient(xg))
-
-
 def _int_fmt(spec: QuantSpec, what: str) -> IntFormat:
     if not isinstance(spec.fmt, IntFormat):
         raise ValueError(f"{what} needs an integer format (int2..int8, uint..), got {spec.fmt.name}")
@@ -160,10 +152,9 @@ class WeightQuantizer(nnx.Module):
         fmt = self.spec.fmt
         wv, _ = to_view(w.astype(jnp.float32), self.spec.granularity)
         if getattr(self, "traced_bits", None) is not None:  # LSQ with a traced bit width (set_traced)
-            s = _scale_grad_traced(jnp.abs(self.step[...]) + 1e-12, self.lsq_grad_scale[...])
-            _, y = _lsq_codes(wv, s, TracedIntFormat(fmt, self.traced_bits[...]))
-            return from_view(y, self.spec.granularity, w.shape).astype(w.dtype)
-        g = 1.0 / math.sqrt(self.group_size * max(fmt.qmax, 1))
+            fmt, g = TracedIntFormat(fmt, self.traced_bits[...]), self.lsq_grad_scale[...]
+        else:
+            g = 1.0 / math.sqrt(self.group_size * max(fmt.qmax, 1))
         y = lsq_fake_quant(wv, self.step[...], fmt, grad_scale=g)
         return from_view(y, self.spec.granularity, w.shape).astype(w.dtype)
 

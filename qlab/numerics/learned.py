@@ -19,7 +19,6 @@ Example:
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -48,10 +47,10 @@ def round_ste(x):
     return x + jax.lax.stop_gradient(jnp.round(x) - x)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+@jax.custom_vjp
 def scale_grad(x, g):
     """Identity in the forward pass (bit-exact); multiplies the gradient by ``g`` in the
-    backward pass.
+    backward pass. ``g`` may be traced (e.g. a per-variant LSQ gradient scale); it gets no gradient.
 
     Example:
         >>> import jax
@@ -62,11 +61,11 @@ def scale_grad(x, g):
 
 
 def _scale_grad_fwd(x, g):
-    return x, None
+    return x, g
 
 
-def _scale_grad_bwd(g, _, ct):
-    return (ct * g,)
+def _scale_grad_bwd(g, ct):
+    return (ct * g).astype(ct.dtype), None
 
 
 scale_grad.defvjp(_scale_grad_fwd, _scale_grad_bwd)
