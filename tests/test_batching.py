@@ -150,3 +150,17 @@ def test_batched_sweep_over_clip_ratios_matches_unbatched(tmp_path):
     np.testing.assert_allclose(bat["qat_final_loss"].dropna(), seq["qat_final_loss"].dropna(), rtol=2e-3, atol=2e-3)
     assert (abs(bat["accuracy"] - seq["accuracy"]) <= 0.03).all()
     assert len(set(seq.loc[q, "qat_final_loss"])) == 4  # the clip ratio changes the training
+
+
+def test_traced_variant_needs_one_bit_width_family():
+    from flax import nnx
+
+    from qlab.models import MLP
+    from qlab.nn import Rule, quantize_model, traced_variant
+
+    m = MLP(8, hidden=(16,), out=2, rngs=nnx.Rngs(0))
+    q_int, q_uint, q_g = (quantize_model(m, [Rule(".*", weight=w)]) for w in ("int4/ch", "uint8/ch", "int8/g8"))
+    with pytest.raises(ValueError, match="differ in more than an integer bit width"):
+        traced_variant(q_int, q_uint)  # signedness is part of the family
+    with pytest.raises(ValueError, match="differ in more than an integer bit width"):
+        traced_variant(q_int, q_g)

@@ -732,17 +732,10 @@ TRACED_BITS = {"ptq_rtn", "qat", "qat_lsq"}
 
 
 def _spec_family(spec: str | None) -> str | None:
-    """A spec string with an integer format's bit width replaced by ``int*`` (signedness and narrow
-    range kept): specs of one family differ only in a traceable value."""
-    from qlab.numerics import IntFormat, parse_spec
+    """The spec string of ``spec``'s :func:`qlab.numerics.spec.bit_width_family` (None stays None)."""
+    from qlab.numerics.spec import bit_width_family
 
-    if spec is None:
-        return None
-    sp = parse_spec(spec)
-    if not isinstance(sp.fmt, IntFormat):
-        return str(sp)
-    f = sp.fmt
-    return f"{'' if f.signed else 'u'}int*{'n' if f.narrow else ''}|" + str(sp.replace(fmt=IntFormat(8, f.signed, f.narrow)))
+    return None if spec is None else str(bit_width_family(spec))
 
 
 def batch_signature(run: Mapping[str, Any]) -> str:

@@ -43,6 +43,7 @@ from flax import nnx
 from qlab.numerics.granularity import PerChannel, PerGroup
 from qlab.numerics.matmul import int_matmul_supported, quantized_matmul, quantized_matmul_codes
 from qlab.numerics.quantize import QTensor, dequantize, fake_quant
+from qlab.numerics.spec import bit_width_family
 from qlab.nn.quantizers import ActQuantizer, QuantOverride, QuantStat, WeightQuantizer, _traced
 from qlab.nn.rules import Rule, as_rules, first_match
 
@@ -736,17 +737,6 @@ def set_input_scale(qmodel, path: str, s) -> None:
     layer.input_scale = QuantStat(s)
 
 
-def _same_family(own, tmpl) -> bool:
-    """True when two specs differ at most in their integer bit width."""
-    from qlab.numerics.formats import IntFormat
-
-    if own == tmpl:
-        return True
-    if not (isinstance(own.fmt, IntFormat) and isinstance(tmpl.fmt, IntFormat)):
-        return False
-    return own.replace(fmt=tmpl.fmt) == tmpl
-
-
 def traced_variant(qmodel, like=None, *, clip_ratio=None) -> nnx.Module:
     """A copy of ``qmodel`` on ``like``'s graph whose STE quantizers hold their integer bit width
     (each from ``qmodel``'s OWN spec) and, with ``clip_ratio``, the weight clip ratio as traced
@@ -779,7 +769,7 @@ def traced_variant(qmodel, like=None, *, clip_ratio=None) -> nnx.Module:
     for path, L in quantized_layers(view).items():
         for name in ("weight_quant", "act_quant"):
             a, t = getattr(own[path], name), getattr(tmpl[path], name)
-            if (a is None) != (t is None) or (a is not None and (a.method != t.method or not _same_family(a.spec, t.spec))):
+            if (a is None) != (t is None) or (a is not None and (a.method != t.method or bit_width_family(a.spec) != bit_width_family(t.spec))):
                 raise ValueError(
                     f"traced_variant: layer {path!r} {name}: {None if a is None else str(a.spec)!r} and "
                     f"{None if t is None else str(t.spec)!r} differ in more than an integer bit width "

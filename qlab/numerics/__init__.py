@@ -23,7 +23,7 @@ from qlab.numerics.packing import (
     unpack_qtensor,
 )
 from qlab.numerics.quantize import QTensor, dequantize, fake_quant, fake_quant_range, quant_error, quantize, sqnr_db
-from qlab.numerics.spec import MSE, PRESETS, Absmax, Fixed, MinMax, Percentile, QuantSpec, as_spec, parse_spec
+from qlab.numerics.spec import MSE, PRESETS, Absmax, Fixed, MinMax, Percentile, QuantSpec, as_spec, bit_width_family, parse_spec
 
 __all__ = [
     "BNB_FP4_VALUES",
@@ -73,5 +73,6 @@ __all__ = [
     "Percentile",
     "QuantSpec",
     "as_spec",
+    "bit_width_family",
     "parse_spec",
 ]

@@ -366,6 +366,20 @@ def parse_spec(text: str) -> QuantSpec:
     return QuantSpec(**fields)
 
 
+def bit_width_family(spec) -> QuantSpec:
+    """``spec`` with an integer format's bit width set to 8 (signedness and narrow range kept; other
+    formats unchanged). Specs with the same family differ at most in an integer bit width, which
+    ``fake_quant(..., bits=)`` can trace, so models using them can train as one vmapped program.
+
+    Example:
+        >>> bit_width_family("int2/ch") == bit_width_family("int8/ch"), bit_width_family("int4/g32")
+        (True, QuantSpec('int8/g32'))
+    """
+    s = as_spec(spec)
+    f = s.fmt
+    return s.replace(fmt=IntFormat(8, f.signed, f.narrow)) if isinstance(f, IntFormat) else s
+
+
 def as_spec(spec) -> QuantSpec | None:
     """Accept a QuantSpec, a spec string, or None (keep float).
 
