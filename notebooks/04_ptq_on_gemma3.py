@@ -81,8 +81,7 @@ table[["method", "act_order", "weight", "bits_per_weight", "model_mib", "perplex
 # %%
 def labelled(t):
     """Adds `setting` (W4 g128, ...) and `label` (the method; GPTQ with act-order apart)."""
-    return t.assign(setting=t["weight"].map(qx.setting_label),
-                    label=t["method"].where(~t["act_order"].eq(True), "ptq_gptq act-order"))
+    return t.assign(setting=t["weight"].map(qx.setting_label), label=qx.method_labels(t))
 
 
 def ppl_table(t):

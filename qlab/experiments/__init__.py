@@ -11,7 +11,7 @@ from .methods import REGISTRY, register
 
 __all__ = ["BUILTIN_RULE_SETS", "DEFAULTS", "ConfigError", "Study", "config_hash", "expand", "load_study",
            "REGISTRY", "register"]
-from .results import load_results, method_table, setting_label
+from .results import load_results, method_labels, method_table, setting_label
 from .runner import SweepError, sweep
 
-__all__ += ["load_results", "method_table", "setting_label", "SweepError", "sweep"]
+__all__ += ["load_results", "method_labels", "method_table", "setting_label", "SweepError", "sweep"]

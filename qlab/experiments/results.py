@@ -30,7 +30,7 @@ import tempfile
 from typing import Any, Iterable, Mapping
 
 __all__ = ["write_run", "read_runs", "atomic_write_text", "rebuild_tables", "load_results", "runs_dir", "setting_label",
-           "method_table"]
+           "method_labels", "method_table"]
 
 
 def runs_dir(out) -> pathlib.Path:
@@ -173,6 +173,20 @@ def setting_label(weight) -> str:
     return f"{head} {parts[1]}" if len(parts) > 1 else head
 
 
+def method_labels(table) -> list[str]:
+    """The ``method`` column with GPTQ's act-order runs named apart (``"ptq_gptq act-order"``), for
+    tables and plot series.
+
+    Example:
+        >>> import pandas as pd
+        >>> method_labels(pd.DataFrame({"method": ["ptq_gptq", "ptq_gptq", "qat"], "act_order": [False, True, None]}))
+        ['ptq_gptq', 'ptq_gptq act-order', 'qat']
+    """
+    act = table["act_order"] if "act_order" in table else [None] * len(table)
+    return [f"{m} act-order" if m == "ptq_gptq" and str(a).lower() in ("true", "1", "1.0") else m
+            for m, a in zip(table["method"], act)]
+
+
 def method_table(table, metric: str = "perplexity", digits: int = 4):
     """Pivot a study's runs into ``setting x method``: one row per weight setting (:func:`setting_label`),
     one column per method (``ptq_gptq`` with ``act_order`` true becomes ``ptq_gptq act-order``), cells the
@@ -191,9 +205,7 @@ def method_table(table, metric: str = "perplexity", digits: int = 4):
 
     t = table.copy()
     t["setting"] = [setting_label(w) for w in t.get("weight", [None] * len(t))]
-    act = t["act_order"] if "act_order" in t else pd.Series([None] * len(t), index=t.index)
-    t["method"] = [f"{m} act-order" if m == "ptq_gptq" and str(a).lower() in ("true", "1", "1.0") else m
-                   for m, a in zip(t["method"], act)]
+    t["method"] = method_labels(t)
     t[metric] = [float(f"{v:.{digits}g}") for v in t[metric]]
     piv = t.pivot_table(index="setting", columns="method", values=metric, aggfunc="first", sort=False)
     cols = [c for c in ["float", "ptq_rtn", "ptq_gptq", "ptq_gptq act-order", "ptq_awq", "ptq_hqq", "ptq_smoothquant"]

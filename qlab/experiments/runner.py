@@ -22,7 +22,7 @@ import traceback
 from typing import Any, Mapping
 
 from .config import DEFAULTS, ConfigError, Study, load_study, resolve_rules
-from .results import atomic_write_text, read_runs, rebuild_tables, write_run
+from .results import atomic_write_text, method_labels, read_runs, rebuild_tables, write_run
 
 __all__ = ["sweep", "plan", "parse_only", "SweepError"]
 
@@ -250,9 +250,7 @@ def _plots(table, layers, out_dir: pathlib.Path, name: str):
 
     # classification studies report accuracy (higher is better), language models perplexity (lower)
     metric, maximize = ("accuracy", True) if "accuracy" in table else ("perplexity", False)
-    if "act_order" in table:  # GPTQ with act-order is its own series
-        table = table.assign(method=[f"{m} act-order" if str(a).lower() in ("true", "1", "1.0") else m
-                                     for m, a in zip(table["method"], table["act_order"])])
+    table = table.assign(method=method_labels(table))  # GPTQ with act-order is its own series
     try:
         fig = plot.pareto(table, x="model_mib", y=metric, hue="method", label="weight", maximize=maximize,
                           title=f"{name}: {metric} vs size")
