@@ -71,6 +71,12 @@ def convert(qmodel, *, keep_float: bool = False):
     return cm
 
 
+def default_forward(model, batch):
+    """How calibration runs a model on a batch by default: ``model(x)`` for an ``(x, y)`` tuple or list,
+    else ``model(batch)``."""
+    return model(batch[0]) if isinstance(batch, (tuple, list)) else model(batch)
+
+
 def capture(
     qmodel,
     batches: Iterable,
@@ -119,7 +125,7 @@ def capture(
     for _, m in nnx.iter_modules(cm):
         if isinstance(m, ActQuantizer):
             m.use_running_average = True
-    fwd = forward if forward is not None else (lambda m, b: m(b[0]) if isinstance(b, (tuple, list)) else m(b))
+    fwd = forward if forward is not None else default_forward
     graphdef, state = nnx.split(cm)
 
     @jax.jit

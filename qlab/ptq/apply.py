@@ -174,11 +174,13 @@ class _Caught(Exception):
     pass
 
 
-def _block_inputs(qmodel, blocks, batches, forward, check_chain: bool):
-    """``(args, kwargs)`` of the first block's call for every batch (the forward stops there), and, with
-    ``check_chain``, a check on the first batch that every block's first argument is the previous block's
-    output and its other arguments are the first block's (what block-by-block propagation assumes)."""
-    fwd = forward if forward is not None else (lambda m, b: m(b[0]) if isinstance(b, (tuple, list)) else m(b))
+def _block_inputs(qmodel, blocks, batches, forward):
+    """``(args, kwargs)`` of the first block's call for every batch (the forward stops there), after a
+    check on the first batch that every block's first argument is the previous block's output and its
+    other arguments are the first block's (what block-by-block propagation assumes)."""
+    from qlab.nn.convert import default_forward
+
+    fwd = forward if forward is not None else default_forward
     classes = {type(b) for b in blocks}
     originals = {c: c.__call__ for c in classes}
     first, calls, record_all = blocks[0], [], [False]
@@ -197,7 +199,7 @@ def _block_inputs(qmodel, blocks, batches, forward, check_chain: bool):
         for c in classes:
             c.__call__ = patched
         for i, batch in enumerate(batches):
-            if i == 0 and check_chain:
+            if i == 0:
                 record_all[0] = True
                 fwd(qmodel, batch)
                 record_all[0] = False
@@ -284,7 +286,7 @@ def _calibrated(model, rules, method, batches, forward, stats, max_rows, given, 
     if not isinstance(blocks, (nnx.List, list, tuple)) or not len(blocks):
         raise ValueError(f"PTQ sequential={sequential!r}: {bpath!r} is not a non-empty list of blocks")
     batches = list(batches)
-    xs = _block_inputs(qmodel, blocks, batches, forward, check_chain=True)
+    xs = _block_inputs(qmodel, blocks, batches, forward)
     if not xs:
         raise ValueError("PTQ: calibration saw no data (calibration_batches is empty; no fallback to RTN)")
     def quantize_part(paths, module, data, fwd, prefix="", **kw):
