@@ -7,9 +7,9 @@ DEB_DIR := $(CACHE)/debian
 APT_DATA := dataset-fashion-mnist bible-kjv fortunes
 PYTEST_ARGS ?= -q -n 2
 
-.PHONY: install venv data models demo test bench notebooks clean
+.PHONY: install venv kernel data models demo test bench notebooks clean
 
-install: venv data models
+install: venv kernel data models
 
 venv: .venv/.installed
 .venv/.installed: pyproject.toml
@@ -17,6 +17,11 @@ venv: .venv/.installed
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -e ".[test]"
 	touch $@
+
+# qlab's CPU fake-quant kernel (qlab/numerics/native.py), compiled once into ~/.cache/qlab/kernels;
+# without it fake_quant still runs (the XLA path, same values) and says so.
+kernel: .venv/.installed
+	$(PY) -c "from qlab.numerics import native; print('qlab CPU kernel:', native.status())"
 
 # Real datasets from Debian. Jane Austen's novels come from the R package's data
 # files, unpacked without installing R.

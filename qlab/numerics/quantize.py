@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qlab.numerics import native
 from qlab.numerics.formats import IntFormat
 from qlab.numerics.granularity import from_view, to_view
 from qlab.numerics.spec import MSE, Absmax, Fixed, MinMax, Percentile, QuantSpec, as_spec
@@ -203,6 +204,16 @@ def _store_scale(s, spec: QuantSpec, qmax_abs: float):
     return jnp.where(ok, jnp.ldexp(jnp.ones_like(s), exp.astype(jnp.int32)), 1.0)
 
 
+def _reciprocal(v):
+    """``1 / v`` in float32, for a Python number or an array. Scales divide as ``x * (1 / s)``
+    (as PyTorch's fake_quantize and AQT do), written out rather than left to XLA, which rewrites
+    some divisions that way and not others: one rule everywhere, which the CPU kernel
+    (``qlab.numerics.native``) follows too. It differs from ``x / s`` only in the last bit."""
+    if isinstance(v, (int, float)):
+        return float(np.float32(1) / np.float32(v))
+    return 1.0 / v
+
+
 def _num(v):
     """A Python number as float; a traced value (``bits=`` override) as it is."""
     return float(v) if isinstance(v, (int, float)) else v
@@ -214,7 +225,7 @@ def _scale_and_zero(lo, hi, spec: QuantSpec, tscale):
     if spec.symmetric:
         amax = jnp.maximum(-lo, hi)
         denom = fmt.max_abs if spec.absmax_to == "qmax" else _num(-fmt.qmin)
-        raw = amax / denom
+        raw = amax * _reciprocal(denom)
         if tscale is not None:
             raw = raw / tscale
         return _store_scale(raw, spec, denom), None
@@ -287,27 +298,31 @@ def _materialize(v):
 
 
 def _in_input_shape(x32, xv, spec, scale, zp, tscale, noise):
-    """Broadcast the scale (and zero point, noise) back to the input's own shape when no padding
-    is involved, so the elementwise pass reads ``x`` without a reshaped view: XLA:CPU then
-    writes the result in place of a donated input instead of copying it. The arithmetic is
-    unchanged, so values are bit-identical to the grouped-view path.
+    """Broadcast the scale, its reciprocal (and zero point, noise) back to the input's own shape
+    when no padding is involved, so the elementwise pass reads ``x`` without a reshaped view:
+    XLA:CPU then writes the result in place of a donated input instead of copying it. The
+    arithmetic is unchanged, so values are bit-identical to the grouped-view path.
 
-    Returns ``(x, scale, zero_point, noise, back)`` where ``back`` maps results to ``x``'s shape.
+    Returns ``(x, scale, 1 / scale, zero_point, noise, back)`` where ``back`` maps results to ``x``'s shape.
     """
+    eff = _effective(scale, tscale)
     padded = spec.granularity.view(x32.shape)[2]
     if padded != tuple(x32.shape):
-        return xv, _effective(scale, tscale), zp, noise, lambda v: from_view(v, spec.granularity, x32.shape)
+        return xv, eff, _reciprocal(eff), zp, noise, lambda v: from_view(v, spec.granularity, x32.shape)
 
     def expand(v):
-        return None if v is None else jnp.broadcast_to(_materialize(v), xv.shape).reshape(x32.shape)
+        return None if v is None else jnp.broadcast_to(v, xv.shape).reshape(x32.shape)
 
+    m = _materialize(eff)
+    zpe = None if zp is None else expand(_materialize(zp))
     nz = None if noise is None else noise.reshape(x32.shape)
-    return x32, expand(_effective(scale, tscale)), expand(zp), nz, lambda v: v
+    return x32, expand(m), expand(_reciprocal(m)), zpe, nz, lambda v: v
 
 
-def _grid_values(xv, scale, zp, tscale, spec, noise):
-    eff = _effective(scale, tscale)
-    v = xv / eff
+def _grid_values(xv, scale, zp, tscale, spec, noise, inv=None):
+    """Grid values (codes as floats) of ``xv``: ``round(xv * (1 / scale) [+ zp])``; ``inv`` is
+    ``1 / scale`` when the caller has it already."""
+    v = xv * (_reciprocal(_effective(scale, tscale)) if inv is None else inv)
     if zp is not None:
         v = v + zp
     return _round_codes(v, spec, noise)
@@ -394,8 +409,8 @@ def _quantize(x, spec: QuantSpec, noise) -> QTensor:
     x32 = x.astype(_F32)
     xv, axes = to_view(x32, spec.granularity)
     scale, zp, tscale, _ = _qparams(xv, axes, spec, noise)
-    xe, eff, zpe, ne, back = _in_input_shape(x32, xv, spec, scale, zp, tscale, noise)
-    r = _grid_values(xe, eff, zpe, None, spec, ne)
+    xe, eff, inv, zpe, ne, back = _in_input_shape(x32, xv, spec, scale, zp, tscale, noise)
+    r = _grid_values(xe, eff, zpe, None, spec, ne, inv)
     r = jnp.where(jnp.isnan(r), 0.0 if zpe is None else zpe, r)
     codes = back(spec.fmt.encode(r))
     return QTensor(codes, scale, zp, tscale, spec, tuple(x.shape), x.dtype)
@@ -496,14 +511,27 @@ def _overrides(spec: QuantSpec, bits, clip_ratio, where: str):
 
 
 def _fq_forward(x, spec: QuantSpec, noise, given_range=None, ov=None):
+    """(fake-quantized x, clip range); on CPU the kernel of ``qlab.numerics.native`` computes the
+    common specs (bit-identical; it returns no clip range: those specs are mask-free)."""
+    if ov is None and noise is None and given_range is None:
+        view = native.kernel_view(spec, x.shape, x.dtype)
+        if view is not None and native.enabled():
+            y = jax.lax.platform_dependent(
+                x, cpu=lambda v: native.fake_quant_cpu(v, spec, view), default=lambda v: _fq_xla(v, spec, None)[0]
+            )
+            return y, None
+    return _fq_xla(x, spec, noise, given_range, ov)
+
+
+def _fq_xla(x, spec: QuantSpec, noise, given_range=None, ov=None):
     bits, clip_ratio = (None, None) if ov is None else ov
     if bits is not None:
         spec = _with_traced_bits(spec, bits)
     x32 = x.astype(_F32)
     xv, axes = to_view(x32, spec.granularity)
     scale, zp, tscale, clip = _qparams(xv, axes, spec, noise, given_range, clip_ratio)
-    xe, eff, zpe, ne, back = _in_input_shape(x32, xv, spec, scale, zp, tscale, noise)
-    r = _grid_values(xe, eff, zpe, None, spec, ne)
+    xe, eff, inv, zpe, ne, back = _in_input_shape(x32, xv, spec, scale, zp, tscale, noise)
+    r = _grid_values(xe, eff, zpe, None, spec, ne, inv)
     y = _reconstruct(r, eff, zpe, None)
     return back(y).astype(x.dtype), clip
 

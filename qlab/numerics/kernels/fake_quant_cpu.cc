@@ -1,0 +1,353 @@
+// CPU kernel for qlab's most common fake-quant: a symmetric integer grid with absmax scales
+// shared by groups of consecutive elements along one axis (per tensor, per channel, per group).
+// Python side, eligibility and build: qlab/numerics/native.py.
+//
+// XLA:CPU runs fake_quant as a reduction fusion and an elementwise fusion, two passes over
+// memory that are compute-bound on 2 cores (benchmarks/fake_quant.py). This kernel does a
+// group's two passes back to back while the group is in cache, with fewer instructions per
+// element (the max of |x| runs on the magnitude bits as integers), on XLA's intra-op threads.
+// Groups too large for the cache are split into bands of rows: every band's partial maxima
+// first, then every band's outputs, walking backwards over what the first pass left cached.
+//
+// The arithmetic is step for step that of qlab/numerics/quantize.py as XLA:CPU executes it,
+// so results are bit-identical (tests/test_native.py checks it):
+//   amax  = max |x| over the group's finite values (0 if none)
+//   s     = amax * (1 / denom); s = 1 where s is not positive and finite
+//   s     = round-to-nearest-even into the scale dtype (f16 clipped to [2^-24, 65504]), back to f32
+//   q     = clamp(roundeven(x * (1 / s)), qmin, qmax), with -0 replaced by +0; NaN stays NaN
+//   y     = q * s
+// Denormals: XLA:CPU runs with flush-to-zero / denormals-are-zero; worker threads copy the
+// calling thread's floating-point control register so every thread computes alike.
+//
+// View: x is [outer, n, inner] (row-major); groups are `group` consecutive indices of the n
+// axis (the last group may be shorter: identical to zero padding, which never raises a max).
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define QLAB_X86 1
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+// y may be x itself (a donated input): element j is read before it is written, so the loops
+// vectorize safely, which the compiler cannot prove on its own.
+#if defined(__clang__)
+#define QLAB_INPLACE_SAFE _Pragma("clang loop vectorize(assume_safety)")
+#elif defined(__GNUC__)
+#define QLAB_INPLACE_SAFE _Pragma("GCC ivdep")
+#else
+#define QLAB_INPLACE_SAFE
+#endif
+
+namespace {
+
+struct Params {
+  int64_t outer, n, inner, group;
+  float qmin, qmax, inv_denom;
+  int32_t scale_kind;  // 0 f32, 1 f16, 2 bf16
+};
+
+inline uint32_t bits_of(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+inline float float_of(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+
+// f32 -> f16 -> f32 for a value already clipped to [2^-24, 65504], round to nearest even.
+inline float round_f16(float s) {
+  uint32_t u = bits_of(s);
+  int32_t e = int32_t((u >> 23) & 0xff) - 127;
+  if (e >= -14) {  // normal f16: keep 10 mantissa bits
+    uint32_t rest = u & 0x1fff, h = u >> 13;
+    if (rest > 0x1000 || (rest == 0x1000 && (h & 1))) h += 1;
+    return float_of(h << 13);
+  }
+  // subnormal f16: a multiple of 2^-24 (scaling by powers of two is exact)
+  float t = s * 16777216.0f;
+  return ((t + 12582912.0f) - 12582912.0f) * (1.0f / 16777216.0f);  // t <= 1024: see code()
+}
+
+inline float round_bf16(float s) {
+  uint32_t u = bits_of(s);
+  u += 0x7fff + ((u >> 16) & 1);
+  return float_of(u & 0xffff0000u);
+}
+
+inline float stored_scale(float amax, const Params& p) {
+  float s = amax * p.inv_denom;
+  if (!(s > 0.0f) || !std::isfinite(s)) s = 1.0f;
+  if (p.scale_kind == 1) {
+    s = std::min(std::max(s, 5.9604644775390625e-08f), 65504.0f);
+    s = round_f16(s);
+  } else if (p.scale_kind == 2) {
+    s = round_bf16(s);
+  }
+  return s;
+}
+
+// clamp(roundeven(v * inv)) == roundeven(clamp(v * inv)) for integer bounds; after the clamp
+// |r| <= 255, where adding and removing 1.5 * 2^23 rounds to the nearest even integer (and
+// turns -0 into +0). NaN compares false, passes the clamp and stays NaN, as in XLA's clamp.
+inline float code(float v, float inv, float qmin, float qmax) {
+  float r = v * inv;
+  r = r < qmin ? qmin : r;
+  r = r > qmax ? qmax : r;
+  return (r + 12582912.0f) - 12582912.0f;
+}
+
+// Max |x| over finite values. The hot loop takes the max of the magnitude bits as unsigned
+// integers (same order as the floats, NaN and inf above every finite value) on the integer
+// units; only a group that holds a NaN or inf is scanned again with the finite filter.
+constexpr uint32_t kAbsMask = 0x7fffffffu, kInfBits = 0x7f800000u;
+
+inline float finite_abs(float v) {
+  float a = std::fabs(v);
+  return a < INFINITY ? a : 0.0f;
+}
+
+// m[j] = max(m[j], |x[r, j]|) over rows [0, rows) of a row-major block with row stride `stride`.
+void col_absmax_bits(const float* x, int64_t rows, int64_t stride, int64_t w, uint32_t* m) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint32_t* row = reinterpret_cast<const uint32_t*>(x + r * stride);
+    for (int64_t j = 0; j < w; ++j) {
+      uint32_t u = row[j] & kAbsMask;
+      m[j] = u > m[j] ? u : m[j];
+    }
+  }
+}
+
+float col_finite_absmax(const float* x, int64_t rows, int64_t stride) {
+  float m = 0.0f;
+  for (int64_t r = 0; r < rows; ++r) m = std::max(m, finite_abs(x[r * stride]));
+  return m;
+}
+
+uint32_t seg_absmax_bits(const float* x, int64_t len) {
+  const uint32_t* v = reinterpret_cast<const uint32_t*>(x);
+  uint32_t m = 0;
+  for (int64_t i = 0; i < len; ++i) {
+    uint32_t u = v[i] & kAbsMask;
+    m = u > m ? u : m;
+  }
+  return m;
+}
+
+float seg_finite_absmax(const float* x, int64_t len) {
+  float m = 0.0f;
+  for (int64_t i = 0; i < len; ++i) m = std::max(m, finite_abs(x[i]));
+  return m;
+}
+
+// Scales from magnitude bits; a column whose max is NaN/inf is rescanned (rows, stride).
+void scales_from_bits(const uint32_t* m, int64_t w, const float* x, int64_t rows, int64_t stride,
+                      const Params& p, float* s, float* inv) {
+  for (int64_t j = 0; j < w; ++j) {
+    float a = m[j] < kInfBits ? float_of(m[j]) : col_finite_absmax(x + j, rows, stride);
+    s[j] = stored_scale(a, p);
+    inv[j] = 1.0f / s[j];
+  }
+}
+
+constexpr int64_t kStrip = 1024;  // columns per strip: the strip's scales stay in L1
+
+// y = code(x * inv) * s over a rows x inner block, strip by strip.
+void apply_block(const float* x, float* y, int64_t rows, int64_t inner, const float* s,
+                 const float* inv, float qmin, float qmax) {
+  for (int64_t c0 = 0; c0 < inner; c0 += kStrip) {
+    const int64_t w = std::min(kStrip, inner - c0);
+    const float* sv = s + c0;
+    const float* iv = inv + c0;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* row = x + r * inner + c0;
+      float* out = y + r * inner + c0;
+      QLAB_INPLACE_SAFE
+      for (int64_t j = 0; j < w; ++j) out[j] = code(row[j], iv[j], qmin, qmax) * sv[j];
+    }
+  }
+}
+
+void apply_seg(const float* x, float* y, int64_t len, float s, float inv, float qmin, float qmax) {
+  QLAB_INPLACE_SAFE
+  for (int64_t i = 0; i < len; ++i) y[i] = code(x[i], inv, qmin, qmax) * s;
+}
+
+// Runs task(t) for t in [0, ntasks) on the caller and the XLA intra-op pool. The caller waits
+// only for tasks that were claimed, never for workers still queued, so it cannot deadlock
+// when the pool is busy; state that queued workers touch is shared-owned.
+struct Shared {
+  std::atomic<int64_t> next{0}, finished{0};
+  int64_t ntasks = 0;
+  unsigned csr = 0;
+  const void* fn = nullptr;
+  void (*call)(const void*, int64_t) = nullptr;
+};
+
+inline void drain(Shared& sh) {
+#ifdef QLAB_X86
+  unsigned old = _mm_getcsr();
+  _mm_setcsr(sh.csr);
+#endif
+  for (;;) {
+    int64_t t = sh.next.fetch_add(1, std::memory_order_relaxed);
+    if (t >= sh.ntasks) break;
+    sh.call(sh.fn, t);
+    sh.finished.fetch_add(1, std::memory_order_release);
+  }
+#ifdef QLAB_X86
+  _mm_setcsr(old);
+#endif
+}
+
+template <typename F>
+void parallel_for(ffi::ThreadPool& pool, int64_t ntasks, int64_t work_per_task, const F& f) {
+  auto sh = std::make_shared<Shared>();
+  sh->ntasks = ntasks;
+  sh->fn = &f;
+  sh->call = [](const void* fn, int64_t t) { (*static_cast<const F*>(fn))(t); };
+#ifdef QLAB_X86
+  sh->csr = _mm_getcsr();
+#endif
+  int64_t workers = 0;
+  if (ntasks > 1 && ntasks * work_per_task >= (int64_t(1) << 16)) {
+    // the caller works too: one worker fewer than the pool's threads, so that no thread
+    // waits for a core (XLA:CPU's pool has as many threads as cores)
+    workers = std::min<int64_t>(pool.num_threads() - 1, ntasks - 1);
+  }
+  for (int64_t i = 0; i < workers; ++i) pool.Schedule([sh] { drain(*sh); });
+  drain(*sh);
+  while (sh->finished.load(std::memory_order_acquire) < ntasks) std::this_thread::yield();
+}
+
+// A group whose block (group rows x inner) is at most this size is done in one task, both
+// passes while it is in cache; larger groups are split into bands of rows: all bands' maxima
+// first, then all bands' outputs, the second pass walking backwards over what the first
+// pass left in the last-level cache.
+constexpr int64_t kFusedBytes = int64_t(4) << 20;
+constexpr int64_t kBandBytes = int64_t(512) << 10;
+
+ffi::Error FakeQuantIntImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y,
+                            int64_t n, int64_t inner, int64_t group, float qmin, float qmax,
+                            float inv_denom, int32_t scale_kind) {
+  const int64_t size = static_cast<int64_t>(x.element_count());
+  if (n <= 0 || inner <= 0 || group <= 0 || size % (n * inner) != 0) {
+    return ffi::Error::InvalidArgument("qlab fake_quant kernel: bad view (n, inner, group)");
+  }
+  if (scale_kind < 0 || scale_kind > 2) {
+    return ffi::Error::InvalidArgument("qlab fake_quant kernel: scale_kind must be 0 (f32), 1 (f16) or 2 (bf16)");
+  }
+  Params p{size / (n * inner), n, inner, std::min(group, n), qmin, qmax, inv_denom, scale_kind};
+  const float* xp = x.typed_data();
+  float* yp = y->typed_data();
+  const int64_t ngroups = (p.n + p.group - 1) / p.group;
+  const int64_t nblocks = p.outer * ngroups;
+  auto block_rows = [&](int64_t b, int64_t* start) {  // first element and row count of block b
+    const int64_t o = b / ngroups, g = b % ngroups;
+    *start = (o * p.n + g * p.group) * p.inner;
+    return std::min(p.group, p.n - g * p.group);
+  };
+  const int64_t block_bytes = p.group * p.inner * 4;
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+
+  if (block_bytes <= kFusedBytes && (nblocks >= 2 * threads || size < (int64_t(1) << 16))) {
+    // one task per run of whole blocks
+    const int64_t per = std::max<int64_t>(1, kBandBytes / block_bytes);
+    const int64_t ntasks = (nblocks + per - 1) / per;
+    parallel_for(pool, ntasks, per * p.group * p.inner, [&](int64_t t) {
+      std::vector<uint32_t> m(p.inner);
+      std::vector<float> sv(p.inner), iv(p.inner);
+      for (int64_t b = t * per; b < std::min(nblocks, (t + 1) * per); ++b) {
+        int64_t start;
+        const int64_t rows = block_rows(b, &start);
+        if (p.inner == 1) {
+          const uint32_t mb = seg_absmax_bits(xp + start, rows);
+          const float a = mb < kInfBits ? float_of(mb) : seg_finite_absmax(xp + start, rows);
+          const float sc = stored_scale(a, p);
+          apply_seg(xp + start, yp + start, rows, sc, 1.0f / sc, p.qmin, p.qmax);
+        } else {
+          std::fill(m.begin(), m.end(), 0u);
+          col_absmax_bits(xp + start, rows, p.inner, p.inner, m.data());
+          scales_from_bits(m.data(), p.inner, xp + start, rows, p.inner, p, sv.data(), iv.data());
+          apply_block(xp + start, yp + start, rows, p.inner, sv.data(), iv.data(), p.qmin, p.qmax);
+        }
+      }
+    });
+    return ffi::Error::Success();
+  }
+
+  // Large groups: bands of rows (for inner == 1, runs of elements) within each block.
+  const int64_t row_bytes = p.inner * 4;
+  const int64_t band = std::max<int64_t>(1, std::min(p.group, kBandBytes / row_bytes));
+  const int64_t nbands = (p.group + band - 1) / band;
+  const int64_t ntasks = nblocks * nbands;
+  std::vector<uint32_t> partial(ntasks * p.inner, 0u);
+  auto band_rows = [&](int64_t t, int64_t* start) {
+    const int64_t b = t / nbands, k = t % nbands;
+    const int64_t rows = block_rows(b, start);
+    *start += k * band * p.inner;
+    return std::max<int64_t>(0, std::min(band, rows - k * band));
+  };
+  parallel_for(pool, ntasks, band * p.inner, [&](int64_t t) {
+    int64_t start;
+    const int64_t rows = band_rows(t, &start);
+    uint32_t* m = partial.data() + t * p.inner;
+    if (p.inner == 1) {
+      *m = seg_absmax_bits(xp + start, rows);
+    } else {
+      col_absmax_bits(xp + start, rows, p.inner, p.inner, m);
+    }
+  });
+  std::vector<float> sv(nblocks * p.inner), iv(nblocks * p.inner);
+  parallel_for(pool, nblocks, nbands * p.inner, [&](int64_t b) {
+    uint32_t* m = partial.data() + b * nbands * p.inner;
+    for (int64_t k = 1; k < nbands; ++k) {
+      const uint32_t* mk = m + k * p.inner;
+      for (int64_t j = 0; j < p.inner; ++j) m[j] = mk[j] > m[j] ? mk[j] : m[j];
+    }
+    int64_t start;
+    const int64_t rows = block_rows(b, &start);
+    if (p.inner == 1) {
+      const float a = *m < kInfBits ? float_of(*m) : seg_finite_absmax(xp + start, rows);
+      sv[b] = stored_scale(a, p);
+      iv[b] = 1.0f / sv[b];
+    } else {
+      scales_from_bits(m, p.inner, xp + start, rows, p.inner, p, sv.data() + b * p.inner,
+                       iv.data() + b * p.inner);
+    }
+  });
+  parallel_for(pool, ntasks, band * p.inner, [&](int64_t t) {
+    t = ntasks - 1 - t;  // backwards: the first pass's last bands are still in cache
+    const int64_t b = t / nbands;
+    int64_t start;
+    const int64_t rows = band_rows(t, &start);
+    if (p.inner == 1) {
+      apply_seg(xp + start, yp + start, rows, sv[b], iv[b], p.qmin, p.qmax);
+    } else {
+      apply_block(xp + start, yp + start, rows, p.inner, sv.data() + b * p.inner, iv.data() + b * p.inner,
+                  p.qmin, p.qmax);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QlabFakeQuantInt, FakeQuantIntImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("n")
+                                  .Attr<int64_t>("inner")
+                                  .Attr<int64_t>("group")
+                                  .Attr<float>("qmin")
+                                  .Attr<float>("qmax")
+                                  .Attr<float>("inv_denom")
+                                  .Attr<int32_t>("scale_kind"));

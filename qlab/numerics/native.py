@@ -1,0 +1,201 @@
+"""qlab's CPU kernel for fake quantization, built on first use and called through XLA's FFI.
+
+XLA:CPU runs ``fake_quant`` as a reduction pass and an elementwise pass that each run below memory
+bandwidth (``benchmarks/fake_quant.py``). ``kernels/fake_quant_cpu.cc`` does both passes per group
+while the group is in cache. It covers the most common spec family: a static integer format,
+symmetric, absmax range, round to nearest, f32/f16/bf16 scale, per tensor, per channel on the first
+or last axis, or per group (padded or not) on any axis; any float input (computed in float32). Its values are bit-identical
+to the XLA path (``tests/test_native.py``); on other backends (GPU, TPU) the XLA path runs.
+
+The shared library is compiled with the system C++ compiler (``$CXX``, else ``c++``) against
+jaxlib's FFI headers into ``$QLAB_CACHE`` (default ``~/.cache/qlab``)/kernels, once per source,
+jaxlib version and CPU; ``make install`` builds it. If it cannot be built, a warning says why and
+``fake_quant`` runs the XLA path (same values, slower). ``QLAB_NATIVE=0`` turns the kernel off.
+
+Example:
+    >>> import qlab.numerics.native as native
+    >>> native.status()["enabled"] in (True, False)
+    True
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import functools
+import hashlib
+import math
+import os
+import pathlib
+import platform
+import shlex
+import subprocess
+import tempfile
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qlab.numerics.formats import IntFormat
+from qlab.numerics.granularity import PerChannel, PerGroup, PerTensor
+from qlab.numerics.spec import Absmax, QuantSpec
+
+__all__ = ["status", "build", "kernel_view", "fake_quant_cpu"]
+
+_SOURCE = pathlib.Path(__file__).with_name("kernels") / "fake_quant_cpu.cc"
+_TARGET = "qlab_fake_quant_int"
+_SCALE_KINDS = {"f32": 0, "f16": 1, "bf16": 2}
+_IN_PLACE_MIN = 1 << 22  # elements
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-std=c++17", "-shared", "-fPIC", "-w"]
+
+
+def _cache_dir() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("QLAB_CACHE", pathlib.Path.home() / ".cache" / "qlab")) / "kernels"
+
+
+def _cpu_id() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _library_path(cxx: str) -> pathlib.Path:
+    import jaxlib
+
+    key = hashlib.sha256()
+    for part in (_SOURCE.read_bytes(), jaxlib.__version__.encode(), cxx.encode(), " ".join(_FLAGS).encode(),
+                 platform.machine().encode(), _cpu_id().encode()):
+        key.update(part)
+    return _cache_dir() / f"fake_quant_cpu-{key.hexdigest()[:16]}.so"
+
+
+def build() -> pathlib.Path:
+    """Compile the kernel library if it is not cached yet and return its path; raises with the
+    compiler's message if it cannot. Safe to call from several processes at once.
+
+    Example:
+        >>> build().suffix
+        '.so'
+    """
+    cxx = os.environ.get("CXX", "c++")
+    out = _library_path(cxx)
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if out.exists():
+            return out
+        tmp = tempfile.NamedTemporaryFile(dir=out.parent, suffix=".so", delete=False).name
+        cmd = [*shlex.split(cxx), *_FLAGS, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", tmp]
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True)
+        except OSError as e:
+            os.unlink(tmp)
+            raise RuntimeError(f"qlab: cannot run the C++ compiler {cxx!r} ({e}); set CXX or install g++") from e
+        if res.returncode != 0:
+            os.unlink(tmp)
+            raise RuntimeError(f"qlab: compiling {_SOURCE.name} failed:\n{' '.join(cmd)}\n{res.stderr[-2000:]}")
+        os.replace(tmp, out)
+    return out
+
+
+@functools.cache
+def _load():
+    """(True, path) once the FFI target is registered, else (False, reason)."""
+    if os.environ.get("QLAB_NATIVE", "1") == "0":
+        return False, "turned off by QLAB_NATIVE=0"
+    if not hasattr(jax, "ffi") or not hasattr(jax.ffi, "ffi_call"):
+        return False, f"jax {jax.__version__} has no jax.ffi"
+    try:
+        path = build()
+        lib = ctypes.cdll.LoadLibrary(str(path))
+        jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.QlabFakeQuantInt), platform="cpu")
+    except Exception as e:  # no compiler, headers, ...: say so once, then use the XLA path
+        warnings.warn(f"qlab: the CPU fake-quant kernel is unavailable, fake_quant runs the XLA path "
+                      f"(same values, slower): {e}", RuntimeWarning, stacklevel=3)
+        return False, str(e)
+    return True, str(path)
+
+
+def status() -> dict:
+    """Whether the CPU kernel is in use, and its library path or the reason it is not.
+
+    Example:
+        >>> sorted(status())
+        ['detail', 'enabled']
+    """
+    ok, detail = _load()
+    return {"enabled": ok, "detail": detail}
+
+
+def kernel_view(spec: QuantSpec, shape, dtype):
+    """``(n, inner, group)`` when the kernel computes ``fake_quant(x, spec)`` for a float ``x`` of this
+    shape (the array seen as ``[outer, n, inner]``, groups of ``group`` along ``n``), else None.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from qlab.numerics.spec import parse_spec
+        >>> kernel_view(parse_spec("int4/g128a0"), (256, 64), jnp.float32)
+        (256, 64, 128)
+    """
+    if not jnp.issubdtype(dtype, jnp.floating) or len(shape) == 0 or math.prod(shape) == 0:
+        return None
+    if not (type(spec.fmt) is IntFormat and spec.symmetric and isinstance(spec.range, Absmax)
+            and spec.rounding == "nearest" and not spec.tensor_scale and spec.scale_dtype in _SCALE_KINDS):
+        return None
+    nd, g = len(shape), spec.granularity
+    if isinstance(g, PerTensor):
+        return math.prod(shape), 1, math.prod(shape)
+    if isinstance(g, PerChannel):
+        ax = (-1 if g.axis is None else g.axis) % nd
+        if ax == nd - 1:  # reduce every leading axis
+            return math.prod(shape[:-1]), shape[-1], math.prod(shape[:-1])
+        if ax == 0:
+            return math.prod(shape[1:]), 1, math.prod(shape[1:])
+        return None
+    if isinstance(g, PerGroup):
+        ax = (-1 if g.axis is None else g.axis) % nd
+        if shape[ax] % g.size and not g.pad:
+            return None  # the XLA path raises the error
+        return shape[ax], math.prod(shape[ax + 1:]), g.size
+    return None
+
+
+def enabled() -> bool:
+    return _load()[0]
+
+
+def fake_quant_cpu(x, spec: QuantSpec, view):
+    """The kernel's ``fake_quant(x, spec)`` (forward value only) for a ``view`` from :func:`kernel_view`.
+    CPU only: callers pick it with ``jax.lax.platform_dependent``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from qlab.numerics import fake_quant, parse_spec
+        >>> s = parse_spec("int4/ch0"); x = jnp.array([[0.1, -0.5, 0.25, 1.0]])
+        >>> bool((fake_quant_cpu(x, s, kernel_view(s, x.shape, x.dtype)) == fake_quant(x, s)).all())
+        True
+    """
+    ok, detail = _load()
+    if not ok:
+        raise RuntimeError(f"qlab: the CPU fake-quant kernel is unavailable: {detail}")
+    n, inner, group = view
+    fmt = spec.fmt
+    denom = fmt.max_abs if spec.absmax_to == "qmax" else -fmt.qmin
+    # In place (output aliased to x) for large arrays: free when x is donated or dead, and a
+    # fresh 16 MB+ buffer costs more in page faults than XLA's copy of a live x. Small arrays
+    # (weights inside a training step, which stay live) get a fresh output instead of a copy.
+    alias = {0: 0} if math.prod(x.shape) >= _IN_PLACE_MIN else None
+    call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct(x.shape, np.float32), vmap_method="broadcast_all",
+                            input_output_aliases=alias)
+    y = call(x.astype(np.float32), n=np.int64(n), inner=np.int64(inner), group=np.int64(group), qmin=np.float32(fmt.qmin),
+                qmax=np.float32(fmt.qmax), inv_denom=np.float32(1) / np.float32(denom),
+                scale_kind=np.int32(_SCALE_KINDS[spec.scale_dtype]))
+    return y.astype(x.dtype)  # computed in float32 as the XLA path does
