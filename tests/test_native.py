@@ -1,5 +1,5 @@
-"""The CPU fake-quant kernel (qlab.numerics.native): bit-identical to the XLA path on every spec it
-covers, over shapes, dtypes and edge values; both of its schedules (whole groups, and large
+"""The CPU kernels (qlab.numerics.native: fake_quant, quantize): bit-identical to the XLA path on every spec
+they cover, over shapes, dtypes and edge values; both of its schedules (whole groups, and large
 groups split into bands); in place and fresh outputs; vmap, grad, and the specs it declines."""
 
 import os
@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import qlab
 from qlab.numerics import native
-from qlab.numerics.quantize import _fq_xla
+from qlab.numerics.quantize import _dequantize_f32, _fq_xla, _quantize_xla
 
 hsettings = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -91,6 +91,20 @@ def test_fake_quant_still_equals_dequantize_of_quantize(case):
     assert np.isnan(np.asarray(y, np.float32)[nan]).all()
 
 
+@hsettings
+@given(cases())
+def test_quantize_kernel_bit_identical_to_xla_path(case):
+    spec, x = case
+    q = jax.jit(qlab.quantize, static_argnums=1)(x, spec)
+    assert "qlab_quantize_int" in jax.jit(qlab.quantize, static_argnums=1).lower(x, spec).as_text()
+    ref = jax.jit(lambda v: _quantize_xla(v, spec, None))(x)
+    for a, b in ((q.codes, ref.codes), (q.scale, ref.scale)):
+        assert _same_bits(a, b)
+    view = native.kernel_view(spec, x.shape, x.dtype)
+    _, _, values = jax.jit(lambda v: native.quantize_cpu(v, spec, view, q.scale.shape))(x)
+    assert _same_bits(values, _dequantize_f32(ref))
+
+
 @pytest.mark.parametrize(
     "spec,shape",
     [
@@ -107,6 +121,8 @@ def test_large_groups_and_in_place(spec, shape):
     assert _same_bits(_kernel(x, sp), _xla(x, sp))
     donated = jax.jit(lambda v: qlab.fake_quant(v, sp), donate_argnums=0)(jnp.asarray(x))
     assert _same_bits(donated, _xla(x, sp))
+    q, ref = qlab.quantize(x, sp), _quantize_xla(jnp.asarray(x), sp, None)
+    assert _same_bits(q.codes, ref.codes) and _same_bits(q.scale, ref.scale)
 
 
 def test_vmap_and_grad_through_the_kernel():
@@ -114,6 +130,10 @@ def test_vmap_and_grad_through_the_kernel():
     x = jax.random.normal(jax.random.key(0), (3, 8, 32))
     batched = jax.vmap(lambda v: qlab.fake_quant(v, sp))(x)
     assert _same_bits(batched, np.stack([_xla(np.asarray(v), sp) for v in x]))
+    qb = jax.vmap(lambda v: qlab.quantize(v, sp))(x)
+    for i in range(3):
+        assert _same_bits(qb.codes[i], qlab.quantize(x[i], sp).codes)
+        assert _same_bits(qb.scale[i], qlab.quantize(x[i], sp).scale)
     g = jax.grad(lambda v: (qlab.fake_quant(v, sp) * 2.0).sum())(x[0])
     assert np.array_equal(np.asarray(g), np.full((8, 32), 2.0, np.float32))  # absmax: identity STE
 

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from qlab.numerics.formats import IntFormat
 from qlab.numerics.granularity import PerChannel, PerTensor
-from qlab.numerics.quantize import QTensor, dequantize, quantize
+from qlab.numerics.quantize import QTensor, _quantize_and_values, quantize
 from qlab.numerics.spec import Absmax, QuantSpec, as_spec
 
 __all__ = ["int_matmul_supported", "quantized_matmul", "quantized_matmul_codes"]
@@ -79,8 +79,10 @@ def _qmm(x, w, xs, ws):
 
 
 def _qmm_fwd(x, w, xs, ws):
-    qx, qw = quantize(x, xs), quantize(w, ws)
-    return _int_product(qx.codes, qx.scale, qw.codes, qw.scale), (dequantize(qx), dequantize(qw))
+    # codes, scales and the fake-quant values (the backward's residuals) in one pass each
+    (qx, fx), (qw, fw) = _quantize_and_values(x, xs, None), _quantize_and_values(w, ws, None)
+    res = (fx.astype(x.dtype), fw.astype(w.dtype))
+    return _int_product(qx.codes, qx.scale, qw.codes, qw.scale), res
 
 
 def _qmm_bwd(xs, ws, res, g):

@@ -41,10 +41,11 @@ from qlab.numerics.formats import IntFormat
 from qlab.numerics.granularity import PerChannel, PerGroup, PerTensor
 from qlab.numerics.spec import Absmax, QuantSpec
 
-__all__ = ["status", "build", "kernel_view", "fake_quant_cpu"]
+__all__ = ["status", "build", "kernel_view", "fake_quant_cpu", "quantize_cpu"]
 
 _SOURCE = pathlib.Path(__file__).with_name("kernels") / "fake_quant_cpu.cc"
 _TARGET = "qlab_fake_quant_int"
+_QTARGET = "qlab_quantize_int"
 _SCALE_KINDS = {"f32": 0, "f16": 1, "bf16": 2}
 _IN_PLACE_MIN = 1 << 22  # elements
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-std=c++17", "-shared", "-fPIC", "-w"]
@@ -117,6 +118,7 @@ def _load():
         path = build()
         lib = ctypes.cdll.LoadLibrary(str(path))
         jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.QlabFakeQuantInt), platform="cpu")
+        jax.ffi.register_ffi_target(_QTARGET, jax.ffi.pycapsule(lib.QlabQuantizeInt), platform="cpu")
     except Exception as e:  # no compiler, headers, ...: say so once, then use the XLA path
         warnings.warn(f"qlab: the CPU fake-quant kernel is unavailable, fake_quant runs the XLA path "
                       f"(same values, slower): {e}", RuntimeWarning, stacklevel=3)
@@ -172,6 +174,21 @@ def enabled() -> bool:
     return _load()[0]
 
 
+def _attrs(spec: QuantSpec, view) -> dict:
+    n, inner, group = view
+    fmt = spec.fmt
+    denom = fmt.max_abs if spec.absmax_to == "qmax" else -fmt.qmin
+    return dict(n=np.int64(n), inner=np.int64(inner), group=np.int64(group), qmin=np.float32(fmt.qmin),
+                qmax=np.float32(fmt.qmax), inv_denom=np.float32(1) / np.float32(denom),
+                scale_kind=np.int32(_SCALE_KINDS[spec.scale_dtype]))
+
+
+def _require():
+    ok, detail = _load()
+    if not ok:
+        raise RuntimeError(f"qlab: the CPU fake-quant kernel is unavailable: {detail}")
+
+
 def fake_quant_cpu(x, spec: QuantSpec, view):
     """The kernel's ``fake_quant(x, spec)`` (forward value only) for a ``view`` from :func:`kernel_view`.
     CPU only: callers pick it with ``jax.lax.platform_dependent``.
@@ -183,19 +200,34 @@ def fake_quant_cpu(x, spec: QuantSpec, view):
         >>> bool((fake_quant_cpu(x, s, kernel_view(s, x.shape, x.dtype)) == fake_quant(x, s)).all())
         True
     """
-    ok, detail = _load()
-    if not ok:
-        raise RuntimeError(f"qlab: the CPU fake-quant kernel is unavailable: {detail}")
-    n, inner, group = view
-    fmt = spec.fmt
-    denom = fmt.max_abs if spec.absmax_to == "qmax" else -fmt.qmin
+    _require()
     # In place (output aliased to x) for large arrays: free when x is donated or dead, and a
     # fresh 16 MB+ buffer costs more in page faults than XLA's copy of a live x. Small arrays
     # (weights inside a training step, which stay live) get a fresh output instead of a copy.
     alias = {0: 0} if math.prod(x.shape) >= _IN_PLACE_MIN else None
     call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct(x.shape, np.float32), vmap_method="broadcast_all",
                             input_output_aliases=alias)
-    y = call(x.astype(np.float32), n=np.int64(n), inner=np.int64(inner), group=np.int64(group), qmin=np.float32(fmt.qmin),
-                qmax=np.float32(fmt.qmax), inv_denom=np.float32(1) / np.float32(denom),
-                scale_kind=np.int32(_SCALE_KINDS[spec.scale_dtype]))
+    y = call(x.astype(np.float32), **_attrs(spec, view))
     return y.astype(x.dtype)  # computed in float32 as the XLA path does
+
+
+def quantize_cpu(x, spec: QuantSpec, view, scale_shape):
+    """The kernel's ``quantize``: ``(codes, scale, values)`` in one pass, where ``codes`` (int8, or
+    uint8 for unsigned formats) and ``scale`` (float32, ``scale_shape``: the granularity's view with
+    the reduced axes 1) are those of ``qlab.quantize`` and ``values`` (float32) is
+    ``dequantize`` of them. CPU only, for a ``view`` from :func:`kernel_view`.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from qlab.numerics import parse_spec, quantize
+        >>> s = parse_spec("int4/ch0"); x = jnp.array([[0.1, -0.5, 0.25, 1.0]])
+        >>> codes, scale, values = quantize_cpu(x, s, kernel_view(s, x.shape, x.dtype), (1, 1))
+        >>> codes.tolist() == quantize(x, s).codes.tolist()
+        True
+    """
+    _require()
+    code_dtype = np.int8 if spec.fmt.signed else np.uint8
+    out = (jax.ShapeDtypeStruct(x.shape, code_dtype), jax.ShapeDtypeStruct(tuple(scale_shape), np.float32),
+           jax.ShapeDtypeStruct(x.shape, np.float32))
+    call = jax.ffi.ffi_call(_QTARGET, out, vmap_method="broadcast_all")
+    return call(x.astype(np.float32), **_attrs(spec, view))

@@ -406,6 +406,34 @@ def quantize(x, spec, *, key=None) -> QTensor:
 # dispatching op by op; inside a user's jit they inline.
 @functools.partial(jax.jit, static_argnums=1)
 def _quantize(x, spec: QuantSpec, noise) -> QTensor:
+    return _quantize_and_values(x, spec, noise)[0]
+
+
+def _kernel_scale_shape(spec: QuantSpec, shape):
+    vshape, axes, _ = spec.granularity.view(shape)
+    return tuple(1 if i in axes else d for i, d in enumerate(vshape))
+
+
+def _quantize_and_values(x, spec: QuantSpec, noise):
+    """``(quantize(x, spec), float32 values of dequantize of it)``; on CPU the kernel of
+    ``qlab.numerics.native`` computes both in one pass for the specs it covers (bit-identical)."""
+    view = native.kernel_view(spec, x.shape, x.dtype) if noise is None else None
+    if view is not None and native.enabled():
+        sshape = _kernel_scale_shape(spec, x.shape)
+
+        def xla(v):
+            q = _quantize_xla(v, spec, None)
+            return q.codes, q.scale, _dequantize_f32(q)
+
+        codes, scale, values = jax.lax.platform_dependent(
+            x, cpu=lambda v: native.quantize_cpu(v, spec, view, sshape), default=xla
+        )
+        return QTensor(codes, scale, None, None, spec, tuple(x.shape), x.dtype), values
+    q = _quantize_xla(x, spec, noise)
+    return q, _dequantize_f32(q)
+
+
+def _quantize_xla(x, spec: QuantSpec, noise) -> QTensor:
     x32 = x.astype(_F32)
     xv, axes = to_view(x32, spec.granularity)
     scale, zp, tscale, _ = _qparams(xv, axes, spec, noise)
@@ -430,11 +458,15 @@ def dequantize(q: QTensor):
 
 @jax.jit
 def _dequantize(q: QTensor):
+    return _dequantize_f32(q).astype(q.dtype)
+
+
+def _dequantize_f32(q: QTensor):
     spec = q.spec
     cv, _ = to_view(q.codes, spec.granularity)
     r = spec.fmt.decode(cv)
     y = _reconstruct(r, q.scale, q.zero_point, q.tensor_scale)
-    return from_view(y, spec.granularity, q.shape).astype(q.dtype)
+    return from_view(y, spec.granularity, q.shape)
 
 
 class TracedIntFormat(IntFormat):

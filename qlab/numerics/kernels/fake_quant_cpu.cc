@@ -158,25 +158,54 @@ void scales_from_bits(const uint32_t* m, int64_t w, const float* x, int64_t rows
 
 constexpr int64_t kStrip = 1024;  // columns per strip: the strip's scales stay in L1
 
-// y = code(x * inv) * s over a rows x inner block, strip by strip.
-void apply_block(const float* x, float* y, int64_t rows, int64_t inner, const float* s,
+// Where results go: the fake-quantized values `y`, or (quantize) the integer codes, their
+// dequantized values and the scales. Offsets are element indices into x's layout.
+struct Out {
+  float* y = nullptr;
+  uint8_t* codes = nullptr;  // int8 or uint8 codes, stored as bytes
+  float* deq = nullptr;
+  float* scale = nullptr;  // [outer, ngroups, inner]
+  bool signed_codes = true;
+};
+
+inline void emit_codes(const Out& o, int64_t i, float r, float s) {
+  r = r != r ? 0.0f : r;  // a NaN has no code: 0, as qlab.quantize stores
+  const int32_t c = static_cast<int32_t>(r);
+  o.codes[i] = o.signed_codes ? static_cast<uint8_t>(static_cast<int8_t>(c)) : static_cast<uint8_t>(c);
+  o.deq[i] = r * s;
+}
+
+// code(x * inv) * s over a rows x inner block starting at element `at`, strip by strip.
+void apply_block(const float* x, const Out& o, int64_t at, int64_t rows, int64_t inner, const float* s,
                  const float* inv, float qmin, float qmax) {
   for (int64_t c0 = 0; c0 < inner; c0 += kStrip) {
     const int64_t w = std::min(kStrip, inner - c0);
     const float* sv = s + c0;
     const float* iv = inv + c0;
     for (int64_t r = 0; r < rows; ++r) {
-      const float* row = x + r * inner + c0;
-      float* out = y + r * inner + c0;
-      QLAB_INPLACE_SAFE
-      for (int64_t j = 0; j < w; ++j) out[j] = code(row[j], iv[j], qmin, qmax) * sv[j];
+      const int64_t base = at + r * inner + c0;
+      const float* row = x + base;
+      if (o.y) {
+        float* out = o.y + base;
+        QLAB_INPLACE_SAFE
+        for (int64_t j = 0; j < w; ++j) out[j] = code(row[j], iv[j], qmin, qmax) * sv[j];
+      } else {
+        for (int64_t j = 0; j < w; ++j) emit_codes(o, base + j, code(row[j], iv[j], qmin, qmax), sv[j]);
+      }
     }
   }
 }
 
-void apply_seg(const float* x, float* y, int64_t len, float s, float inv, float qmin, float qmax) {
-  QLAB_INPLACE_SAFE
-  for (int64_t i = 0; i < len; ++i) y[i] = code(x[i], inv, qmin, qmax) * s;
+void apply_seg(const float* x, const Out& o, int64_t at, int64_t len, float s, float inv, float qmin,
+               float qmax) {
+  if (o.y) {
+    float* out = o.y + at;
+    const float* v = x + at;
+    QLAB_INPLACE_SAFE
+    for (int64_t i = 0; i < len; ++i) out[i] = code(v[i], inv, qmin, qmax) * s;
+  } else {
+    for (int64_t i = 0; i < len; ++i) emit_codes(o, at + i, code(x[at + i], inv, qmin, qmax), s);
+  }
 }
 
 // Runs task(t) for t in [0, ntasks) on the caller and the XLA intra-op pool. The caller waits
@@ -233,10 +262,8 @@ void parallel_for(ffi::ThreadPool& pool, int64_t ntasks, int64_t work_per_task, 
 constexpr int64_t kFusedBytes = int64_t(4) << 20;
 constexpr int64_t kBandBytes = int64_t(512) << 10;
 
-ffi::Error FakeQuantIntImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y,
-                            int64_t n, int64_t inner, int64_t group, float qmin, float qmax,
-                            float inv_denom, int32_t scale_kind) {
-  const int64_t size = static_cast<int64_t>(x.element_count());
+ffi::Error Run(ffi::ThreadPool& pool, const float* xp, int64_t size, const Out& out, int64_t n, int64_t inner,
+               int64_t group, float qmin, float qmax, float inv_denom, int32_t scale_kind) {
   if (n <= 0 || inner <= 0 || group <= 0 || size % (n * inner) != 0) {
     return ffi::Error::InvalidArgument("qlab fake_quant kernel: bad view (n, inner, group)");
   }
@@ -244,8 +271,6 @@ ffi::Error FakeQuantIntImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
     return ffi::Error::InvalidArgument("qlab fake_quant kernel: scale_kind must be 0 (f32), 1 (f16) or 2 (bf16)");
   }
   Params p{size / (n * inner), n, inner, std::min(group, n), qmin, qmax, inv_denom, scale_kind};
-  const float* xp = x.typed_data();
-  float* yp = y->typed_data();
   const int64_t ngroups = (p.n + p.group - 1) / p.group;
   const int64_t nblocks = p.outer * ngroups;
   auto block_rows = [&](int64_t b, int64_t* start) {  // first element and row count of block b
@@ -270,12 +295,14 @@ ffi::Error FakeQuantIntImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
           const uint32_t mb = seg_absmax_bits(xp + start, rows);
           const float a = mb < kInfBits ? float_of(mb) : seg_finite_absmax(xp + start, rows);
           const float sc = stored_scale(a, p);
-          apply_seg(xp + start, yp + start, rows, sc, 1.0f / sc, p.qmin, p.qmax);
+          if (out.scale) out.scale[b] = sc;
+          apply_seg(xp, out, start, rows, sc, 1.0f / sc, p.qmin, p.qmax);
         } else {
           std::fill(m.begin(), m.end(), 0u);
           col_absmax_bits(xp + start, rows, p.inner, p.inner, m.data());
           scales_from_bits(m.data(), p.inner, xp + start, rows, p.inner, p, sv.data(), iv.data());
-          apply_block(xp + start, yp + start, rows, p.inner, sv.data(), iv.data(), p.qmin, p.qmax);
+          if (out.scale) std::copy(sv.begin(), sv.end(), out.scale + b * p.inner);
+          apply_block(xp, out, start, rows, p.inner, sv.data(), iv.data(), p.qmin, p.qmax);
         }
       }
     });
@@ -322,19 +349,52 @@ ffi::Error FakeQuantIntImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
                        iv.data() + b * p.inner);
     }
   });
+  if (out.scale) std::copy(sv.begin(), sv.end(), out.scale);
   parallel_for(pool, ntasks, band * p.inner, [&](int64_t t) {
     t = ntasks - 1 - t;  // backwards: the first pass's last bands are still in cache
     const int64_t b = t / nbands;
     int64_t start;
     const int64_t rows = band_rows(t, &start);
     if (p.inner == 1) {
-      apply_seg(xp + start, yp + start, rows, sv[b], iv[b], p.qmin, p.qmax);
+      apply_seg(xp, out, start, rows, sv[b], iv[b], p.qmin, p.qmax);
     } else {
-      apply_block(xp + start, yp + start, rows, p.inner, sv.data() + b * p.inner, iv.data() + b * p.inner,
-                  p.qmin, p.qmax);
+      apply_block(xp, out, start, rows, p.inner, sv.data() + b * p.inner, iv.data() + b * p.inner, p.qmin,
+                  p.qmax);
     }
   });
   return ffi::Error::Success();
+}
+
+ffi::Error FakeQuantIntImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y, int64_t n,
+                            int64_t inner, int64_t group, float qmin, float qmax, float inv_denom,
+                            int32_t scale_kind) {
+  Out out;
+  out.y = y->typed_data();
+  return Run(pool, x.typed_data(), static_cast<int64_t>(x.element_count()), out, n, inner, group, qmin, qmax,
+             inv_denom, scale_kind);
+}
+
+ffi::Error QuantizeIntImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Result<ffi::AnyBuffer> codes,
+                           ffi::ResultBuffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> deq, int64_t n,
+                           int64_t inner, int64_t group, float qmin, float qmax, float inv_denom,
+                           int32_t scale_kind) {
+  const int64_t size = static_cast<int64_t>(x.element_count());
+  const auto ct = codes->element_type();
+  if ((ct != ffi::DataType::S8 && ct != ffi::DataType::U8) || static_cast<int64_t>(codes->element_count()) != size ||
+      static_cast<int64_t>(deq->element_count()) != size) {
+    return ffi::Error::InvalidArgument("qlab quantize kernel: codes must be int8/uint8 and deq float32, x's size");
+  }
+  const int64_t groups = (n + std::min(group, n) - 1) / std::min(group, n);
+  if (n <= 0 || inner <= 0 || size % (n * inner) != 0 ||
+      static_cast<int64_t>(scale->element_count()) != size / (n * inner) * groups * inner) {
+    return ffi::Error::InvalidArgument("qlab quantize kernel: scale must hold outer x groups x inner values");
+  }
+  Out out;
+  out.codes = static_cast<uint8_t*>(codes->untyped_data());
+  out.signed_codes = ct == ffi::DataType::S8;
+  out.deq = deq->typed_data();
+  out.scale = scale->typed_data();
+  return Run(pool, x.typed_data(), size, out, n, inner, group, qmin, qmax, inv_denom, scale_kind);
 }
 
 }  // namespace
@@ -343,6 +403,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QlabFakeQuantInt, FakeQuantIntImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("n")
+                                  .Attr<int64_t>("inner")
+                                  .Attr<int64_t>("group")
+                                  .Attr<float>("qmin")
+                                  .Attr<float>("qmax")
+                                  .Attr<float>("inv_denom")
+                                  .Attr<int32_t>("scale_kind"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QlabQuantizeInt, QuantizeIntImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("n")
                                   .Attr<int64_t>("inner")
