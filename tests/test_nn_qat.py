@@ -173,8 +173,9 @@ def test_w8a8_linear_multiplies_integer_codes():
     L = qm.layers[0]
     want = quantized_matmul(x, L.weight[...], "int8", "int8/ch1") + L.bias[...]
     np.testing.assert_array_equal(np.asarray(L(x)), np.asarray(want))
-    assert "int32" in str(jax.make_jaxpr(lambda x: qm(x))(x))
-    assert "int32" not in str(jax.make_jaxpr(lambda x: qf(x))(x))
+    int_dot = "preferred_element_type=int32"  # the integer product's dot_general
+    assert int_dot in str(jax.make_jaxpr(lambda x: qm(x))(x))
+    assert int_dot not in str(jax.make_jaxpr(lambda x: qf(x))(x))
     np.testing.assert_allclose(np.asarray(qm.layers[0](x)), np.asarray(qf.layers[0](x)), rtol=1e-5, atol=1e-5)
     # the converted model multiplies the stored codes: the same numbers as the QAT model
     np.testing.assert_array_equal(np.asarray(qnn.convert(qm)(x)), np.asarray(qm(x)))
