@@ -113,12 +113,29 @@ inline float finite_abs(float v) {
   return a < INFINITY ? a : 0.0f;
 }
 
+// Rows are taken kRows at a time so that each per-column value (running max, scale, 1/scale)
+// is loaded once per kRows elements: loading it for every element made these loops twice as
+// slow as memory bandwidth allows.
+constexpr int64_t kRows = 8;
+
 // m[j] = max(m[j], |x[r, j]|) over rows [0, rows) of a row-major block with row stride `stride`.
 void col_absmax_bits(const float* x, int64_t rows, int64_t stride, int64_t w, uint32_t* m) {
-  for (int64_t r = 0; r < rows; ++r) {
+  int64_t r = 0;
+  for (; r + kRows <= rows; r += kRows) {
+    const uint32_t* b = reinterpret_cast<const uint32_t*>(x + r * stride);
+    for (int64_t j = 0; j < w; ++j) {
+      uint32_t v = m[j];
+      for (int64_t k = 0; k < kRows; ++k) {
+        const uint32_t u = b[k * stride + j] & kAbsMask;
+        v = u > v ? u : v;
+      }
+      m[j] = v;
+    }
+  }
+  for (; r < rows; ++r) {
     const uint32_t* row = reinterpret_cast<const uint32_t*>(x + r * stride);
     for (int64_t j = 0; j < w; ++j) {
-      uint32_t u = row[j] & kAbsMask;
+      const uint32_t u = row[j] & kAbsMask;
       m[j] = u > m[j] ? u : m[j];
     }
   }
@@ -182,7 +199,20 @@ void apply_block(const float* x, const Out& o, int64_t at, int64_t rows, int64_t
     const int64_t w = std::min(kStrip, inner - c0);
     const float* sv = s + c0;
     const float* iv = inv + c0;
-    for (int64_t r = 0; r < rows; ++r) {
+    int64_t r = 0;
+    if (o.y) {
+      for (; r + kRows <= rows; r += kRows) {
+        const int64_t base = at + r * inner + c0;
+        const float* b = x + base;
+        float* out = o.y + base;
+        QLAB_INPLACE_SAFE
+        for (int64_t j = 0; j < w; ++j) {
+          const float a = iv[j], c = sv[j];
+          for (int64_t k = 0; k < kRows; ++k) out[k * inner + j] = code(b[k * inner + j], a, qmin, qmax) * c;
+        }
+      }
+    }
+    for (; r < rows; ++r) {
       const int64_t base = at + r * inner + c0;
       const float* row = x + base;
       if (o.y) {
@@ -235,8 +265,8 @@ inline void drain(Shared& sh) {
 #endif
 }
 
-template <typename F>
-void parallel_for(ffi::ThreadPool& pool, int64_t ntasks, int64_t work_per_task, const F& f) {
+template <typename Pool, typename F>
+void parallel_for(Pool& pool, int64_t ntasks, int64_t work_per_task, const F& f) {
   auto sh = std::make_shared<Shared>();
   sh->ntasks = ntasks;
   sh->fn = &f;
@@ -246,9 +276,9 @@ void parallel_for(ffi::ThreadPool& pool, int64_t ntasks, int64_t work_per_task, 
 #endif
   int64_t workers = 0;
   if (ntasks > 1 && ntasks * work_per_task >= (int64_t(1) << 16)) {
-    // the caller works too: one worker fewer than the pool's threads, so that no thread
-    // waits for a core (XLA:CPU's pool has as many threads as cores)
-    workers = std::min<int64_t>(pool.num_threads() - 1, ntasks - 1);
+    // every pool thread, and the caller too: an idle XLA:CPU pool thread spins looking for
+    // work, which slowed this loop more than one thread too many does (tests on 2 cores)
+    workers = std::min<int64_t>(pool.num_threads(), ntasks - 1);
   }
   for (int64_t i = 0; i < workers; ++i) pool.Schedule([sh] { drain(*sh); });
   drain(*sh);
@@ -262,7 +292,8 @@ void parallel_for(ffi::ThreadPool& pool, int64_t ntasks, int64_t work_per_task, 
 constexpr int64_t kFusedBytes = int64_t(4) << 20;
 constexpr int64_t kBandBytes = int64_t(512) << 10;
 
-ffi::Error Run(ffi::ThreadPool& pool, const float* xp, int64_t size, const Out& out, int64_t n, int64_t inner,
+template <typename Pool>
+ffi::Error Run(Pool& pool, const float* xp, int64_t size, const Out& out, int64_t n, int64_t inner,
                int64_t group, float qmin, float qmax, float inv_denom, int32_t scale_kind) {
   if (n <= 0 || inner <= 0 || group <= 0 || size % (n * inner) != 0) {
     return ffi::Error::InvalidArgument("qlab fake_quant kernel: bad view (n, inner, group)");
