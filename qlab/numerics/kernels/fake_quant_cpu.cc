@@ -5,9 +5,9 @@
 // XLA:CPU runs fake_quant as a reduction fusion and an elementwise fusion, two passes over
 // memory that are compute-bound on 2 cores (benchmarks/fake_quant.py). This kernel does a
 // group's two passes back to back while the group is in cache, with fewer instructions per
-// element (the max of |x| runs on the magnitude bits as integers), on XLA's intra-op threads.
+// element (the max of |x| runs on the magnitude bits as integers), on all CPUs.
 // Groups too large for the cache are split into bands of rows: every band's partial maxima
-// first, then every band's outputs, walking backwards over what the first pass left cached.
+// first, then every band's outputs.
 //
 // The arithmetic is step for step that of qlab/numerics/quantize.py as XLA:CPU executes it,
 // so results are bit-identical (tests/test_native.py checks it):
@@ -30,6 +30,13 @@
 #include <memory>
 #include <thread>
 #include <vector>
+#include <condition_variable>
+#include <deque>
+#include <functional>
+#include <mutex>
+#ifdef __linux__
+#include <sched.h>
+#endif
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -238,9 +245,59 @@ void apply_seg(const float* x, const Out& o, int64_t at, int64_t len, float s, f
   }
 }
 
-// Runs task(t) for t in [0, ntasks) on the caller and the XLA intra-op pool. The caller waits
-// only for tasks that were claimed, never for workers still queued, so it cannot deadlock
-// when the pool is busy; state that queued workers touch is shared-owned.
+// Worker threads of this library, one fewer than the CPUs this process may use (the caller
+// works too). XLA:CPU's intra-op pool (ffi::ThreadPool) was tried first: its threads picked
+// up scheduled work only milliseconds later, after the caller had done most of it alone.
+// Idle workers sleep on a condition variable.
+class WorkerPool {
+ public:
+  WorkerPool() {
+    int64_t cpus = std::thread::hardware_concurrency();
+#ifdef __linux__
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0) cpus = CPU_COUNT(&set);
+#endif
+    for (int64_t i = 1; i < std::max<int64_t>(cpus, 1); ++i) {
+      std::thread([this] { Loop(); }).detach();
+      ++threads_;
+    }
+  }
+  int64_t num_threads() const { return threads_; }
+  void Schedule(std::function<void()> f) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      queue_.push_back(std::move(f));
+    }
+    cv_.notify_one();
+  }
+
+ private:
+  void Loop() {
+    for (;;) {
+      std::function<void()> f;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [this] { return !queue_.empty(); });
+        f = std::move(queue_.front());
+        queue_.pop_front();
+      }
+      f();
+    }
+  }
+  int64_t threads_ = 0;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::function<void()>> queue_;
+};
+
+WorkerPool& Workers() {
+  static WorkerPool* pool = new WorkerPool();  // never destroyed: workers outlive static destructors
+  return *pool;
+}
+
+// Runs task(t) for t in [0, ntasks) on the caller and the worker pool. The caller waits only
+// for tasks that were claimed, never for workers still queued, so it cannot deadlock when the
+// workers are busy (e.g. with another call's tasks); state queued workers touch is shared-owned.
 struct Shared {
   std::atomic<int64_t> next{0}, finished{0};
   int64_t ntasks = 0;
@@ -276,8 +333,6 @@ void parallel_for(Pool& pool, int64_t ntasks, int64_t work_per_task, const F& f)
 #endif
   int64_t workers = 0;
   if (ntasks > 1 && ntasks * work_per_task >= (int64_t(1) << 16)) {
-    // every pool thread, and the caller too: an idle XLA:CPU pool thread spins looking for
-    // work, which slowed this loop more than one thread too many does (tests on 2 cores)
     workers = std::min<int64_t>(pool.num_threads(), ntasks - 1);
   }
   for (int64_t i = 0; i < workers; ++i) pool.Schedule([sh] { drain(*sh); });
@@ -382,7 +437,6 @@ ffi::Error Run(Pool& pool, const float* xp, int64_t size, const Out& out, int64_
   });
   if (out.scale) std::copy(sv.begin(), sv.end(), out.scale);
   parallel_for(pool, ntasks, band * p.inner, [&](int64_t t) {
-    t = ntasks - 1 - t;  // backwards: the first pass's last bands are still in cache
     const int64_t b = t / nbands;
     int64_t start;
     const int64_t rows = band_rows(t, &start);
@@ -396,16 +450,16 @@ ffi::Error Run(Pool& pool, const float* xp, int64_t size, const Out& out, int64_
   return ffi::Error::Success();
 }
 
-ffi::Error FakeQuantIntImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y, int64_t n,
+ffi::Error FakeQuantIntImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y, int64_t n,
                             int64_t inner, int64_t group, float qmin, float qmax, float inv_denom,
                             int32_t scale_kind) {
   Out out;
   out.y = y->typed_data();
-  return Run(pool, x.typed_data(), static_cast<int64_t>(x.element_count()), out, n, inner, group, qmin, qmax,
+  return Run(Workers(), x.typed_data(), static_cast<int64_t>(x.element_count()), out, n, inner, group, qmin, qmax,
              inv_denom, scale_kind);
 }
 
-ffi::Error QuantizeIntImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Result<ffi::AnyBuffer> codes,
+ffi::Error QuantizeIntImpl(ffi::Buffer<ffi::F32> x, ffi::Result<ffi::AnyBuffer> codes,
                            ffi::ResultBuffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> deq, int64_t n,
                            int64_t inner, int64_t group, float qmin, float qmax, float inv_denom,
                            int32_t scale_kind) {
@@ -425,14 +479,13 @@ ffi::Error QuantizeIntImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::R
   out.signed_codes = ct == ffi::DataType::S8;
   out.deq = deq->typed_data();
   out.scale = scale->typed_data();
-  return Run(pool, x.typed_data(), size, out, n, inner, group, qmin, qmax, inv_denom, scale_kind);
+  return Run(Workers(), x.typed_data(), size, out, n, inner, group, qmin, qmax, inv_denom, scale_kind);
 }
 
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QlabFakeQuantInt, FakeQuantIntImpl,
                               ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("n")
@@ -445,7 +498,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QlabFakeQuantInt, FakeQuantIntImpl,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QlabQuantizeInt, QuantizeIntImpl,
                               ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
