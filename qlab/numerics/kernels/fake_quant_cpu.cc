@@ -192,11 +192,27 @@ struct Out {
   bool signed_codes = true;
 };
 
-inline void emit_codes(const Out& o, int64_t i, float r, float s) {
-  r = r != r ? 0.0f : r;  // a NaN has no code: 0, as qlab.quantize stores
-  const int32_t c = static_cast<int32_t>(r);
-  o.codes[i] = o.signed_codes ? static_cast<uint8_t>(static_cast<int8_t>(c)) : static_cast<uint8_t>(c);
-  o.deq[i] = r * s;
+// codes (NaN has no code: 0, as qlab.quantize stores) and their dequantized values for w
+// elements; `inv`/`s` advance with the element when `stride` is 1, stay fixed when it is 0.
+template <bool Signed>
+void emit_codes(const float* __restrict x, uint8_t* __restrict codes, float* __restrict deq, int64_t w,
+                const float* __restrict inv, const float* __restrict s, int64_t stride, float qmin, float qmax) {
+  for (int64_t j = 0; j < w; ++j) {
+    float r = code(x[j], inv[j * stride], qmin, qmax);
+    r = r != r ? 0.0f : r;
+    const int32_t c = static_cast<int32_t>(r);
+    codes[j] = Signed ? static_cast<uint8_t>(static_cast<int8_t>(c)) : static_cast<uint8_t>(c);
+    deq[j] = r * s[j * stride];
+  }
+}
+
+inline void emit(const Out& o, const float* x, int64_t at, int64_t w, const float* inv, const float* s,
+                 int64_t stride, float qmin, float qmax) {
+  if (o.signed_codes) {
+    emit_codes<true>(x + at, o.codes + at, o.deq + at, w, inv, s, stride, qmin, qmax);
+  } else {
+    emit_codes<false>(x + at, o.codes + at, o.deq + at, w, inv, s, stride, qmin, qmax);
+  }
 }
 
 // code(x * inv) * s over a rows x inner block starting at element `at`, strip by strip.
@@ -227,7 +243,7 @@ void apply_block(const float* x, const Out& o, int64_t at, int64_t rows, int64_t
         QLAB_INPLACE_SAFE
         for (int64_t j = 0; j < w; ++j) out[j] = code(row[j], iv[j], qmin, qmax) * sv[j];
       } else {
-        for (int64_t j = 0; j < w; ++j) emit_codes(o, base + j, code(row[j], iv[j], qmin, qmax), sv[j]);
+        emit(o, x, base, w, iv, sv, 1, qmin, qmax);
       }
     }
   }
@@ -241,7 +257,7 @@ void apply_seg(const float* x, const Out& o, int64_t at, int64_t len, float s, f
     QLAB_INPLACE_SAFE
     for (int64_t i = 0; i < len; ++i) out[i] = code(v[i], inv, qmin, qmax) * s;
   } else {
-    for (int64_t i = 0; i < len; ++i) emit_codes(o, at + i, code(x[at + i], inv, qmin, qmax), s);
+    emit(o, x, at, len, &inv, &s, 0, qmin, qmax);
   }
 }
 
