@@ -23,6 +23,10 @@ largest magnitude to the format's largest positive value, ``scale = absmax / qma
 kernels do; the top value then clips by one step). Asymmetric: ``scale = (max-min)/(qmax-qmin)``
 over a range widened to include 0, ``zero_point = qmin - round(min/scale)``, stored in ``bits``
 bits. E8M0 scales follow the OCP MX rule ``2^(floor(log2(absmax)) - floor(log2(qmax)))``.
+Codes are ``round(x * (1/scale))`` with ``1/scale`` computed once per scale in float32 (as
+PyTorch's fake_quantize and AQT do; XLA rewrote some ``x / scale`` that way and not others), and
+a symmetric scale is ``absmax * (1/qmax)``; against ``x / scale`` this moves a value only when
+``x / scale`` lies within a float32 rounding of a half-way point.
 
 Example:
     >>> spec = parse_spec("int4/g128")
