@@ -29,6 +29,7 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <utility>
 #include <vector>
 #include <condition_variable>
 #include <deque>
@@ -498,30 +499,27 @@ ffi::Error QuantizeIntImpl(ffi::Buffer<ffi::F32> x, ffi::Result<ffi::AnyBuffer> 
   return Run(Workers(), x.typed_data(), size, out, n, inner, group, qmin, qmax, inv_denom, scale_kind);
 }
 
+// The attributes both handlers take (qlab/numerics/native.py: _attrs).
+template <typename Binding>
+auto WithViewAttrs(Binding b) {
+  return std::move(b)
+      .template Attr<int64_t>("n")
+      .template Attr<int64_t>("inner")
+      .template Attr<int64_t>("group")
+      .template Attr<float>("qmin")
+      .template Attr<float>("qmax")
+      .template Attr<float>("inv_denom")
+      .template Attr<int32_t>("scale_kind");
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QlabFakeQuantInt, FakeQuantIntImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("n")
-                                  .Attr<int64_t>("inner")
-                                  .Attr<int64_t>("group")
-                                  .Attr<float>("qmin")
-                                  .Attr<float>("qmax")
-                                  .Attr<float>("inv_denom")
-                                  .Attr<int32_t>("scale_kind"));
+                              WithViewAttrs(ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QlabQuantizeInt, QuantizeIntImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("n")
-                                  .Attr<int64_t>("inner")
-                                  .Attr<int64_t>("group")
-                                  .Attr<float>("qmin")
-                                  .Attr<float>("qmax")
-                                  .Attr<float>("inv_denom")
-                                  .Attr<int32_t>("scale_kind"));
+                              WithViewAttrs(ffi::Ffi::Bind()
+                                                .Arg<ffi::Buffer<ffi::F32>>()
+                                                .Ret<ffi::AnyBuffer>()
+                                                .Ret<ffi::Buffer<ffi::F32>>()
+                                                .Ret<ffi::Buffer<ffi::F32>>()));
