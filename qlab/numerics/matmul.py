@@ -26,10 +26,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from qlab.numerics.formats import IntFormat
 from qlab.numerics.granularity import PerChannel, PerTensor
 from qlab.numerics.quantize import QTensor, _quantize_and_values, quantize
-from qlab.numerics.spec import Absmax, QuantSpec, as_spec
+from qlab.numerics.spec import QuantSpec, as_spec, plain_absmax_int
 
 __all__ = ["int_matmul_supported", "quantized_matmul", "quantized_matmul_codes"]
 
@@ -48,13 +47,8 @@ def int_matmul_supported(spec, scale_axis: int) -> bool:
     s = as_spec(spec)
     g = s.granularity
     return (
-        type(s.fmt) is IntFormat
+        plain_absmax_int(s)
         and (s.fmt.signed or s.fmt.bits <= 7)  # codes fit int8
-        and s.symmetric
-        and isinstance(s.range, Absmax)
-        and s.rounding == "nearest"
-        and not s.tensor_scale
-        and s.scale_dtype in ("f32", "f16", "bf16")
         and (isinstance(g, PerTensor) or isinstance(g, PerChannel) and g.axis == scale_axis)
     )
 

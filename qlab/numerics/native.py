@@ -37,9 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qlab.numerics.formats import IntFormat
 from qlab.numerics.granularity import PerChannel, PerGroup, PerTensor
-from qlab.numerics.spec import Absmax, QuantSpec
+from qlab.numerics.spec import QuantSpec, plain_absmax_int
 
 __all__ = ["status", "build", "kernel_view", "fake_quant_cpu", "quantize_cpu"]
 
@@ -149,8 +148,7 @@ def kernel_view(spec: QuantSpec, shape, dtype):
     """
     if not jnp.issubdtype(dtype, jnp.floating) or len(shape) == 0 or math.prod(shape) == 0:
         return None
-    if not (type(spec.fmt) is IntFormat and spec.symmetric and isinstance(spec.range, Absmax)
-            and spec.rounding == "nearest" and not spec.tensor_scale and spec.scale_dtype in _SCALE_KINDS):
+    if not plain_absmax_int(spec):
         return None
     nd, g = len(shape), spec.granularity
     if isinstance(g, PerTensor):
@@ -177,9 +175,8 @@ def enabled() -> bool:
 def _attrs(spec: QuantSpec, view) -> dict:
     n, inner, group = view
     fmt = spec.fmt
-    denom = fmt.max_abs if spec.absmax_to == "qmax" else -fmt.qmin
     return dict(n=np.int64(n), inner=np.int64(inner), group=np.int64(group), qmin=np.float32(fmt.qmin),
-                qmax=np.float32(fmt.qmax), inv_denom=np.float32(1) / np.float32(denom),
+                qmax=np.float32(fmt.qmax), inv_denom=np.float32(1) / np.float32(spec.absmax_divisor),
                 scale_kind=np.int32(_SCALE_KINDS[spec.scale_dtype]))
 
 
@@ -211,23 +208,25 @@ def fake_quant_cpu(x, spec: QuantSpec, view):
     return y.astype(x.dtype)  # computed in float32 as the XLA path does
 
 
-def quantize_cpu(x, spec: QuantSpec, view, scale_shape):
+def quantize_cpu(x, spec: QuantSpec, view):
     """The kernel's ``quantize``: ``(codes, scale, values)`` in one pass, where ``codes`` (int8, or
-    uint8 for unsigned formats) and ``scale`` (float32, ``scale_shape``: the granularity's view with
-    the reduced axes 1) are those of ``qlab.quantize`` and ``values`` (float32) is
-    ``dequantize`` of them. CPU only, for a ``view`` from :func:`kernel_view`.
+    uint8 for unsigned formats) and ``scale`` (float32, shaped as the granularity's view with the
+    reduced axes 1) are those of ``qlab.quantize`` and ``values`` (float32) is ``dequantize`` of
+    them. CPU only, for a ``view`` from :func:`kernel_view`.
 
     Example:
         >>> import jax.numpy as jnp
         >>> from qlab.numerics import parse_spec, quantize
         >>> s = parse_spec("int4/ch0"); x = jnp.array([[0.1, -0.5, 0.25, 1.0]])
-        >>> codes, scale, values = quantize_cpu(x, s, kernel_view(s, x.shape, x.dtype), (1, 1))
+        >>> codes, scale, values = quantize_cpu(x, s, kernel_view(s, x.shape, x.dtype))
         >>> codes.tolist() == quantize(x, s).codes.tolist()
         True
     """
     _require()
     code_dtype = np.int8 if spec.fmt.signed else np.uint8
-    out = (jax.ShapeDtypeStruct(x.shape, code_dtype), jax.ShapeDtypeStruct(tuple(scale_shape), np.float32),
+    vshape, axes, _ = spec.granularity.view(x.shape)
+    scale_shape = tuple(1 if i in axes else d for i, d in enumerate(vshape))
+    out = (jax.ShapeDtypeStruct(x.shape, code_dtype), jax.ShapeDtypeStruct(scale_shape, np.float32),
            jax.ShapeDtypeStruct(x.shape, np.float32))
     call = jax.ffi.ffi_call(_QTARGET, out, vmap_method="broadcast_all")
     return call(x.astype(np.float32), **_attrs(spec, view))

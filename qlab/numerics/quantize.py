@@ -224,7 +224,7 @@ def _scale_and_zero(lo, hi, spec: QuantSpec, tscale):
     fmt = spec.fmt
     if spec.symmetric:
         amax = jnp.maximum(-lo, hi)
-        denom = fmt.max_abs if spec.absmax_to == "qmax" else _num(-fmt.qmin)
+        denom = _num(spec.absmax_divisor)
         raw = amax * _reciprocal(denom)
         if tscale is not None:
             raw = raw / tscale
@@ -409,24 +409,26 @@ def _quantize(x, spec: QuantSpec, noise) -> QTensor:
     return _quantize_and_values(x, spec, noise)[0]
 
 
-def _kernel_scale_shape(spec: QuantSpec, shape):
-    vshape, axes, _ = spec.granularity.view(shape)
-    return tuple(1 if i in axes else d for i, d in enumerate(vshape))
+def _kernel_view(x, spec: QuantSpec, noise):
+    """The CPU kernel's view of ``x`` (``qlab.numerics.native``) when it covers this call, else None."""
+    if noise is not None:
+        return None
+    view = native.kernel_view(spec, x.shape, x.dtype)
+    return view if view is not None and native.enabled() else None
 
 
 def _quantize_and_values(x, spec: QuantSpec, noise):
     """``(quantize(x, spec), float32 values of dequantize of it)``; on CPU the kernel of
     ``qlab.numerics.native`` computes both in one pass for the specs it covers (bit-identical)."""
-    view = native.kernel_view(spec, x.shape, x.dtype) if noise is None else None
-    if view is not None and native.enabled():
-        sshape = _kernel_scale_shape(spec, x.shape)
+    view = _kernel_view(x, spec, noise)
+    if view is not None:
 
         def xla(v):
             q = _quantize_xla(v, spec, None)
             return q.codes, q.scale, _dequantize_f32(q)
 
         codes, scale, values = jax.lax.platform_dependent(
-            x, cpu=lambda v: native.quantize_cpu(v, spec, view, sshape), default=xla
+            x, cpu=lambda v: native.quantize_cpu(v, spec, view), default=xla
         )
         return QTensor(codes, scale, None, None, spec, tuple(x.shape), x.dtype), values
     q = _quantize_xla(x, spec, noise)
@@ -545,13 +547,12 @@ def _overrides(spec: QuantSpec, bits, clip_ratio, where: str):
 def _fq_forward(x, spec: QuantSpec, noise, given_range=None, ov=None):
     """(fake-quantized x, clip range); on CPU the kernel of ``qlab.numerics.native`` computes the
     common specs (bit-identical; it returns no clip range: those specs are mask-free)."""
-    if ov is None and noise is None and given_range is None:
-        view = native.kernel_view(spec, x.shape, x.dtype)
-        if view is not None and native.enabled():
-            y = jax.lax.platform_dependent(
-                x, cpu=lambda v: native.fake_quant_cpu(v, spec, view), default=lambda v: _fq_xla(v, spec, None)[0]
-            )
-            return y, None
+    view = _kernel_view(x, spec, noise) if ov is None and given_range is None else None
+    if view is not None:
+        y = jax.lax.platform_dependent(
+            x, cpu=lambda v: native.fake_quant_cpu(v, spec, view), default=lambda v: _fq_xla(v, spec, None)[0]
+        )
+        return y, None
     return _fq_xla(x, spec, noise, given_range, ov)
 
 

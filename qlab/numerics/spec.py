@@ -233,6 +233,12 @@ class QuantSpec:
             return 0
         return self.fmt.bits if self.zero_point == "int" else self.scale_bits
 
+    @property
+    def absmax_divisor(self):
+        """What a symmetric scale divides the clip range by: ``fmt.max_abs``, or ``|qmin|`` with
+        ``absmax_to="qmin"`` (see the scale convention above)."""
+        return self.fmt.max_abs if self.absmax_to == "qmax" else -self.fmt.qmin
+
     def resolve(self, channel_axis: int, contract_axis: int) -> "QuantSpec":
         """Fill in ``axis=None`` granularities for a layer weight: per-channel scales follow
         ``channel_axis`` and groups run along ``contract_axis``.
@@ -382,6 +388,26 @@ def bit_width_family(spec) -> QuantSpec:
     s = as_spec(spec)
     f = s.fmt
     return s.replace(fmt=IntFormat(8, f.signed, f.narrow)) if isinstance(f, IntFormat) else s
+
+
+def plain_absmax_int(spec) -> bool:
+    """Whether ``spec`` is the plain integer family that qlab's integer matmul and CPU kernel take:
+    a static-width integer format, symmetric, absmax range, round to nearest, no second-level
+    scale, an f32/f16/bf16 scale.
+
+    Example:
+        >>> plain_absmax_int("int4/g128"), plain_absmax_int("int4/g128/asym"), plain_absmax_int("int8/s=e8m0")
+        (True, False, False)
+    """
+    s = as_spec(spec)
+    return (
+        type(s.fmt) is IntFormat
+        and s.symmetric
+        and isinstance(s.range, Absmax)
+        and s.rounding == "nearest"
+        and not s.tensor_scale
+        and s.scale_dtype in ("f32", "f16", "bf16")
+    )
 
 
 def as_spec(spec) -> QuantSpec | None:

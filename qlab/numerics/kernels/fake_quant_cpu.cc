@@ -165,13 +165,8 @@ uint32_t seg_absmax_bits(const float* x, int64_t len) {
   return m;
 }
 
-float seg_finite_absmax(const float* x, int64_t len) {
-  float m = 0.0f;
-  for (int64_t i = 0; i < len; ++i) m = std::max(m, finite_abs(x[i]));
-  return m;
-}
-
-// Scales from magnitude bits; a column whose max is NaN/inf is rescanned (rows, stride).
+// Scales from magnitude bits; a column whose max is NaN/inf is rescanned (rows, stride); with
+// w = 1 and stride 1 the "column" is a contiguous segment.
 void scales_from_bits(const uint32_t* m, int64_t w, const float* x, int64_t rows, int64_t stride,
                       const Params& p, float* s, float* inv) {
   for (int64_t j = 0; j < w; ++j) {
@@ -339,8 +334,8 @@ inline void drain(Shared& sh) {
 #endif
 }
 
-template <typename Pool, typename F>
-void parallel_for(Pool& pool, int64_t ntasks, int64_t work_per_task, const F& f) {
+template <typename F>
+void parallel_for(int64_t ntasks, int64_t work_per_task, const F& f) {
   auto sh = std::make_shared<Shared>();
   sh->ntasks = ntasks;
   sh->fn = &f;
@@ -350,22 +345,21 @@ void parallel_for(Pool& pool, int64_t ntasks, int64_t work_per_task, const F& f)
 #endif
   int64_t workers = 0;
   if (ntasks > 1 && ntasks * work_per_task >= (int64_t(1) << 16)) {
-    workers = std::min<int64_t>(pool.num_threads(), ntasks - 1);
+    workers = std::min<int64_t>(Workers().num_threads(), ntasks - 1);
   }
-  for (int64_t i = 0; i < workers; ++i) pool.Schedule([sh] { drain(*sh); });
+  for (int64_t i = 0; i < workers; ++i) Workers().Schedule([sh] { drain(*sh); });
   drain(*sh);
   while (sh->finished.load(std::memory_order_acquire) < ntasks) std::this_thread::yield();
 }
 
 // A group whose block (group rows x inner) is at most this size is done in one task, both
 // passes while it is in cache; larger groups are split into bands of rows: all bands' maxima
-// first, then all bands' outputs, the second pass walking backwards over what the first
-// pass left in the last-level cache.
+// first, then all bands' outputs (forwards: walking backwards, to reuse what the first pass
+// left in the last-level cache, measured slower).
 constexpr int64_t kFusedBytes = int64_t(4) << 20;
 constexpr int64_t kBandBytes = int64_t(512) << 10;
 
-template <typename Pool>
-ffi::Error Run(Pool& pool, const float* xp, int64_t size, const Out& out, int64_t n, int64_t inner,
+ffi::Error Run(const float* xp, int64_t size, const Out& out, int64_t n, int64_t inner,
                int64_t group, float qmin, float qmax, float inv_denom, int32_t scale_kind) {
   if (n <= 0 || inner <= 0 || group <= 0 || size % (n * inner) != 0) {
     return ffi::Error::InvalidArgument("qlab fake_quant kernel: bad view (n, inner, group)");
@@ -382,13 +376,13 @@ ffi::Error Run(Pool& pool, const float* xp, int64_t size, const Out& out, int64_
     return std::min(p.group, p.n - g * p.group);
   };
   const int64_t block_bytes = p.group * p.inner * 4;
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t threads = std::max<int64_t>(1, Workers().num_threads());
 
   if (block_bytes <= kFusedBytes && (nblocks >= 2 * threads || size < (int64_t(1) << 16))) {
     // one task per run of whole blocks
     const int64_t per = std::max<int64_t>(1, kBandBytes / block_bytes);
     const int64_t ntasks = (nblocks + per - 1) / per;
-    parallel_for(pool, ntasks, per * p.group * p.inner, [&](int64_t t) {
+    parallel_for(ntasks, per * p.group * p.inner, [&](int64_t t) {
       std::vector<uint32_t> m(p.inner);
       std::vector<float> sv(p.inner), iv(p.inner);
       for (int64_t b = t * per; b < std::min(nblocks, (t + 1) * per); ++b) {
@@ -396,10 +390,10 @@ ffi::Error Run(Pool& pool, const float* xp, int64_t size, const Out& out, int64_
         const int64_t rows = block_rows(b, &start);
         if (p.inner == 1) {
           const uint32_t mb = seg_absmax_bits(xp + start, rows);
-          const float a = mb < kInfBits ? float_of(mb) : seg_finite_absmax(xp + start, rows);
-          const float sc = stored_scale(a, p);
+          float sc, inv;
+          scales_from_bits(&mb, 1, xp + start, rows, 1, p, &sc, &inv);
           if (out.scale) out.scale[b] = sc;
-          apply_seg(xp, out, start, rows, sc, 1.0f / sc, p.qmin, p.qmax);
+          apply_seg(xp, out, start, rows, sc, inv, p.qmin, p.qmax);
         } else {
           std::fill(m.begin(), m.end(), 0u);
           col_absmax_bits(xp + start, rows, p.inner, p.inner, m.data());
@@ -424,7 +418,7 @@ ffi::Error Run(Pool& pool, const float* xp, int64_t size, const Out& out, int64_
     *start += k * band * p.inner;
     return std::max<int64_t>(0, std::min(band, rows - k * band));
   };
-  parallel_for(pool, ntasks, band * p.inner, [&](int64_t t) {
+  parallel_for(ntasks, band * p.inner, [&](int64_t t) {
     int64_t start;
     const int64_t rows = band_rows(t, &start);
     uint32_t* m = partial.data() + t * p.inner;
@@ -435,7 +429,7 @@ ffi::Error Run(Pool& pool, const float* xp, int64_t size, const Out& out, int64_
     }
   });
   std::vector<float> sv(nblocks * p.inner), iv(nblocks * p.inner);
-  parallel_for(pool, nblocks, nbands * p.inner, [&](int64_t b) {
+  parallel_for(nblocks, nbands * p.inner, [&](int64_t b) {
     uint32_t* m = partial.data() + b * nbands * p.inner;
     for (int64_t k = 1; k < nbands; ++k) {
       const uint32_t* mk = m + k * p.inner;
@@ -443,17 +437,10 @@ ffi::Error Run(Pool& pool, const float* xp, int64_t size, const Out& out, int64_
     }
     int64_t start;
     const int64_t rows = block_rows(b, &start);
-    if (p.inner == 1) {
-      const float a = *m < kInfBits ? float_of(*m) : seg_finite_absmax(xp + start, rows);
-      sv[b] = stored_scale(a, p);
-      iv[b] = 1.0f / sv[b];
-    } else {
-      scales_from_bits(m, p.inner, xp + start, rows, p.inner, p, sv.data() + b * p.inner,
-                       iv.data() + b * p.inner);
-    }
+    scales_from_bits(m, p.inner, xp + start, rows, p.inner, p, sv.data() + b * p.inner, iv.data() + b * p.inner);
   });
   if (out.scale) std::copy(sv.begin(), sv.end(), out.scale);
-  parallel_for(pool, ntasks, band * p.inner, [&](int64_t t) {
+  parallel_for(ntasks, band * p.inner, [&](int64_t t) {
     const int64_t b = t / nbands;
     int64_t start;
     const int64_t rows = band_rows(t, &start);
@@ -472,7 +459,7 @@ ffi::Error FakeQuantIntImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32>
                             int32_t scale_kind) {
   Out out;
   out.y = y->typed_data();
-  return Run(Workers(), x.typed_data(), static_cast<int64_t>(x.element_count()), out, n, inner, group, qmin, qmax,
+  return Run(x.typed_data(), static_cast<int64_t>(x.element_count()), out, n, inner, group, qmin, qmax,
              inv_denom, scale_kind);
 }
 
@@ -496,7 +483,7 @@ ffi::Error QuantizeIntImpl(ffi::Buffer<ffi::F32> x, ffi::Result<ffi::AnyBuffer> 
   out.signed_codes = ct == ffi::DataType::S8;
   out.deq = deq->typed_data();
   out.scale = scale->typed_data();
-  return Run(Workers(), x.typed_data(), size, out, n, inner, group, qmin, qmax, inv_denom, scale_kind);
+  return Run(x.typed_data(), size, out, n, inner, group, qmin, qmax, inv_denom, scale_kind);
 }
 
 // The attributes both handlers take (qlab/numerics/native.py: _attrs).
