@@ -72,7 +72,7 @@ def _set_traced(q, spec: QuantSpec, what: str, bits, clip_ratio):
             raise ValueError(f"{what}.set_traced: LSQ needs a concrete bits (its gradient scale is computed from it)")
         qmax = TracedIntFormat(spec.fmt, int(bits)).qmax
         # the same Python float the static path computes, held per variant
-        q.lsq_grad_scale = QuantOverride(jnp.float32(1.0 / math.sqrt(q.group_size * max(float(qmax), 1))))
+        q.lsq_grad_scale = QuantOverride(jnp.float32(q._lsq_grad_scale(qmax)))
     if clip_ratio is not None:
         q.clip_ratio = QuantOverride(ov[1])
 
@@ -146,6 +146,10 @@ class WeightQuantizer(nnx.Module):
         """
         _set_traced(self, self.spec, "WeightQuantizer", bits, clip_ratio)
 
+    def _lsq_grad_scale(self, qmax) -> float:
+        """LSQ's gradient scale ``1/sqrt(N * Qp)``, N = ``group_size`` weights per step."""
+        return 1.0 / math.sqrt(self.group_size * max(float(qmax), 1))
+
     def __call__(self, w):
         if self.method == "ste":
             return fake_quant(w, self.spec, **_traced(self))
@@ -154,7 +158,7 @@ class WeightQuantizer(nnx.Module):
         if getattr(self, "traced_bits", None) is not None:  # LSQ with a traced bit width (set_traced)
             fmt, g = TracedIntFormat(fmt, self.traced_bits[...]), self.lsq_grad_scale[...]
         else:
-            g = 1.0 / math.sqrt(self.group_size * max(fmt.qmax, 1))
+            g = self._lsq_grad_scale(fmt.qmax)
         y = lsq_fake_quant(wv, self.step[...], fmt, grad_scale=g)
         return from_view(y, self.spec.granularity, w.shape).astype(w.dtype)
 
