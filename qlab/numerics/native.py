@@ -209,16 +209,15 @@ def fake_quant_cpu(x, spec: QuantSpec, view):
 
 
 def quantize_cpu(x, spec: QuantSpec, view):
-    """The kernel's ``quantize``: ``(codes, scale, values)`` in one pass, where ``codes`` (int8, or
-    uint8 for unsigned formats) and ``scale`` (float32, shaped as the granularity's view with the
-    reduced axes 1) are those of ``qlab.quantize`` and ``values`` (float32) is ``dequantize`` of
-    them. CPU only, for a ``view`` from :func:`kernel_view`.
+    """The kernel's ``quantize``: ``(codes, scale)`` in one pass, those of ``qlab.quantize``:
+    ``codes`` int8 (uint8 for unsigned formats), ``scale`` float32 shaped as the granularity's
+    view with the reduced axes 1. CPU only, for a ``view`` from :func:`kernel_view`.
 
     Example:
         >>> import jax.numpy as jnp
         >>> from qlab.numerics import parse_spec, quantize
         >>> s = parse_spec("int4/ch0"); x = jnp.array([[0.1, -0.5, 0.25, 1.0]])
-        >>> codes, scale, values = quantize_cpu(x, s, kernel_view(s, x.shape, x.dtype))
+        >>> codes, scale = quantize_cpu(x, s, kernel_view(s, x.shape, x.dtype))
         >>> codes.tolist() == quantize(x, s).codes.tolist()
         True
     """
@@ -226,7 +225,6 @@ def quantize_cpu(x, spec: QuantSpec, view):
     code_dtype = np.int8 if spec.fmt.signed else np.uint8
     vshape, axes, _ = spec.granularity.view(x.shape)
     scale_shape = tuple(1 if i in axes else d for i, d in enumerate(vshape))
-    out = (jax.ShapeDtypeStruct(x.shape, code_dtype), jax.ShapeDtypeStruct(scale_shape, np.float32),
-           jax.ShapeDtypeStruct(x.shape, np.float32))
+    out = (jax.ShapeDtypeStruct(x.shape, code_dtype), jax.ShapeDtypeStruct(scale_shape, np.float32))
     call = jax.ffi.ffi_call(_QTARGET, out, vmap_method="broadcast_all")
     return call(x.astype(np.float32), **_attrs(spec, view))

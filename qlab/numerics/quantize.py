@@ -406,7 +406,16 @@ def quantize(x, spec, *, key=None) -> QTensor:
 # dispatching op by op; inside a user's jit they inline.
 @functools.partial(jax.jit, static_argnums=1)
 def _quantize(x, spec: QuantSpec, noise) -> QTensor:
-    return _quantize_and_values(x, spec, noise)[0]
+    view = _kernel_view(x, spec, noise)
+    if view is None:
+        return _quantize_xla(x, spec, noise)
+
+    def xla(v):
+        q = _quantize_xla(v, spec, None)
+        return q.codes, q.scale
+
+    codes, scale = jax.lax.platform_dependent(x, cpu=lambda v: native.quantize_cpu(v, spec, view), default=xla)
+    return QTensor(codes, scale, None, None, spec, tuple(x.shape), x.dtype)
 
 
 def _kernel_view(x, spec: QuantSpec, noise):
@@ -415,24 +424,6 @@ def _kernel_view(x, spec: QuantSpec, noise):
         return None
     view = native.kernel_view(spec, x.shape, x.dtype)
     return view if view is not None and native.enabled() else None
-
-
-def _quantize_and_values(x, spec: QuantSpec, noise):
-    """``(quantize(x, spec), float32 values of dequantize of it)``; on CPU the kernel of
-    ``qlab.numerics.native`` computes both in one pass for the specs it covers (bit-identical)."""
-    view = _kernel_view(x, spec, noise)
-    if view is not None:
-
-        def xla(v):
-            q = _quantize_xla(v, spec, None)
-            return q.codes, q.scale, _dequantize_f32(q)
-
-        codes, scale, values = jax.lax.platform_dependent(
-            x, cpu=lambda v: native.quantize_cpu(v, spec, view), default=xla
-        )
-        return QTensor(codes, scale, None, None, spec, tuple(x.shape), x.dtype), values
-    q = _quantize_xla(x, spec, noise)
-    return q, _dequantize_f32(q)
 
 
 def _quantize_xla(x, spec: QuantSpec, noise) -> QTensor:

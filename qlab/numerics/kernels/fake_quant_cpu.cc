@@ -178,36 +178,34 @@ void scales_from_bits(const uint32_t* m, int64_t w, const float* x, int64_t rows
 
 constexpr int64_t kStrip = 1024;  // columns per strip: the strip's scales stay in L1
 
-// Where results go: the fake-quantized values `y`, or (quantize) the integer codes, their
-// dequantized values and the scales. Offsets are element indices into x's layout.
+// Where results go: the fake-quantized values `y`, or (quantize) the integer codes and the
+// scales. Offsets are element indices into x's layout.
 struct Out {
   float* y = nullptr;
   uint8_t* codes = nullptr;  // int8 or uint8 codes, stored as bytes
-  float* deq = nullptr;
   float* scale = nullptr;  // [outer, ngroups, inner]
   bool signed_codes = true;
 };
 
-// codes (NaN has no code: 0, as qlab.quantize stores) and their dequantized values for w
-// elements; `inv`/`s` advance with the element when `stride` is 1, stay fixed when it is 0.
+// codes of w elements (NaN has no code: 0, as qlab.quantize stores); `inv` advances with the
+// element when `stride` is 1, stays fixed when it is 0.
 template <bool Signed>
-void emit_codes(const float* __restrict x, uint8_t* __restrict codes, float* __restrict deq, int64_t w,
-                const float* __restrict inv, const float* __restrict s, int64_t stride, float qmin, float qmax) {
+void emit_codes(const float* __restrict x, uint8_t* __restrict codes, int64_t w, const float* __restrict inv,
+                int64_t stride, float qmin, float qmax) {
   for (int64_t j = 0; j < w; ++j) {
     float r = code(x[j], inv[j * stride], qmin, qmax);
     r = r != r ? 0.0f : r;
     const int32_t c = static_cast<int32_t>(r);
     codes[j] = Signed ? static_cast<uint8_t>(static_cast<int8_t>(c)) : static_cast<uint8_t>(c);
-    deq[j] = r * s[j * stride];
   }
 }
 
-inline void emit(const Out& o, const float* x, int64_t at, int64_t w, const float* inv, const float* s,
-                 int64_t stride, float qmin, float qmax) {
+inline void emit(const Out& o, const float* x, int64_t at, int64_t w, const float* inv, int64_t stride,
+                 float qmin, float qmax) {
   if (o.signed_codes) {
-    emit_codes<true>(x + at, o.codes + at, o.deq + at, w, inv, s, stride, qmin, qmax);
+    emit_codes<true>(x + at, o.codes + at, w, inv, stride, qmin, qmax);
   } else {
-    emit_codes<false>(x + at, o.codes + at, o.deq + at, w, inv, s, stride, qmin, qmax);
+    emit_codes<false>(x + at, o.codes + at, w, inv, stride, qmin, qmax);
   }
 }
 
@@ -239,7 +237,7 @@ void apply_block(const float* x, const Out& o, int64_t at, int64_t rows, int64_t
         QLAB_INPLACE_SAFE
         for (int64_t j = 0; j < w; ++j) out[j] = code(row[j], iv[j], qmin, qmax) * sv[j];
       } else {
-        emit(o, x, base, w, iv, sv, 1, qmin, qmax);
+        emit(o, x, base, w, iv, 1, qmin, qmax);
       }
     }
   }
@@ -253,7 +251,7 @@ void apply_seg(const float* x, const Out& o, int64_t at, int64_t len, float s, f
     QLAB_INPLACE_SAFE
     for (int64_t i = 0; i < len; ++i) out[i] = code(v[i], inv, qmin, qmax) * s;
   } else {
-    emit(o, x, at, len, &inv, &s, 0, qmin, qmax);
+    emit(o, x, at, len, &inv, 0, qmin, qmax);
   }
 }
 
@@ -464,14 +462,12 @@ ffi::Error FakeQuantIntImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32>
 }
 
 ffi::Error QuantizeIntImpl(ffi::Buffer<ffi::F32> x, ffi::Result<ffi::AnyBuffer> codes,
-                           ffi::ResultBuffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> deq, int64_t n,
-                           int64_t inner, int64_t group, float qmin, float qmax, float inv_denom,
-                           int32_t scale_kind) {
+                           ffi::ResultBuffer<ffi::F32> scale, int64_t n, int64_t inner, int64_t group,
+                           float qmin, float qmax, float inv_denom, int32_t scale_kind) {
   const int64_t size = static_cast<int64_t>(x.element_count());
   const auto ct = codes->element_type();
-  if ((ct != ffi::DataType::S8 && ct != ffi::DataType::U8) || static_cast<int64_t>(codes->element_count()) != size ||
-      static_cast<int64_t>(deq->element_count()) != size) {
-    return ffi::Error::InvalidArgument("qlab quantize kernel: codes must be int8/uint8 and deq float32, x's size");
+  if ((ct != ffi::DataType::S8 && ct != ffi::DataType::U8) || static_cast<int64_t>(codes->element_count()) != size) {
+    return ffi::Error::InvalidArgument("qlab quantize kernel: codes must be int8/uint8 of x's size");
   }
   const int64_t groups = (n + std::min(group, n) - 1) / std::min(group, n);
   if (n <= 0 || inner <= 0 || size % (n * inner) != 0 ||
@@ -481,7 +477,6 @@ ffi::Error QuantizeIntImpl(ffi::Buffer<ffi::F32> x, ffi::Result<ffi::AnyBuffer> 
   Out out;
   out.codes = static_cast<uint8_t*>(codes->untyped_data());
   out.signed_codes = ct == ffi::DataType::S8;
-  out.deq = deq->typed_data();
   out.scale = scale->typed_data();
   return Run(x.typed_data(), size, out, n, inner, group, qmin, qmax, inv_denom, scale_kind);
 }
@@ -508,5 +503,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QlabQuantizeInt, QuantizeIntImpl,
                               WithViewAttrs(ffi::Ffi::Bind()
                                                 .Arg<ffi::Buffer<ffi::F32>>()
                                                 .Ret<ffi::AnyBuffer>()
-                                                .Ret<ffi::Buffer<ffi::F32>>()
                                                 .Ret<ffi::Buffer<ffi::F32>>()));
