@@ -67,3 +67,13 @@ def test_unsupported_spec_error_names_the_field():
         quantized_matmul(jnp.ones((2, 64)), jnp.ones((64, 3)), "int8", "int4/g32")
     with pytest.raises(ValueError, match=r"x must be \[M, K\]"):
         quantized_matmul(jnp.ones((2, 4)), jnp.ones((5, 3)), "int8", "int8/ch1")
+
+
+def test_backward_keeps_codes_and_scales_not_float_copies(capsys):
+    # the residuals of a W8A8 product are int8 codes plus scales: a quarter of the bytes of float32 copies
+    from jax.ad_checkpoint import print_saved_residuals
+
+    x, w = jnp.ones((4, 64)), jnp.ones((64, 8))
+    print_saved_residuals(lambda x, w: quantized_matmul(x, w, "int8", "int8/ch1").sum(), x, w)
+    saved = sorted(line.split()[0] for line in capsys.readouterr().out.strip().splitlines())
+    assert saved == sorted(["i8[4,64]", "f32[1,1]", "i8[64,8]", "f32[1,8]"])

@@ -1,0 +1,92 @@
+// What two passes over memory cost on this machine: the floor under any per-channel fake-quant
+// of a weight whose channels span all its rows (the max of each column needs every row before
+// the first output), against the one-pass reference of benchmarks/fake_quant.py.
+//
+//     g++ -O3 -march=native -pthread benchmarks/read_floor.cc -o /tmp/read_floor && /tmp/read_floor
+//
+// float32[4096, 4096] on all CPUs, each case after a pass that rewrites the array (as a fresh
+// input would be), the cases interleaved; min and median over repeats. Rows:
+//   multiply in place   x *= 1.0001 (the reference: one read, one write)
+//   read-only max|x|    one read, no write (the first pass of a two-pass op)
+//   max, then multiply  both in turn: the least a two-pass in-place op can cost
+// No kernel and no XLA here: only memory traffic, so the ratios are what the hardware allows.
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <thread>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kN = int64_t(4096) * 4096;
+
+// f(begin, end) on contiguous slices of [0, kN), one per CPU.
+void on_all_cpus(const std::function<void(int64_t, int64_t)>& f) {
+  const int64_t t = std::max(1u, std::thread::hardware_concurrency());
+  std::vector<std::thread> ts;
+  for (int64_t i = 1; i < t; ++i) ts.emplace_back(f, kN * i / t, kN * (i + 1) / t);
+  f(0, kN / t);
+  for (auto& th : ts) th.join();
+}
+
+float g_sink;  // keeps the read-only pass from being optimized away
+
+void multiply(float* x) {
+  on_all_cpus([x](int64_t a, int64_t b) {
+    for (int64_t i = a; i < b; ++i) x[i] *= 1.0001f;
+  });
+}
+
+// max |x| as the max of the magnitude bits (integers order like the floats; the loop vectorizes,
+// where a float max chain would be bound by its latency, not by memory).
+void read_max(const float* x) {
+  on_all_cpus([x](int64_t a, int64_t b) {
+    const uint32_t* u = reinterpret_cast<const uint32_t*>(x);
+    uint32_t m = 0;
+    for (int64_t i = a; i < b; ++i) m = std::max(m, u[i] & 0x7fffffffu);
+    g_sink += float(m);
+  });
+}
+
+void rewrite(float* x) {
+  on_all_cpus([x](int64_t a, int64_t b) {
+    for (int64_t i = a; i < b; ++i) x[i] = x[i] * 0.5f + 1.0f;
+  });
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const int repeats = argc > 1 ? std::atoi(argv[1]) : 40;
+  float* x = static_cast<float*>(std::aligned_alloc(64, kN * sizeof(float)));
+  for (int64_t i = 0; i < kN; ++i) x[i] = float(i % 1000) * 1e-3f;
+  const char* names[] = {"multiply in place", "read-only max|x|", "max, then multiply"};
+  std::vector<double> ms[3];
+  for (int r = 0; r < repeats; ++r) {
+    for (int c = 0; c < 3; ++c) {
+      rewrite(x);
+      const auto t0 = std::chrono::steady_clock::now();
+      if (c != 0) read_max(x);
+      if (c != 1) multiply(x);
+      ms[c].push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+    }
+  }
+  double mins[3], meds[3];
+  for (int c = 0; c < 3; ++c) {
+    std::sort(ms[c].begin(), ms[c].end());
+    mins[c] = ms[c][0];
+    meds[c] = ms[c][ms[c].size() / 2];
+  }
+  std::printf("%-20s %8s %8s %10s %10s\n", "case", "min ms", "med ms", "x ref(min)", "x ref(med)");
+  for (int c = 0; c < 3; ++c) {
+    std::printf("%-20s %8.2f %8.2f %10.2f %10.2f\n", names[c], mins[c], meds[c], mins[c] / mins[0], meds[c] / meds[0]);
+  }
+  std::printf("summary: float32[4096,4096], %u CPUs: a read-only pass costs %.2fx of x*1.0001 in place; "
+              "a two-pass in-place op costs at least %.2fx (min times)\n",
+              std::max(1u, std::thread::hardware_concurrency()), mins[1] / mins[0], mins[2] / mins[0]);
+  return g_sink == -1.0f;  // never: the sink must stay live
+}
