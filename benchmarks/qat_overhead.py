@@ -5,7 +5,7 @@ seq 128, batch 16). Schemes: W8A8 (int8 per-channel weights, int8 per-token dyna
 activations, which is what Qwix's QtRule does by default; all linear layers incl. embeddings/attention call
 sites for the same rule `.*`)
 and W4 g128 (int4 weights, groups of 128, float activations). One jitted Adam step per
-call (the qlab.train pattern); per config: first-step time (trace + compile + run) and the median
+call, state donated (the qlab.train pattern); per config: first-step time (trace + compile + run) and the median
 of N steps, measured interleaved across configs in rounds so load changes hit all alike.
 
     python benchmarks/qat_overhead.py [--steps 10] [--rounds 3] [--no-qwix]
@@ -16,6 +16,7 @@ Prints a table and ends with one summary line of median step-time ratios vs floa
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import pathlib
 import statistics
@@ -53,7 +54,9 @@ def make_step(model, loss_fn):
     opt = nnx.Optimizer(model, optax.adam(1e-4), wrt=nnx.Param)
     graphdef, state = nnx.split((model, opt))
 
-    @jax.jit
+    # the state is donated, as qlab.train's step does: outputs reuse the inputs' buffers instead of
+    # fresh allocations, whose page faults otherwise add 0.1-1.5 ms of noise per step here
+    @functools.partial(jax.jit, donate_argnums=0)
     def step(state, batch):
         m, o = nnx.merge(graphdef, state)
         val, grads = nnx.value_and_grad(loss_fn)(m, batch)
