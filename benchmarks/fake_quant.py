@@ -18,7 +18,9 @@ takes the max of |x| on the integer units, and does both passes of a group while
 (g128: one read from memory); per-channel groups span the whole array, so it reads ``x`` twice.
 On this machine a read-only pass over ``x`` alone costs 0.8-0.9x of ``x * 1.0001`` in place
 (``benchmarks/read_floor.cc``), so no two-pass per-channel fake-quant gets below 1.7-1.9x
-here. Timings on a shared machine are noisy: compare ratios from one run.
+here. In ``fresh`` mode the kernel rows include XLA's copy of ``x`` into the output: for 2^22+
+elements the kernel writes in place, which makes the donated case free of a new buffer, and XLA
+copies a live input first. Timings on a shared machine are noisy: compare ratios from one run.
 """
 
 from __future__ import annotations
