@@ -40,7 +40,7 @@ from qlab.numerics.quantize import _fq_xla
 def _time_interleaved(fns, make_input, repeats, donate):
     """{name: (min, median)} seconds; each repeat runs every case once, in turn, so that load
     changes on a shared machine hit all cases alike and the ratios stay comparable."""
-    x = make_input()
+    x = None if donate else make_input()  # donated: a fresh input per call
     for fn in fns.values():
         jax.block_until_ready(fn(make_input() if donate else x))  # compile
     ts = {name: [] for name in fns}

@@ -201,8 +201,6 @@ def method_table(table, metric: str = "perplexity", digits: int = 4):
         >>> method_table(t).loc["float", "float"]
         np.float64(17.26)
     """
-    import pandas as pd
-
     t = table.copy()
     t["setting"] = [setting_label(w) for w in t.get("weight", [None] * len(t))]
     t["method"] = method_labels(t)

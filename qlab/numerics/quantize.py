@@ -451,15 +451,11 @@ def dequantize(q: QTensor):
 
 @jax.jit
 def _dequantize(q: QTensor):
-    return _dequantize_f32(q).astype(q.dtype)
-
-
-def _dequantize_f32(q: QTensor):
     spec = q.spec
     cv, _ = to_view(q.codes, spec.granularity)
     r = spec.fmt.decode(cv)
     y = _reconstruct(r, q.scale, q.zero_point, q.tensor_scale)
-    return from_view(y, spec.granularity, q.shape)
+    return from_view(y, spec.granularity, q.shape).astype(q.dtype)
 
 
 class TracedIntFormat(IntFormat):
