@@ -72,7 +72,10 @@ def make_step(model, loss_fn):
     return run
 
 
-def qwix_model(model, scheme, sample):
+def qwix_model(model, scheme, sample, quantized_residuals=False):
+    """Qwix's QAT for ``scheme``. By default Qwix's backward multiplies by the float (unquantized)
+    operands; ``quantized_residuals`` makes it multiply by the quantized ones, the gradient of the
+    fake-quant product that qlab computes (Qwix's ``use_original_residuals=False``)."""
     import qwix
 
     s = SCHEMES[scheme]
@@ -81,6 +84,7 @@ def qwix_model(model, scheme, sample):
         weight_qtype="int8" if s["weight"].startswith("int8") else "int4",
         act_qtype="int8" if s["act"] else None,
         tile_size=128 if "g128" in s["weight"] else None,
+        additional_qt_config={"use_original_residuals": False} if quantized_residuals else None,
     )
     return qwix.quantize_model(model, qwix.QtProvider([rule]), sample)
 
@@ -118,10 +122,14 @@ def main(argv=None):
         for scheme, s in SCHEMES.items():
             configs[f"qlab {scheme}"] = qnn.quantize_model(build(), [qnn.Rule(".*", **s)])
             if have_qwix:
-                try:
-                    configs[f"qwix {scheme}"] = qwix_model(build(), scheme, sample)
-                except Exception as e:  # report and go on
-                    print(f"qwix {scheme} on {name} failed: {type(e).__name__}: {e}", flush=True)
+                variants = {f"qwix {scheme}": False}
+                if s["act"]:  # tiled (g128) residuals are always the float ones in Qwix
+                    variants[f"qwix {scheme} qres"] = True
+                for label, qres in variants.items():
+                    try:
+                        configs[label] = qwix_model(build(), scheme, sample, quantized_residuals=qres)
+                    except Exception as e:  # report and go on
+                        print(f"{label} on {name} failed: {type(e).__name__}: {e}", flush=True)
         steps, first = {}, {}
         for label, model in configs.items():
             steps[label] = make_step(model, loss_fn)
@@ -140,13 +148,13 @@ def main(argv=None):
         for label in configs:
             med = statistics.median(times[label])
             rows.append((name, label, first[label], med * 1e3, med / base))
-            print(f"{name:12s} {label:14s} first {first[label]:7.2f}s  median {med * 1e3:8.2f} ms  "
+            print(f"{name:12s} {label:19s} first {first[label]:7.2f}s  median {med * 1e3:8.2f} ms  "
                   f"x{med / base:5.3f}", flush=True)
 
     print()
-    print(f"{'model':12s} {'config':14s} {'first step s':>12s} {'median ms':>10s} {'vs float':>9s}")
+    print(f"{'model':12s} {'config':19s} {'first step s':>12s} {'median ms':>10s} {'vs float':>9s}")
     for r in rows:
-        print(f"{r[0]:12s} {r[1]:14s} {r[2]:12.2f} {r[3]:10.2f} {r[4]:9.3f}")
+        print(f"{r[0]:12s} {r[1]:19s} {r[2]:12.2f} {r[3]:10.2f} {r[4]:9.3f}")
     print(f"(jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} CPUs, steps={args.steps}x{args.rounds} "
           f"rounds, qwix {'yes' if have_qwix else 'not installed'})")
     summary = ", ".join(f"{r[0]} {r[1]} {r[4]:.2f}x" for r in rows if r[1] != "float")
