@@ -6,7 +6,9 @@ activations, which is what Qwix's QtRule does by default; all linear layers incl
 sites for the same rule `.*`)
 and W4 g128 (int4 weights, groups of 128, float activations). One jitted Adam step per
 call, state donated (the qlab.train pattern); per config: first-step time (trace + compile + run) and the median
-of N steps, measured interleaved across configs in rounds so load changes hit all alike.
+of N steps, measured interleaved across configs in rounds so load changes hit all alike. Qwix's W8A8 runs twice:
+with its default backward (multiplies by the float operands) and as ``qwix W8A8 qres`` with quantized residuals
+(multiplies by the quantized operands: the fake-quant product's gradient, which qlab computes).
 
     python benchmarks/qat_overhead.py [--steps 10] [--rounds 3] [--no-qwix]
 
