@@ -173,10 +173,12 @@ def enabled() -> bool:
 
 
 def _attrs(spec: QuantSpec, view) -> dict:
+    from qlab.numerics.quantize import _reciprocal  # the XLA path's rule; imported here: quantize imports this module
+
     n, inner, group = view
     fmt = spec.fmt
     return dict(n=np.int64(n), inner=np.int64(inner), group=np.int64(group), qmin=np.float32(fmt.qmin),
-                qmax=np.float32(fmt.qmax), inv_denom=np.float32(1) / np.float32(spec.absmax_divisor),
+                qmax=np.float32(fmt.qmax), inv_denom=np.float32(_reciprocal(spec.absmax_divisor)),
                 scale_kind=np.int32(_SCALE_KINDS[spec.scale_dtype]))
 
 
