@@ -26,13 +26,20 @@ namespace {
 
 constexpr int64_t kN = int64_t(4096) * 4096;
 
+int64_t num_cpus() { return std::max(1u, std::thread::hardware_concurrency()); }
+
+// f(i) for i in [0, num_cpus()), one thread per CPU (the caller runs i = 0).
+void per_cpu(const std::function<void(int64_t)>& f) {
+  std::vector<std::thread> ts;
+  for (int64_t i = 1; i < num_cpus(); ++i) ts.emplace_back(f, i);
+  f(0);
+  for (auto& th : ts) th.join();
+}
+
 // f(begin, end) on contiguous slices of [0, kN), one per CPU.
 void on_all_cpus(const std::function<void(int64_t, int64_t)>& f) {
-  const int64_t t = std::max(1u, std::thread::hardware_concurrency());
-  std::vector<std::thread> ts;
-  for (int64_t i = 1; i < t; ++i) ts.emplace_back(f, kN * i / t, kN * (i + 1) / t);
-  f(0, kN / t);
-  for (auto& th : ts) th.join();
+  const int64_t t = num_cpus();
+  per_cpu([&](int64_t i) { f(kN * i / t, kN * (i + 1) / t); });
 }
 
 float g_sink;  // keeps the read-only pass from being optimized away
@@ -57,8 +64,8 @@ void read_max(const float* x) {
 // Both passes strip by strip: columns [c, c + w) of every row, max then multiply, so a strip
 // (4096 x w floats) could be re-read from cache. Each CPU takes every t-th strip.
 void strips(float* x, int64_t w) {
-  const int64_t rows = 4096, cols = kN / rows, t = std::max(1u, std::thread::hardware_concurrency());
-  auto work = [=](int64_t first) {
+  const int64_t rows = 4096, cols = kN / rows, t = num_cpus();
+  per_cpu([=](int64_t first) {
     std::vector<uint32_t> m(w);
     for (int64_t c = first * w; c < cols; c += t * w) {
       std::fill(m.begin(), m.end(), 0u);
@@ -76,11 +83,7 @@ void strips(float* x, int64_t w) {
       }
       g_sink += float(m[0]);
     }
-  };
-  std::vector<std::thread> ts;
-  for (int64_t i = 1; i < t; ++i) ts.emplace_back(work, i);
-  work(0);
-  for (auto& th : ts) th.join();
+  });
 }
 
 void rewrite(float* x) {
@@ -124,7 +127,7 @@ int main(int argc, char** argv) {
   }
   std::printf("summary: float32[4096,4096], %u CPUs: a read-only pass costs %.2fx of x*1.0001 in place; "
               "a two-pass in-place op costs at least %.2fx, %.2fx in cache-sized column strips (min times)\n",
-              std::max(1u, std::thread::hardware_concurrency()), mins[1] / mins[0], mins[2] / mins[0],
+              unsigned(num_cpus()), mins[1] / mins[0], mins[2] / mins[0],
               std::min(mins[3], mins[4]) / mins[0]);
   return g_sink == -1.0f;  // never: the sink must stay live
 }
