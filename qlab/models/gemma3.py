@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qlab.models._cache import MissingModelPackageError, atomic_write, cache_dir, package_dir
+from qlab.models.cache import MissingModelPackageError, atomic_write, cache_dir, package_dir
 
 __all__ = [
     "Gemma3Config",
@@ -563,7 +563,7 @@ def gemma3_tokenizer(gguf_path: str | os.PathLike | None = None, cache_dir: str 
     import gguf
     from tokenizers import Tokenizer
 
-    from qlab.models._cache import cache_dir as _cache_dir
+    from qlab.models.cache import cache_dir as _cache_dir
 
     real = gguf_path is None
     path = gemma3_gguf_path(cache_dir) if real else Path(gguf_path)

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qlab.models._cache import MissingModelPackageError, package_dir
+from qlab.models.cache import MissingModelPackageError, package_dir
 
 __all__ = [
     "MiniLMConfig",
