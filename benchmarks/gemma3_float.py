@@ -15,7 +15,9 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import rdata
 
+from qlab.evaluate import perplexity
 from qlab.models import gemma3
 from qlab.models.cache import cache_dir
 
@@ -24,8 +26,6 @@ AUSTEN = Path("debian/usr/lib/R/site-library/janeaustenr/data")
 
 def _pride_and_prejudice() -> str:
     """Read the R lazy-load DB directly (the library's loader lives in qlab.data; this script stays standalone)."""
-    import rdata
-
     d = cache_dir() / AUSTEN
     if not (d / "Rdata.rdx").exists():
         raise FileNotFoundError(f"{d}/Rdata.rdx not found: run `make data` (Debian r-cran-janeaustenr)")
@@ -52,10 +52,10 @@ def main() -> None:
     ids = np.asarray(tok.encode(_pride_and_prejudice()).ids[: args.tokens])
 
     t0 = time.perf_counter()
-    ppl = gemma3.perplexity(model, ids)
+    ppl = perplexity(model, ids)
     first_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    ppl2 = gemma3.perplexity(model, ids)
+    ppl2 = perplexity(model, ids)
     eval_s = time.perf_counter() - t0
     assert ppl == ppl2
 

@@ -4,6 +4,12 @@ Every function runs the model on fixed-size (padded, masked) batches under one `
 compilation per model structure and batch shape. The model's state is NOT changed: if its forward
 pass updates statistics (e.g. quantizer range EMAs), those updates are discarded here.
 
+Language models are scored in one place, :func:`token_nll`'s per-token negative log-likelihood, either over
+whole sequences (``seq_len=None``: every token sees all earlier ones) or over non-overlapping windows of a
+stream (``seq_len=n``, see :func:`lm_windows`). A model that exposes ``features(tokens)`` (final hidden
+states) and ``unembed(h)`` (logits) is unembedded ``chunk`` positions at a time, so a long sequence never
+materialises all ``[B, T, vocab]`` logits at once; any other model is called as ``model(tokens) -> logits``.
+
 Example:
     >>> from flax import nnx
     >>> from qlab.data import digits_dataset
@@ -21,10 +27,9 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
-__all__ = ["predict", "accuracy", "nll", "perplexity", "lm_windows"]
+__all__ = ["predict", "accuracy", "token_nll", "nll", "perplexity", "lm_windows"]
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -38,11 +43,28 @@ def _correct(graphdef, state, x, y, mask):
     return jnp.sum((jnp.argmax(logits, axis=-1) == y) * mask)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _lm_nll_sum(graphdef, state, inputs, targets, mask):
-    logits = nnx.merge(graphdef, state)(inputs).astype(jnp.float32)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    return jnp.sum(losses * mask)
+def _next_token_nll(model, inputs, targets, chunk: int):
+    """Traced: NLL [B, T] of ``targets`` (the next tokens) after ``inputs``, logits ``chunk`` positions at a time."""
+    if hasattr(model, "features") and hasattr(model, "unembed"):
+        hidden, head = model.features(inputs), model.unembed
+    else:
+        hidden, head = model(inputs), (lambda logits: logits)
+    out = []
+    for s in range(0, hidden.shape[1], chunk):
+        logits = head(hidden[:, s : s + chunk]).astype(jnp.float32)
+        target_logit = jnp.take_along_axis(logits, targets[:, s : s + chunk, None], axis=-1)[..., 0]
+        out.append(jax.nn.logsumexp(logits, axis=-1) - target_logit)
+    return jnp.concatenate(out, axis=1)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _causal_nll(graphdef, state, tokens, chunk):
+    return _next_token_nll(nnx.merge(graphdef, state), tokens[:, :-1], tokens[:, 1:], chunk)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _lm_nll_sum(graphdef, state, inputs, targets, mask, chunk):
+    return jnp.sum(_next_token_nll(nnx.merge(graphdef, state), inputs, targets, chunk) * mask)
 
 
 def _padded_batches(arrays, batch_size):
@@ -122,11 +144,34 @@ def lm_windows(tokens, seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return inputs, targets, mask
 
 
-def nll(model: nnx.Module, tokens, seq_len: int, batch_size: int = 32) -> float:
+def token_nll(model: nnx.Module, tokens, chunk: int = 256) -> np.ndarray:
+    """Per-token negative log-likelihood (nats) of ``tokens[:, 1:]``, each given every earlier token of its row.
+
+    ``tokens``: ``[T]`` or ``[B, T]``; returns ``[B, T - 1]`` float32 (the first token, e.g. BOS, is context
+    only). One causal pass per row; logits are made ``chunk`` positions at a time (see the module docstring).
+
+    Example:
+        >>> import numpy as np
+        >>> from flax import nnx
+        >>> from qlab.models import Transformer, TransformerConfig
+        >>> cfg = TransformerConfig(vocab_size=5, d_model=16, n_layers=1, n_heads=2, d_ff=32, max_len=8)
+        >>> token_nll(Transformer(cfg, rngs=nnx.Rngs(0)), np.arange(8) % 5, chunk=3).shape
+        (1, 7)
+    """
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if tokens.ndim == 1:
+        tokens = tokens[None]
+    graphdef, state = nnx.split(model)
+    return np.asarray(_causal_nll(graphdef, state, tokens, chunk))
+
+
+def nll(model: nnx.Module, tokens, seq_len: int | None = None, batch_size: int = 32, *, chunk: int = 256) -> float:
     """Mean next-token negative log-likelihood (nats per token) over a token stream.
 
-    The stream is cut into non-overlapping windows of ``seq_len`` (see :func:`lm_windows`), so each
-    prediction sees between 0 and ``seq_len - 1`` tokens of context.
+    ``seq_len=None``: each row of ``tokens`` (``[T]`` or ``[B, T]``) is one sequence and every prediction sees
+    all earlier tokens (the mean of :func:`token_nll`). ``seq_len=n``: the stream is cut into non-overlapping
+    windows of ``n`` (see :func:`lm_windows`), so each prediction sees between 0 and ``n - 1`` tokens of
+    context; windows run ``batch_size`` at a time.
 
     Example:
         >>> import numpy as np
@@ -137,24 +182,35 @@ def nll(model: nnx.Module, tokens, seq_len: int, batch_size: int = 32) -> float:
         >>> 0.5 < nll(m, np.arange(50) % 5, seq_len=8) < 3.0
         True
     """
+    if seq_len is None:
+        return float(token_nll(model, tokens, chunk).mean())
     inputs, targets, mask = lm_windows(tokens, seq_len)
     graphdef, state = nnx.split(model)
     batch_size = min(batch_size, len(inputs))
     total = 0.0
     for (i, t, m), _ in _padded_batches([inputs, targets, mask], batch_size):
-        total = total + _lm_nll_sum(graphdef, state, i, t, m)
+        total = total + _lm_nll_sum(graphdef, state, i, t, m, chunk)
     return float(total) / float(mask.sum())
 
 
-def perplexity(model: nnx.Module, tokens, seq_len: int, batch_size: int = 32) -> float:
+def perplexity(model: nnx.Module, tokens, seq_len: int | None = None, batch_size: int = 32, *,
+               chunk: int = 256) -> float:
     """``exp(nll(model, tokens, seq_len))``: next-token perplexity over a token stream.
+
+    With ``seq_len=None`` (whole sequences) the exponential is taken in float32, like the per-token values,
+    which keeps the figures recorded for Gemma 3 bit for bit.
 
     Example:
         >>> import numpy as np
         >>> from flax import nnx
         >>> from qlab.models import Transformer, TransformerConfig
         >>> cfg = TransformerConfig(vocab_size=5, d_model=16, n_layers=1, n_heads=2, d_ff=32, max_len=8)
-        >>> 1.0 < perplexity(Transformer(cfg, rngs=nnx.Rngs(0)), np.arange(50) % 5, seq_len=8) < 20.0
+        >>> m = Transformer(cfg, rngs=nnx.Rngs(0))
+        >>> 1.0 < perplexity(m, np.arange(50) % 5, seq_len=8) < 20.0
+        True
+        >>> 1.0 < perplexity(m, np.arange(8) % 5) < 20.0
         True
     """
-    return math.exp(nll(model, tokens, seq_len, batch_size))
+    if seq_len is None:
+        return float(np.exp(token_nll(model, tokens, chunk).mean()))
+    return math.exp(nll(model, tokens, seq_len, batch_size, chunk=chunk))

@@ -64,7 +64,7 @@ def package_dir(module: str, pip_name: str, *, no_deps: bool = False) -> Path:
 
     >>> package_dir("json", "json").name
     'json'
-    >>> package_dir("no_such_module_qlab", "no-such-package")
+    >>> package_dir("no_such_module_qlab", "no-such-package")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
     qlab.models.cache.MissingModelPackageError: The pretrained-model package 'no-such-package' is not installed ...

