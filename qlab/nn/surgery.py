@@ -29,7 +29,6 @@ from flax import nnx
 
 from qlab.numerics.formats import IntFormat
 from qlab.numerics.spec import bit_width_family
-from qlab.nn.call_sites import is_intercepting
 from qlab.nn.layer import LAYER_KINDS, WEIGHT_NAMES, QuantizedLayer, layer_kind
 
 __all__ = [
@@ -244,8 +243,11 @@ def effective_model(qmodel: nnx.Module, template: nnx.Module) -> nnx.Module | No
     compiled evaluation, whatever their specs, so evaluating many specs this way is cheap.
 
     None when some layer quantizes its input, splits outliers, or folds an ``input_scale`` into a
-    non-Linear weight, when call sites of a user module are quantized, or when a template layer has
-    no counterpart in ``qmodel``.
+    non-Linear weight, or when a template layer has no counterpart in ``qmodel``. Call sites
+    (``jnp.einsum`` ... written in user modules, :mod:`qlab.nn.call_sites`) are not layers: the
+    effective model computes them in float, so it equals ``qmodel`` only where they are kept float
+    (a float rule such as ``Rule(".*/einsum_.*")`` before the others; ``layer_report`` lists the
+    call sites a forward pass quantized).
 
     Example:
         >>> import numpy as np
@@ -262,8 +264,6 @@ def effective_model(qmodel: nnx.Module, template: nnx.Module) -> nnx.Module | No
     layers = walk_layers(qmodel)
     qls, fls = layers.quantized, layers.floating
     if any(L.act_quant is not None or L.outlier_threshold is not None for L in qls.values()):
-        return None
-    if any(is_intercepting(m) for m in layers.user.values()):
         return None
     out = copy_model(template)
     targets = quantizable_layers(out, kinds=tuple(LAYER_KINDS.values()))
