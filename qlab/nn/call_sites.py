@@ -15,14 +15,15 @@ acts while tracing, so a jitted step costs nothing extra for it. Call sites supp
 quantizers only (STE weights, dynamic STE activations).
 
 Example (``qlab.models.Transformer`` computes attention scores with ``jnp.einsum``):
-    >>> import jax.numpy as jnp
+    >>> import jax, jax.numpy as jnp
     >>> from flax import nnx
     >>> from qlab.models import Transformer, TransformerConfig
     >>> from qlab.nn import Rule, quantize_model
     >>> cfg = TransformerConfig(vocab_size=11, d_model=8, n_layers=1, n_heads=2, d_ff=16, max_len=4)
     >>> rules = (Rule(".*/einsum_0", act="int8", weight="int8"),)   # q.k^T of every block
     >>> qm = quantize_model(Transformer(cfg, rngs=nnx.Rngs(0)), rules)
-    >>> is_intercepting(qm.blocks[0].attn), qm(jnp.zeros((1, 4), jnp.int32)).shape
+    >>> out = jax.eval_shape(lambda t: qm(t), jnp.zeros((1, 4), jnp.int32))   # tracing is enough
+    >>> is_intercepting(qm.blocks[0].attn), out.shape
     (True, (1, 4, 11))
     >>> SEEN_CALL_SITES[rules]
     {'blocks/0/attn/einsum_0': '.*/einsum_0'}
