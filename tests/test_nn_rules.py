@@ -127,3 +127,73 @@ def test_einsum_and_conv_layers_resolve_axes():
         qnn.quantize_model(qc, [qnn.Rule(".*", weight="int8")])
     with pytest.raises(ValueError, match="does not divide"):
         qnn.quantize_model(conv, [qnn.Rule(".*", weight="int4/g3")])
+
+
+class _Backwards(nnx.Module):
+    """Attribute names sort opposite to the call order (graph order: a_out, m_mid, z_in)."""
+
+    def __init__(self, rngs):
+        self.z_in = nnx.Linear(4, 8, rngs=rngs)
+        self.m_mid = nnx.Linear(8, 8, rngs=rngs)
+        self.a_out = nnx.Linear(8, 2, rngs=rngs)
+
+    def __call__(self, x):
+        return self.a_out(jax.nn.relu(self.m_mid(jax.nn.relu(self.z_in(x)))))
+
+
+def _quantized(qm):
+    return sorted(qnn.quantized_layers(qm))
+
+
+def test_position_tokens_call_order_with_example_else_graph_order():
+    m = _Backwards(nnx.Rngs(0))
+    x = jnp.ones((2, 4))
+    assert _quantized(qnn.quantize_model(m, [qnn.Rule("@first", weight="int8/ch")], example=x)) == ["z_in"]
+    assert _quantized(qnn.quantize_model(m, [qnn.Rule("@last", weight="int8/ch")], example=x)) == ["a_out"]
+    assert _quantized(qnn.quantize_model(m, [qnn.Rule("@first", weight="int8/ch")])) == ["a_out"]  # graph order
+    qm = qnn.quantize_model(m, [qnn.Rule("@first|@last", weight="int8/ch"), qnn.Rule(".*", weight="int4/ch")],
+                            example=x)
+    df = qnn.layer_report(qm).set_index("layer")
+    assert df.loc["z_in", "rule"] == df.loc["a_out", "rule"] == "z_in|a_out"  # the resolved pattern
+    assert df.loc["z_in", "weight_spec"] == "int8/ch1" and df.loc["m_mid", "weight_spec"] == "int4/ch1"
+    assert qnn.applied_rules(qm)[0] == qnn.Rule("z_in|a_out", weight="int8/ch")
+    np.testing.assert_allclose(np.asarray(qm(x)), np.asarray(qnn.quantize_model(
+        m, [qnn.Rule("z_in|a_out", weight="int8/ch"), qnn.Rule(".*", weight="int4/ch")])(x)))
+    # a float rule by position keeps those layers float
+    qf = qnn.quantize_model(m, [qnn.Rule("@first"), qnn.Rule(".*", weight="int4/ch")], example=x)
+    assert _quantized(qf) == ["a_out", "m_mid"] and isinstance(qf.z_in, nnx.Linear)
+
+
+def test_resolve_positions_against_paths():
+    rules = qnn.resolve_positions([qnn.Rule("@first", weight="int8"), ("blocks/@last", "int4"), qnn.Rule(".*")],
+                                  ["x+1", "blocks/0", "y"])
+    assert [r.pattern for r in rules] == [r"x\+1", "blocks/y", ".*"]
+    assert rules[0].matches("x+1") and not rules[0].matches("xx1")  # paths are literals, not regexes
+    assert rules[0].weight == qlab.parse_spec("int8") and rules[1].weight == qlab.parse_spec("int4")
+    assert [r.uses_positions for r in rules] == [False, False, False]
+    # without paths the tokens stay, match nothing, and are reported as unmatched rules
+    assert qnn.resolve_positions([qnn.Rule("@last", weight="int8")], [])[0].pattern == "@last"
+
+
+def test_position_rule_matching_nothing_is_raised_or_reported():
+    class NoLayers(nnx.Module):
+        def __call__(self, x):
+            return x
+
+    rules = [qnn.Rule("@first", weight="int8")]
+    with pytest.raises(ValueError, match="@first"):
+        qnn.quantize_model(NoLayers(), rules)
+    with pytest.warns(UserWarning, match="@first"):
+        qm = qnn.quantize_model(NoLayers(), rules, allow_unmatched=True)
+    assert qnn.unmatched_rules(qm) == ("@first",)
+    # on a model with layers the resolved rule that a previous rule shadows is reported by its resolved pattern
+    with pytest.warns(UserWarning):
+        qm = qnn.quantize_model(_Backwards(nnx.Rngs(0)), [qnn.Rule(".*", weight="int8"), qnn.Rule("@last", weight="int4")],
+                                example=jnp.ones((1, 4)), allow_unmatched=True)
+    assert qnn.unmatched_rules(qm) == ("a_out",)
+
+
+def test_linen_refuses_unresolved_positions():
+    with pytest.raises(ValueError, match="resolve_positions"):
+        with qnn.linen_quant.linen_quantization([qnn.Rule("@first", weight="int8")]):
+            pass

@@ -3,7 +3,20 @@
 Layer paths are module attribute paths joined by ``"/"`` (``"layers/0"``, ``"blocks/1/attn/query"``);
 call sites of ``jnp.einsum``/``dot``/``matmul``/``lax.dot_general`` inside a user module are
 ``"<module path>/einsum_0"`` etc. Rules use ``re.fullmatch``; the first match wins; a rule with
-no specs keeps the layer float.
+no specs keeps the layer float; ``@first`` / ``@last`` name the first / last weight layer in call order.
+
+Modules (each imports only those listed before it):
+    rules       Rule, first_match, @first/@last tokens (resolve_positions)
+    axes        channel / contraction axes of weights and matmul operands
+    quantizers  WeightQuantizer, ActQuantizer and their Variable types
+    call_sites  interception of jnp.einsum/dot/matmul/lax.dot_general in user modules
+    layer       QuantizedLayer: the wrapper that stands in for one Flax layer
+    surgery     finding, copying, replacing layers; effective_model, traced_variant
+    transform   quantize_model, set_input_scale
+    convert     convert, load_quantized_weights, capture (calibration statistics)
+    report      layer_report, model_size
+    linen_quant quantize_linen (Flax Linen)
+    nnx_quant   compatibility re-exports of the old module
 
 Example:
     >>> import jax.numpy as jnp
@@ -16,27 +29,29 @@ Example:
     [['head', 'head', None], ['layers/0', '.*', 'int4/g8a0']]
 """
 
+from qlab.nn.call_sites import call_scope
 from qlab.nn.convert import CAPTURE_STATS, capture, convert, load_quantized_weights
+from qlab.nn.layer import LAYER_KINDS, QuantizedLayer
 from qlab.nn.linen_quant import quantize_linen
-from qlab.nn.nnx_quant import (
-    LAYER_KINDS,
-    QuantizedLayer,
-    call_scope,
+from qlab.nn.quantizers import ActQuantizer, QuantOverride, QuantParam, QuantStat, WeightQuantizer
+from qlab.nn.report import layer_report, model_size
+from qlab.nn.rules import Rule, as_rules, first_match, resolve_positions
+from qlab.nn.surgery import (
+    copy_model,
+    effective_model,
     find_layer,
     float_layers,
-    quantize_model,
+    quantizable_layers,
     quantized_layers,
-    set_input_scale,
     traced_variant,
 )
-from qlab.nn.quantizers import ActQuantizer, QuantOverride, QuantParam, QuantStat, WeightQuantizer
-from qlab.nn.report import layer_report, model_size, unmatched_rules
-from qlab.nn.rules import Rule, as_rules, first_match
+from qlab.nn.transform import applied_rules, quantize_model, set_input_scale, unmatched_rules
 
 __all__ = [
     "Rule",
     "as_rules",
     "first_match",
+    "resolve_positions",
     "quantize_model",
     "quantize_linen",
     "QuantizedLayer",
@@ -54,9 +69,13 @@ __all__ = [
     "layer_report",
     "model_size",
     "unmatched_rules",
+    "applied_rules",
     "quantized_layers",
     "float_layers",
     "find_layer",
+    "quantizable_layers",
+    "copy_model",
+    "effective_model",
     "call_scope",
     "LAYER_KINDS",
 ]

@@ -21,12 +21,53 @@ import numpy as np
 from flax import nnx
 
 from qlab.numerics.quantize import QTensor
-from qlab.nn.nnx_quant import CaptureStats, _deep_copy, find_layer, quantized_layers
-from qlab.nn.quantizers import ActQuantizer
+from qlab.nn.quantizers import ActQuantizer, QuantStat
+from qlab.nn.surgery import copy_model, find_layer, quantized_layers
 
-__all__ = ["convert", "load_quantized_weights", "capture", "CAPTURE_STATS"]
+__all__ = ["convert", "load_quantized_weights", "capture", "CAPTURE_STATS", "CaptureStats", "default_forward"]
 
 CAPTURE_STATS = ("hessian", "absmax", "mean_abs", "inputs")
+
+
+class CaptureStats(nnx.Module):
+    """Calibration statistics of one layer's input (QuantStats, updated by forward passes).
+
+    :func:`capture` gives each quantized layer one (``layer.capture_stats``); the layer's forward
+    calls it with its input viewed as ``[rows, in_features]``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> c = CaptureStats(3, ("absmax",), max_rows=8)
+        >>> c(jnp.array([[1.0, -2.0, 0.5]]))
+        >>> c.absmax[...].tolist(), int(c.count[...])
+        ([1.0, 2.0, 0.5], 1)
+    """
+
+    def __init__(self, in_features: int, stats, max_rows: int, dtype=jnp.float32):
+        self.stats = tuple(stats)
+        self.max_rows = int(max_rows)
+        self.count = QuantStat(jnp.zeros((), jnp.int32))
+        self.hessian = QuantStat(jnp.zeros((in_features, in_features), jnp.float32)) if "hessian" in stats else None
+        self.absmax = QuantStat(jnp.zeros((in_features,), jnp.float32)) if "absmax" in stats else None
+        self.sum_abs = QuantStat(jnp.zeros((in_features,), jnp.float32)) if "mean_abs" in stats else None
+        self.inputs = QuantStat(jnp.zeros((max_rows, in_features), dtype)) if "inputs" in stats else None
+
+    def __call__(self, x2):
+        x2f = jax.lax.stop_gradient(x2).astype(jnp.float32)
+        n = self.count[...]
+        if self.hessian is not None:
+            self.hessian[...] = self.hessian[...] + jnp.matmul(x2f.T, x2f, precision=jax.lax.Precision.HIGHEST)
+        if self.absmax is not None:
+            self.absmax[...] = jnp.maximum(self.absmax[...], jnp.max(jnp.abs(x2f), axis=0))
+        if self.sum_abs is not None:
+            self.sum_abs[...] = self.sum_abs[...] + jnp.sum(jnp.abs(x2f), axis=0)
+        if self.inputs is not None:
+            k = min(x2.shape[0], self.max_rows)
+            buf = jnp.concatenate([self.inputs[...], jnp.zeros((k, x2.shape[1]), self.inputs.dtype)])
+            pos = jnp.minimum(n, self.max_rows)
+            buf = jax.lax.dynamic_update_slice(buf, x2[:k].astype(buf.dtype), (pos, 0))
+            self.inputs[...] = buf[: self.max_rows]
+        self.count[...] = n + x2.shape[0]
 
 
 def load_quantized_weights(qmodel, qtensors: Mapping[str, QTensor], *, keep_float: bool = True) -> None:
@@ -59,8 +100,16 @@ def convert(qmodel, *, keep_float: bool = False):
     QAT model (bit-identical: ``fake_quant == dequantize(quantize)``). Activation quantizers are
     kept, with statistics frozen (eval mode). The float weights are dropped unless
     ``keep_float``. The QAT model is not changed.
+
+    Example:
+        >>> from flax import nnx
+        >>> from qlab.nn import Rule, quantize_model
+        >>> qm = quantize_model(nnx.Linear(8, 4, rngs=nnx.Rngs(0)), [Rule(".*", weight="int4/ch")])
+        >>> cm = convert(qm)
+        >>> cm.converted, cm.qtensor().codes.shape, qm.converted
+        (True, (8, 4), False)
     """
-    cm = _deep_copy(qmodel)
+    cm = copy_model(qmodel)
     for path, layer in quantized_layers(cm).items():
         if layer.weight_quant is not None and not layer.converted:
             layer.set_qtensor(layer.weight_quant.quantize(layer.weight[...]), keep_float=keep_float)
@@ -73,7 +122,12 @@ def convert(qmodel, *, keep_float: bool = False):
 
 def default_forward(model, batch):
     """How calibration runs a model on a batch by default: ``model(x)`` for an ``(x, y)`` tuple or list,
-    else ``model(batch)``."""
+    else ``model(batch)``.
+
+    Example:
+        >>> default_forward(lambda x: 2 * x, (3, "label"))
+        6
+    """
     return model(batch[0]) if isinstance(batch, (tuple, list)) else model(batch)
 
 

@@ -98,14 +98,33 @@ def _make_interceptor(rules, seen):
 @contextlib.contextmanager
 def linen_quantization(rules, seen: dict | None = None):
     """Within this context, Linen ``nn.Dense``/``nn.Conv`` calls whose path matches ``rules`` are
-    quantized (for code that calls ``module.apply`` itself)."""
+    quantized (for code that calls ``module.apply`` itself). ``@first`` / ``@last`` are not resolved
+    here: resolve them first with :func:`qlab.nn.resolve_positions` (ValueError otherwise).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from qlab.models import LinenMLP
+        >>> from qlab.nn import Rule
+        >>> m = LinenMLP(hidden=(8,), out=2)
+        >>> v = m.init(jax.random.key(0), jnp.ones((1, 4)))
+        >>> seen = {}
+        >>> with linen_quantization([Rule("Dense_0", weight="int8")], seen):
+        ...     _ = m.apply(v, jnp.ones((1, 4)))
+        >>> list(seen)
+        ['Dense_0']
+    """
     rules = as_rules(rules)
+    positional = [r for r in rules if r.uses_positions]
+    if positional:
+        raise ValueError(f"Linen rules cannot resolve @first/@last: {positional}; "
+                         "pass them through qlab.nn.resolve_positions(rules, layer_paths) first")
     with nn.intercept_methods(_make_interceptor(rules, {} if seen is None else seen)):
         yield
 
 
 class QuantizedLinen:
-    """A Linen module run under quantization rules; ``init``/``apply`` as the module's own."""
+    """A Linen module run under quantization rules; ``init``/``apply`` as the module's own.
+    ``matched`` collects ``{layer path: rule}`` of the layers quantized so far (see the module example)."""
 
     def __init__(self, module: nn.Module, rules):
         self.module = module
@@ -127,5 +146,15 @@ class QuantizedLinen:
 
 
 def quantize_linen(module: nn.Module, rules) -> QuantizedLinen:
-    """Wrap a Linen module so that its ``apply`` runs quantization-aware under ``rules``."""
+    """Wrap a Linen module so that its ``apply`` runs quantization-aware under ``rules``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from qlab.models import LinenMLP
+        >>> from qlab.nn import Rule
+        >>> qm = quantize_linen(LinenMLP(hidden=(8,), out=2), [Rule("head", weight="int4/ch")])
+        >>> _ = qm.apply(qm.init(jax.random.key(0), jnp.ones((1, 4))), jnp.ones((1, 4)))
+        >>> {p: r.pattern for p, r in qm.matched.items()}
+        {'head': 'head'}
+    """
     return QuantizedLinen(module, rules)

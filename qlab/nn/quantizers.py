@@ -37,10 +37,10 @@ from flax import nnx
 from qlab.numerics.formats import IntFormat
 from qlab.numerics.granularity import from_view, to_view
 from qlab.numerics.learned import lsq_fake_quant, pact_fake_quant, round_ste, scale_grad
-from qlab.numerics.quantize import QTensor, TracedIntFormat, fake_quant, fake_quant_range
+from qlab.numerics.quantize import QTensor, TracedIntFormat, fake_quant, fake_quant_range, quantize
 from qlab.numerics.spec import QuantSpec, as_spec
 
-__all__ = ["QuantParam", "QuantStat", "QuantOverride", "WeightQuantizer", "ActQuantizer"]
+__all__ = ["QuantParam", "QuantStat", "QuantOverride", "WeightQuantizer", "ActQuantizer", "traced_overrides"]
 
 
 class QuantParam(nnx.Param):
@@ -77,8 +77,18 @@ def _set_traced(q, spec: QuantSpec, what: str, bits, clip_ratio):
         q.clip_ratio = QuantOverride(ov[1])
 
 
-def _traced(q) -> dict:
-    """The ``bits`` / ``clip_ratio`` keyword overrides a quantizer holds (values, maybe traced)."""
+def traced_overrides(q) -> dict:
+    """The ``bits`` / ``clip_ratio`` keyword overrides quantizer ``q`` holds (values, maybe traced;
+    see ``set_traced``), as keyword arguments for :func:`qlab.fake_quant`; ``{}`` when none.
+
+    Example:
+        >>> wq = WeightQuantizer("int8/ch", channel_axis=1, contract_axis=0)
+        >>> traced_overrides(wq)
+        {}
+        >>> wq.set_traced(bits=3)
+        >>> {k: int(v) for k, v in traced_overrides(wq).items()}
+        {'bits': 3}
+    """
     out = {}
     b, c = getattr(q, "traced_bits", None), getattr(q, "clip_ratio", None)
     if b is not None:
@@ -152,7 +162,7 @@ class WeightQuantizer(nnx.Module):
 
     def __call__(self, w):
         if self.method == "ste":
-            return fake_quant(w, self.spec, **_traced(self))
+            return fake_quant(w, self.spec, **traced_overrides(self))
         fmt = self.spec.fmt
         wv, _ = to_view(w.astype(jnp.float32), self.spec.granularity)
         if getattr(self, "traced_bits", None) is not None:  # LSQ with a traced bit width (set_traced)
@@ -164,8 +174,6 @@ class WeightQuantizer(nnx.Module):
 
     def quantize(self, w) -> QTensor:
         """Real codes + scales whose dequantization equals ``self(w)`` exactly."""
-        from qlab.numerics.quantize import quantize
-
         if self.method == "ste":
             return quantize(w, self.spec)
         wv, _ = to_view(w.astype(jnp.float32), self.spec.granularity)
@@ -234,7 +242,7 @@ class ActQuantizer(nnx.Module):
     def __call__(self, x2):
         spec = self.spec
         if self.method == "ste" and self.range == "dynamic":
-            return fake_quant(x2, spec, **_traced(self))
+            return fake_quant(x2, spec, **traced_overrides(self))
         xs = jax.lax.stop_gradient(x2.astype(jnp.float32))
         train = not self.use_running_average
         if self.method == "ste":
@@ -253,7 +261,7 @@ class ActQuantizer(nnx.Module):
             else:
                 lo = jnp.where(seen, self.lo[...], blo)
                 hi = jnp.where(seen, self.hi[...], bhi)
-            y = fake_quant_range(x2, spec, lo, hi, **_traced(self))
+            y = fake_quant_range(x2, spec, lo, hi, **traced_overrides(self))
         elif self.method == "lsq":
             fmt = spec.fmt
             qp = max(fmt.qmax, 1)

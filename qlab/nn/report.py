@@ -15,19 +15,19 @@ import math
 import warnings
 
 import numpy as np
+import pandas as pd
 from flax import nnx
 
 from qlab.numerics.packing import bits_per_weight, packed_nbytes
 from qlab.numerics.quantize import sqnr_db
-from qlab.nn.nnx_quant import SEEN_CALL_SITES, _kind, _walk
+from qlab.nn.call_sites import SEEN_CALL_SITES
+from qlab.nn.layer import WEIGHT_NAMES, layer_kind
+from qlab.nn.quantizers import QuantParam
 from qlab.nn.rules import first_match
+from qlab.nn.surgery import walk_layers
+from qlab.nn.transform import applied_rules, unmatched_rules
 
-__all__ = ["layer_report", "model_size", "unmatched_rules"]
-
-
-def unmatched_rules(qmodel) -> tuple[str, ...]:
-    """Patterns of the rules that matched no layer when the model was quantized."""
-    return tuple(getattr(qmodel, "_qlab_unmatched", ()))
+__all__ = ["layer_report", "model_size", "unmatched_rules"]  # unmatched_rules: re-exported from qlab.nn.transform
 
 
 def layer_report(qmodel, *, sqnr: bool = True, warn: bool = True):
@@ -38,11 +38,17 @@ def layer_report(qmodel, *, sqnr: bool = True, warn: bool = True):
     ``act_quantizer``, ``converted``, ``params``, ``bits_per_weight``, ``packed_bytes``,
     ``float_bytes`` (f32), ``sqnr_db`` (quantized vs float weight; NaN when unknown).
     ``df.attrs["unmatched_rules"]`` lists rules that matched nothing (also warned about).
-    """
-    import pandas as pd
 
-    wrappers, floats, _ = _walk(qmodel)
-    rules = getattr(qmodel, "_qlab_rules", ())
+    Example:
+        >>> from flax import nnx
+        >>> from qlab.nn import Rule, quantize_model
+        >>> df = layer_report(quantize_model(nnx.Linear(8, 4, rngs=nnx.Rngs(0)), [Rule(".*", weight="int8/ch")]))
+        >>> df[["layer", "weight_spec", "params", "packed_bytes"]].values.tolist()   # 32 codes + 4 f16 scales
+        [['', 'int8/ch1', 32, 40]]
+    """
+    layers = walk_layers(qmodel)
+    wrappers, floats = layers.quantized, layers.floating
+    rules = applied_rules(qmodel)
     rows = []
     for path, L in wrappers.items():
         w = L.weight[...]
@@ -76,15 +82,15 @@ def layer_report(qmodel, *, sqnr: bool = True, warn: bool = True):
             float_bytes=4 * n, sqnr_db=s,
         ))
     for path, m in floats.items():
-        w = getattr(m, "embedding" if _kind(m) == "embed" else "kernel")[...]
+        w = getattr(m, WEIGHT_NAMES[layer_kind(m)])[...]
         r = first_match(rules, path) if rules else None
         rows.append(dict(
-            layer=path, kind=_kind(m), rule=r.pattern if r is not None else "<float>",
+            layer=path, kind=layer_kind(m), rule=r.pattern if r is not None else "<float>",
             weight_spec=None, act_spec=None, weight_quantizer=None, act_quantizer=None, converted=False,
             params=int(w.size), bits_per_weight=32.0, packed_bytes=4 * int(w.size), float_bytes=4 * int(w.size),
             sqnr_db=float("nan"),
         ))
-    users = _walk(qmodel)[2]
+    users = layers.user
     for site, pat in SEEN_CALL_SITES.get(rules, {}).items() if rules else ():
         owner = site.rsplit("/", 1)[0] if "/" in site else ""
         if owner not in users:
@@ -125,9 +131,7 @@ def model_size(qmodel) -> dict:
         >>> model_size(qm)["packed_bytes"]   # 1024 int8 codes + 8 f16 scales + 8 f32 biases
         1072
     """
-    from qlab.nn.quantizers import QuantParam
-
-    wrappers, _, _ = _walk(qmodel)
+    wrappers = walk_layers(qmodel).quantized
     skip = set()
     params = packed = 0
     for path, L in wrappers.items():

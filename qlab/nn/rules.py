@@ -12,6 +12,11 @@ Matching uses :func:`re.fullmatch`: the pattern must match the WHOLE path (``"he
 match ``"lm_head"``; write ``".*head"`` for that). Rules are tried in order; the first one that
 matches decides. A rule whose ``weight`` and ``act`` are both None keeps the layer in float.
 
+Position tokens: ``@first`` and ``@last`` in a pattern stand for the path of the first / last
+quantizable layer (in call order when the model is traced on an example batch, else graph order;
+see :func:`qlab.nn.quantizable_layers`). :func:`qlab.nn.quantize_model` resolves them itself;
+:func:`resolve_positions` resolves them against a list of paths, for code that only has paths.
+
 Example:
     >>> rules = [Rule(r".*embed.*"), Rule(r".*mlp.*", weight="int4/g128", act="int8"), Rule(r".*", weight="int8/ch")]
     >>> first_match(rules, "blocks/0/mlp/up").pattern
@@ -28,7 +33,10 @@ from typing import Sequence
 
 from qlab.numerics.spec import QuantSpec, as_spec
 
-__all__ = ["Rule", "first_match", "as_rules"]
+__all__ = ["Rule", "first_match", "as_rules", "resolve_positions", "FIRST", "LAST"]
+
+#: position tokens: the first / last quantizable layer (see :func:`resolve_positions`)
+FIRST, LAST = "@first", "@last"
 
 _WEIGHT_QUANTIZERS = ("ste", "lsq")
 _ACT_QUANTIZERS = ("ste", "lsq", "pact")
@@ -112,6 +120,30 @@ class Rule:
         return re.fullmatch(self.pattern, path) is not None
 
     @property
+    def uses_positions(self) -> bool:
+        """True when the pattern holds an ``@first`` / ``@last`` token (see :func:`resolve_positions`).
+
+        Example:
+            >>> Rule("@first|@last", weight="int8/ch").uses_positions, Rule("head").uses_positions
+            (True, False)
+        """
+        return FIRST in self.pattern or LAST in self.pattern
+
+    def at_positions(self, paths: Sequence[str]) -> "Rule":
+        """This rule with ``@first`` / ``@last`` replaced by ``paths[0]`` / ``paths[-1]`` (escaped as
+        regex literals). Unchanged when it has no tokens or ``paths`` is empty (a token then matches
+        no layer, and is reported as unmatched like any such rule).
+
+        Example:
+            >>> Rule("@last", weight="int8").at_positions(["layers/0", "head"])
+            Rule('head', weight='int8')
+        """
+        if not self.uses_positions or not paths:
+            return self
+        pattern = self.pattern.replace(FIRST, re.escape(paths[0])).replace(LAST, re.escape(paths[-1]))
+        return dataclasses.replace(self, pattern=pattern)
+
+    @property
     def stateless(self) -> bool:
         """True when the rule needs no Flax state (STE weights, dynamic STE activations)."""
         return (
@@ -171,3 +203,15 @@ def first_match(rules: Sequence[Rule], path: str) -> Rule | None:
         if r.matches(path):
             return r
     return None
+
+
+def resolve_positions(rules, paths: Sequence[str]) -> tuple[Rule, ...]:
+    """``rules`` (anything :func:`as_rules` takes) with ``@first`` / ``@last`` replaced by the first /
+    last of ``paths`` (the quantizable layer paths, in call order where known).
+
+    Example:
+        >>> resolve_positions([Rule("@first|@last", weight="int8/ch"), Rule(".*", weight="int4/ch")],
+        ...                   ["convs/0", "dense/0", "head"])[0].pattern
+        'convs/0|head'
+    """
+    return tuple(r.at_positions(paths) for r in as_rules(rules))
