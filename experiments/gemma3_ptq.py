@@ -30,7 +30,13 @@ def _md(t) -> str:
 
 
 def one_pass_table(ppl) -> str:
-    """One float pass (:data:`ONE_PASS`) beside block-by-block calibration (``ppl``: the perplexity pivot)."""
+    """One float pass (:data:`ONE_PASS`) beside block-by-block calibration (``ppl``: the perplexity pivot).
+
+    >>> import pandas as pd
+    >>> piv = pd.DataFrame({"ptq_gptq": [66.1], "ptq_gptq act-order": [51.5], "ptq_awq": [121.0]}, index=["W3 g128"])
+    >>> one_pass_table(piv).splitlines()[-1]
+    '| W3 g128 | block by block | 66.1 | 51.5 | 121 |'
+    """
     cols = ["ptq_gptq", "ptq_gptq act-order", "ptq_awq"]
     lines = ["| setting | calibration | GPTQ | GPTQ act-order | AWQ |", "|:--|:--|--:|--:|--:|"]
     for setting, vals in ONE_PASS.items():

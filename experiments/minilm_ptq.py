@@ -55,18 +55,31 @@ def log(msg):
 
 
 def command(args: dict) -> str:
-    """The command line that reproduces this study with ``args``."""
+    """The command line that reproduces this study with ``args``.
+
+    >>> command({"n_eval": 600, "n_calib": 256})
+    'python experiments/minilm_ptq.py --n-eval 600 --n-calib 256'
+    """
     return f"python {SCRIPT} --n-eval {args['n_eval']} --n-calib {args['n_calib']}"
 
 
 def weight_spec(method: str, spec: str) -> str:
-    """The weight spec a method runs for the study's ``spec``: HQQ adds a float zero point."""
+    """The weight spec a method runs for the study's ``spec``: HQQ adds a float zero point.
+
+    >>> weight_spec("hqq", "int4/g128"), weight_spec("gptq", "int4/g128")
+    ('int4/g128/asym/zp=float', 'int4/g128')
+    """
     return spec + "/asym/zp=float" if method == "hqq" else spec
 
 
 def run_config(args: dict, method: str, setting: str, spec: str) -> dict:
     """The config columns of one run, spelled out, with its ``config_hash`` (over the columns and the
-    script's arguments, which fix the calibration and evaluation sentences)."""
+    script's arguments, which fix the calibration and evaluation sentences).
+
+    >>> row = run_config({"n_eval": 600, "n_calib": 256}, "smoothquant_w8a8_a0.8", "W8A8", "int8/ch")
+    >>> row["spec"], row["act"], row["alpha"]
+    ('int8/ch + act int8', 'int8', 0.8)
+    """
     w8a8 = setting == "W8A8"
     weight = None if method == "float" else weight_spec(method, spec)
     alpha = (float(method.split("_a")[-1]) if "_a" in method else 0.5) if method.startswith("smoothquant") else None
@@ -80,7 +93,11 @@ def run_config(args: dict, method: str, setting: str, spec: str) -> dict:
 
 
 def jobs() -> list[tuple[str, str, str]]:
-    """(method, setting, spec) of every run, in run order (the float run first)."""
+    """(method, setting, spec) of every run, in run order (the float run first).
+
+    >>> len(jobs()), jobs()[0]
+    (29, ('float', 'float', 'float'))
+    """
     out = [("float", "float", "float"), ("rtn_w8a8", "W8A8", "int8/ch"), ("smoothquant_w8a8", "W8A8", "int8/ch")]
     order = ["W4 g128", "W3 g128", "W2 g64", "W4 ch", "W8 ch"]
     out += [(m, lbl, s) for lbl in order for lb2, s in SPECS if lb2 == lbl for m in METHODS]

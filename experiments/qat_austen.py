@@ -54,14 +54,25 @@ SCHEME_COLUMNS = {
 
 
 def command(args: dict) -> str:
-    """The command line that reproduces a run of this script with ``args`` (defaults left out)."""
+    """The command line that reproduces a run of this script with ``args`` (defaults left out).
+
+    >>> command({"float_steps": 600, "qat_steps": 150, "val_chars": 40000})
+    'python experiments/qat_austen.py --float-steps 600 --qat-steps 150 --val-chars 40000'
+    """
     return (f"python {SCRIPT} --float-steps {args['float_steps']} --qat-steps {args['qat_steps']} "
             f"--val-chars {args['val_chars']}")
 
 
 def run_config(args: dict, method: str, scheme: str) -> dict:
     """The config columns of one run, spelled out, with its ``config_hash`` (over the columns and the
-    script's arguments, since every run starts from the same float model)."""
+    script's arguments, since every run starts from the same float model).
+
+    >>> args = dict(float_steps=10, qat_steps=5, batch_size=4, seq_len=16, d_model=16, layers=1, val_chars=100,
+    ...             lr=2e-3, qat_lr=3e-4, seed=0)
+    >>> row = run_config(args, "float+ft", "float")
+    >>> row["train_steps"], row["learning_rate"], row["weight"]
+    (15, 0.0003, None)
+    """
     steps = {"float": args["float_steps"], "qat": args["qat_steps"],
              "float+ft": args["float_steps"] + args["qat_steps"]}.get(method, 0)
     row = dict(study=STUDY, method=method, scheme=scheme, model="transformer", data="austen", **SCHEME_COLUMNS[scheme],
@@ -73,7 +84,14 @@ def run_config(args: dict, method: str, scheme: str) -> dict:
 
 
 def markdown(table: pd.DataFrame) -> str:
-    """``table`` as a GitHub markdown table, missing values left blank."""
+    """``table`` as a GitHub markdown table, missing values left blank.
+
+    >>> print(markdown(pd.DataFrame({"a": [1.5, None]})))
+    |   a |
+    |----:|
+    | 1.5 |
+    |     |
+    """
     return table.astype(object).where(table.notna(), None).to_markdown(index=False, floatfmt=".4g", missingval="")
 
 

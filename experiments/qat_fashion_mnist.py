@@ -51,14 +51,24 @@ def rules_for(wbits: int, abits: int = 8, quantizer: str = "ste"):
 
 
 def command(args: dict) -> str:
-    """The command line that reproduces a run of this script with ``args`` (defaults left out)."""
+    """The command line that reproduces a run of this script with ``args`` (defaults left out).
+
+    >>> command({"train_size": 20000, "float_epochs": 3, "qat_epochs": 1})
+    'python experiments/qat_fashion_mnist.py --train-size 20000 --float-epochs 3 --qat-epochs 1'
+    """
     return (f"python {SCRIPT} --train-size {args['train_size']} --float-epochs {args['float_epochs']} "
             f"--qat-epochs {args['qat_epochs']}")
 
 
 def run_config(args: dict, method: str, weight_bits: int, act_bits: int, quantizer: str, n_train: int) -> dict:
     """The config columns of one run, spelled out, with its ``config_hash`` (over the columns and the
-    script's arguments, since every run starts from the same float model). ``n_train``: training images."""
+    script's arguments, since every run starts from the same float model). ``n_train``: training images.
+
+    >>> args = dict(train_size=100, float_epochs=2, qat_epochs=1, batch_size=32, lr=1e-3, qat_lr=3e-4, seed=0)
+    >>> row = run_config(args, "qat", 4, 8, "lsq", 100)
+    >>> row["weight"], row["act"], row["epochs"], row["learning_rate"], len(row["config_hash"])
+    ('int4/ch', 'int8', 1, 0.0003, 12)
+    """
     trained = method != "ptq_rtn"
     row = dict(study=STUDY, method=method, model="cnn", data="fashion_mnist",
                weight=None if method == "float" else f"int{weight_bits}/ch",
@@ -74,7 +84,14 @@ def run_config(args: dict, method: str, weight_bits: int, act_bits: int, quantiz
 
 
 def markdown(table: pd.DataFrame) -> str:
-    """``table`` as a GitHub markdown table, missing values left blank."""
+    """``table`` as a GitHub markdown table, missing values left blank.
+
+    >>> print(markdown(pd.DataFrame({"a": [1.5, None]})))
+    |   a |
+    |----:|
+    | 1.5 |
+    |     |
+    """
     return table.astype(object).where(table.notna(), None).to_markdown(index=False, floatfmt=".4g", missingval="")
 
 
