@@ -45,6 +45,9 @@ SCHEMES = {
     "W8A8": [qnn.Rule(".*", weight="int8/ch", act="int8")],
     "W4g32": [qnn.Rule(".*/einsum_.*"), qnn.Rule(".*", weight="int4/g32")],
 }
+#: Command-line defaults (what `command` leaves out).
+DEFAULTS = dict(float_steps=800, qat_steps=200, batch_size=32, seq_len=128, d_model=128, layers=2, val_chars=40000,
+                lr=2e-3, qat_lr=3e-4, seed=0)
 #: Each scheme's rules as plain text for the result table (einsum call sites are the attention products).
 SCHEME_COLUMNS = {
     "float": dict(weight=None, act=None, rules=None),
@@ -54,13 +57,15 @@ SCHEME_COLUMNS = {
 
 
 def command(args: dict) -> str:
-    """The command line that reproduces a run of this script with ``args`` (defaults left out).
+    """The command line that reproduces a run of this script with ``args`` (the three main flags always, the others
+    where they differ from :data:`DEFAULTS`).
 
-    >>> command({"float_steps": 600, "qat_steps": 150, "val_chars": 40000})
-    'python experiments/qat_austen.py --float-steps 600 --qat-steps 150 --val-chars 40000'
+    >>> command({"float_steps": 600, "qat_steps": 150, "val_chars": 40000, "d_model": 32, "seed": 0})
+    'python experiments/qat_austen.py --float-steps 600 --qat-steps 150 --val-chars 40000 --d-model 32'
     """
-    return (f"python {SCRIPT} --float-steps {args['float_steps']} --qat-steps {args['qat_steps']} "
-            f"--val-chars {args['val_chars']}")
+    main_flags = ("float_steps", "qat_steps", "val_chars")
+    extra = [k for k in args if k not in main_flags and k in DEFAULTS and args[k] != DEFAULTS[k]]
+    return " ".join([f"python {SCRIPT}"] + [f"--{k.replace('_', '-')} {args[k]}" for k in [*main_flags, *extra]])
 
 
 def run_config(args: dict, method: str, scheme: str) -> dict:
@@ -149,16 +154,8 @@ def write_study(out, rows: list[dict], args: dict, wall_s: float, environment: s
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--float-steps", type=int, default=800)
-    ap.add_argument("--qat-steps", type=int, default=200)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--d-model", type=int, default=128)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--val-chars", type=int, default=40000, help="validation characters evaluated")
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--qat-lr", type=float, default=3e-4)
-    ap.add_argument("--seed", type=int, default=0)
+    for key, default in DEFAULTS.items():
+        ap.add_argument("--" + key.replace("_", "-"), type=type(default), default=default)
     ap.add_argument("--out", default=str(OUT))
     ns = ap.parse_args(argv)
     out = pathlib.Path(ns.out)

@@ -42,6 +42,8 @@ from qlab.train import train  # noqa: E402
 STUDY = "qat_fashion_mnist"
 SCRIPT = "experiments/qat_fashion_mnist.py"
 OUT = ROOT / "results" / STUDY
+#: Command-line defaults (what `command` leaves out); --train-size is a subset of the 55,000 training images.
+DEFAULTS = dict(train_size=20000, float_epochs=4, qat_epochs=1, batch_size=128, lr=1e-3, qat_lr=3e-4, seed=0)
 #: (weight bits, weight quantizer) of the QAT runs; each "ste" run also gets a PTQ (RTN) run at its bits.
 CONFIGS = [(8, "ste"), (4, "ste"), (3, "ste"), (2, "ste"), (3, "lsq"), (2, "lsq")]
 
@@ -51,13 +53,15 @@ def rules_for(wbits: int, abits: int = 8, quantizer: str = "ste"):
 
 
 def command(args: dict) -> str:
-    """The command line that reproduces a run of this script with ``args`` (defaults left out).
+    """The command line that reproduces a run of this script with ``args`` (the three main flags always, the others
+    where they differ from :data:`DEFAULTS`).
 
     >>> command({"train_size": 20000, "float_epochs": 3, "qat_epochs": 1})
     'python experiments/qat_fashion_mnist.py --train-size 20000 --float-epochs 3 --qat-epochs 1'
     """
-    return (f"python {SCRIPT} --train-size {args['train_size']} --float-epochs {args['float_epochs']} "
-            f"--qat-epochs {args['qat_epochs']}")
+    main_flags = ("train_size", "float_epochs", "qat_epochs")
+    extra = [k for k in args if k not in main_flags and k in DEFAULTS and args[k] != DEFAULTS[k]]
+    return " ".join([f"python {SCRIPT}"] + [f"--{k.replace('_', '-')} {args[k]}" for k in [*main_flags, *extra]])
 
 
 def run_config(args: dict, method: str, weight_bits: int, act_bits: int, quantizer: str, n_train: int) -> dict:
@@ -152,13 +156,8 @@ def write_study(out, rows: list[dict], args: dict, wall_s: float, environment: s
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--train-size", type=int, default=20000, help="training subset size (of 55,000)")
-    ap.add_argument("--float-epochs", type=int, default=4)
-    ap.add_argument("--qat-epochs", type=int, default=1)
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--qat-lr", type=float, default=3e-4)
-    ap.add_argument("--seed", type=int, default=0)
+    for key, default in DEFAULTS.items():
+        ap.add_argument("--" + key.replace("_", "-"), type=type(default), default=default)
     ap.add_argument("--out", default=str(OUT))
     ns = ap.parse_args(argv)
     out = pathlib.Path(ns.out)
