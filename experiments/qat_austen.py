@@ -5,7 +5,8 @@
    W8A8 (int8 per-channel weights incl. embeddings, int8 per-tensor dynamic activations, all
    linear layers; the attention einsums q.k and p.v quantized too via call-site rules) and
    W4 g32 (int4 weights in groups of 32 along the contraction axis, float activations).
-Outputs results/qat/austen.csv and results/qat/austen.md.
+Writes the study layout of ``results/qat_austen/`` (see ``results/README.md``): ``runs/<hash>.json`` as each run
+finishes, then ``runs.csv``, ``study.json`` and ``README.md``.
 
     python experiments/qat_austen.py [--float-steps 800] [--qat-steps 200] [--val-chars 40000]
 """
@@ -13,117 +14,196 @@ Outputs results/qat/austen.csv and results/qat/austen.md.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import pathlib
+import platform
 import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-import jax
-import pandas as pd
-from flax import nnx
+import jax  # noqa: E402
+import pandas as pd  # noqa: E402
+from flax import nnx  # noqa: E402
 
-from qlab import nn as qnn
-from qlab.data import char_splits, load_austen
-from qlab.evaluate import nll
-from qlab.models import Transformer, TransformerConfig
-from qlab.train import train
+from qlab import nn as qnn  # noqa: E402
+from qlab.data import char_splits, load_austen  # noqa: E402
+from qlab.evaluate import nll  # noqa: E402
+from qlab.experiments import config_hash  # noqa: E402
+from qlab.experiments.results import atomic_write_text, rebuild_tables, write_run  # noqa: E402
+from qlab.models import Transformer, TransformerConfig  # noqa: E402
+from qlab.train import train  # noqa: E402
 
-OUT = pathlib.Path(__file__).resolve().parents[1] / "results" / "qat"
+STUDY = "qat_austen"
+SCRIPT = "experiments/qat_austen.py"
+OUT = ROOT / "results" / STUDY
 
 SCHEMES = {
     "W8A8": [qnn.Rule(".*", weight="int8/ch", act="int8")],
     "W4g32": [qnn.Rule(".*/einsum_.*"), qnn.Rule(".*", weight="int4/g32")],
 }
+#: Command-line defaults (what `command` leaves out).
+DEFAULTS = dict(float_steps=800, qat_steps=200, batch_size=32, seq_len=128, d_model=128, layers=2, val_chars=40000,
+                lr=2e-3, qat_lr=3e-4, seed=0)
+#: Each scheme's rules as plain text for the result table (einsum call sites are the attention products).
+SCHEME_COLUMNS = {
+    "float": dict(weight=None, act=None, rules=None),
+    "W8A8": dict(weight="int8/ch", act="int8", rules=".*: int8/ch weights, int8 acts (incl. embeddings, einsums)"),
+    "W4g32": dict(weight="int4/g32", act=None, rules=".*/einsum_.*: float; .*: int4/g32 weights"),
+}
 
 
-def md_table(df):
-    def fmt(v):
-        return ("" if v != v else f"{v:.4f}") if isinstance(v, float) else str(v)
-    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
-    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join(lines)
+def command(args: dict) -> str:
+    """The command line that reproduces a run of this script with ``args`` (the three main flags always, the others
+    where they differ from :data:`DEFAULTS`).
+
+    >>> command({"float_steps": 600, "qat_steps": 150, "val_chars": 40000, "d_model": 32, "seed": 0})
+    'python experiments/qat_austen.py --float-steps 600 --qat-steps 150 --val-chars 40000 --d-model 32'
+    """
+    main_flags = ("float_steps", "qat_steps", "val_chars")
+    extra = [k for k in args if k not in main_flags and k in DEFAULTS and args[k] != DEFAULTS[k]]
+    return " ".join([f"python {SCRIPT}"] + [f"--{k.replace('_', '-')} {args[k]}" for k in [*main_flags, *extra]])
+
+
+def run_config(args: dict, method: str, scheme: str) -> dict:
+    """The config columns of one run, spelled out, with its ``config_hash`` (over the columns and the
+    script's arguments, since every run starts from the same float model).
+
+    >>> args = dict(float_steps=10, qat_steps=5, batch_size=4, seq_len=16, d_model=16, layers=1, val_chars=100,
+    ...             lr=2e-3, qat_lr=3e-4, seed=0)
+    >>> row = run_config(args, "float+ft", "float")
+    >>> row["train_steps"], row["learning_rate"], row["weight"]
+    (15, 0.0003, None)
+    """
+    steps = {"float": args["float_steps"], "qat": args["qat_steps"],
+             "float+ft": args["float_steps"] + args["qat_steps"]}.get(method, 0)
+    row = dict(study=STUDY, method=method, scheme=scheme, model="transformer", data="austen", **SCHEME_COLUMNS[scheme],
+               layers=args["layers"], d_model=args["d_model"], seq_len=args["seq_len"], batch_size=args["batch_size"],
+               train_steps=steps, learning_rate={"float": args["lr"]}.get(method, args["qat_lr"] if steps else None),
+               val_chars=args["val_chars"], seed=args["seed"])
+    row["config_hash"] = config_hash({**row, "script_args": args})
+    return row
+
+
+def markdown(table: pd.DataFrame) -> str:
+    """``table`` as a GitHub markdown table, missing values left blank.
+
+    >>> print(markdown(pd.DataFrame({"a": [1.5, None]})))
+    |   a |
+    |----:|
+    | 1.5 |
+    |     |
+    """
+    return table.astype(object).where(table.notna(), None).to_markdown(index=False, floatfmt=".4g", missingval="")
+
+
+def readme(runs: pd.DataFrame, study: dict) -> str:
+    """The study's README.md: what ran, how long, the table and what it shows."""
+    args = study["args"]
+
+    def pick(method, scheme, column="val_ppl"):
+        sel = runs[(runs.method == method) & (runs.scheme == scheme)]
+        return float(sel[column].iloc[0]) if len(sel) else float("nan")
+
+    cols = ["method", "scheme", "weight", "act", "val_ppl", "model_mib", "train_steps", "train_seconds"]
+    cpu = f", {study['cpu_user_s'] / 60:.1f} min user CPU" if study.get("cpu_user_s") else ""
+    base = pick("float+ft", "float")
+    return f"""# QAT on Jane Austen (char-level Transformer)
+
+What ran: `{study['command']}` ({study['wall_s'] / 60:.1f} min wall{cpu}, {study['environment']}).
+Model: {args['layers']} layers, d_model {args['d_model']}, 4 heads, d_ff {4 * args['d_model']}, context {args['seq_len']},
+{study['vocab_size']} characters, {study['params']:,} params. Float: {args['float_steps']} Adam steps (lr {args['lr']}),
+batch {args['batch_size']}x{args['seq_len']} random windows of the six novels' training split. QAT: {args['qat_steps']} more steps
+(lr {args['qat_lr']}) from the float weights, STE; `float+ft` is the float model trained for the same extra steps.
+Validation: perplexity on the first {args['val_chars']:,} characters of the validation split (non-overlapping windows).
+W8A8 = rule `.*` int8/ch weights + int8 activations (all Linear layers, the token and position Embed tables, the
+attention einsums q.k and p.v); W4g32 = int4 weights in groups of 32, float activations, einsums left float.
+`model_mib` counts every parameter (LayerNorms, biases at 32 bits; quantized weights packed with their f16 scales).
+One seed ({args['seed']}). Every run is a row of `runs.csv`.
+
+{markdown(runs[[c for c in cols if c in runs]])}
+
+What it shows:
+- The fair baseline for QAT is `float+ft` ({base:.3f}): W8A8 QAT matches it ({pick('qat', 'W8A8'):.3f}) at
+  {pick('qat', 'W8A8', 'model_mib') / pick('float+ft', 'float', 'model_mib'):.2f}x the float bytes; W4 g32 QAT costs
+  {pick('qat', 'W4g32') - base:+.3f} perplexity at {pick('qat', 'W4g32', 'model_mib') / pick('float+ft', 'float', 'model_mib'):.2f}x.
+- Post-training RTN: W8A8 {pick('ptq_rtn', 'W8A8'):.3f} against float {pick('float', 'float'):.3f}; W4 g32
+  {pick('ptq_rtn', 'W4g32'):.3f}, which QAT brings to {pick('qat', 'W4g32'):.3f}.
+- Small budget: absolute perplexities are far from converged; the comparison between rows is the point.
+"""
+
+
+def write_study(out, rows: list[dict], args: dict, wall_s: float, environment: str, vocab_size: int, params: int,
+                cpu_user_s: float | None = None):
+    """Write the study layout for ``rows`` (each already stored by ``write_run``): ``runs.csv`` in run order,
+    ``study.json`` (script, arguments, timing, runs) and ``README.md``."""
+    out = pathlib.Path(out)
+    runs, _ = rebuild_tables(out, [r["config_hash"] for r in rows])
+    config_keys = list(run_config(args, "float", "float"))
+    study = dict(name=STUDY, description="Char-level Transformer on Austen: QAT vs RTN at W8A8 and W4 g32",
+                 source=SCRIPT, command=command(args), args=args, wall_s=wall_s, cpu_user_s=cpu_user_s,
+                 environment=environment, vocab_size=vocab_size, params=params,
+                 runs=[{k: r.get(k) for k in config_keys} for r in rows])
+    atomic_write_text(out / "study.json", json.dumps(study, indent=1))
+    atomic_write_text(out / "README.md", readme(runs, study))
+    return runs
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--float-steps", type=int, default=800)
-    ap.add_argument("--qat-steps", type=int, default=200)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--d-model", type=int, default=128)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--val-chars", type=int, default=40000, help="validation characters evaluated")
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--qat-lr", type=float, default=3e-4)
-    ap.add_argument("--seed", type=int, default=0)
+    for key, default in DEFAULTS.items():
+        ap.add_argument("--" + key.replace("_", "-"), type=type(default), default=default)
     ap.add_argument("--out", default=str(OUT))
-    args = ap.parse_args(argv)
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    ns = ap.parse_args(argv)
+    out = pathlib.Path(ns.out)
+    args = {k: v for k, v in vars(ns).items() if k != "out"}
     t0 = time.time()
 
     corpus = char_splits(load_austen())
-    val = corpus.val[: args.val_chars]
-    cfg = TransformerConfig(vocab_size=corpus.vocab_size, d_model=args.d_model, n_layers=args.layers, n_heads=4,
-                            d_ff=4 * args.d_model, max_len=args.seq_len)
-    common = dict(loss="lm", seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed, progress=False)
+    val = corpus.val[: ns.val_chars]
+    cfg = TransformerConfig(vocab_size=corpus.vocab_size, d_model=ns.d_model, n_layers=ns.layers, n_heads=4,
+                            d_ff=4 * ns.d_model, max_len=ns.seq_len)
+    common = dict(loss="lm", seq_len=ns.seq_len, batch_size=ns.batch_size, seed=ns.seed, progress=False)
+    rows = []
+
+    def record(row):
+        write_run(out, row)
+        rows.append(row)
 
     def ppl(m):
         m.eval()
-        return math.exp(nll(m, val, seq_len=args.seq_len, batch_size=32))
+        return math.exp(nll(m, val, seq_len=ns.seq_len, batch_size=32))
 
-    model = Transformer(cfg, rngs=nnx.Rngs(args.seed))
-    h = train(model, corpus.train, steps=args.float_steps, learning_rate=args.lr, **common)
+    model = Transformer(cfg, rngs=nnx.Rngs(ns.seed))
+    h = train(model, corpus.train, steps=ns.float_steps, learning_rate=ns.lr, **common)
     p_float = ppl(model)
     print(f"float: val ppl {p_float:.3f} ({h.seconds:.0f}s)", flush=True)
     size_f = qnn.model_size(qnn.quantize_model(model, [qnn.Rule(".*")]))
-    rows = [dict(method="float", scheme="float", val_ppl=p_float, train_steps=args.float_steps,
-                 train_seconds=h.seconds, model_mib=size_f["packed_mib"])]
+    record(dict(run_config(args, "float", "float"), val_ppl=p_float, train_seconds=h.seconds,
+                model_mib=size_f["packed_mib"]))
     for scheme, rules in SCHEMES.items():
         qm = qnn.quantize_model(model, rules)
         size = qnn.model_size(qm)
         p_ptq = ppl(qm)
-        rows.append(dict(method="ptq_rtn", scheme=scheme, val_ppl=p_ptq, train_steps=0, train_seconds=0.0,
-                         model_mib=size["packed_mib"]))
+        record(dict(run_config(args, "ptq_rtn", scheme), val_ppl=p_ptq, train_seconds=0.0, model_mib=size["packed_mib"]))
         print(f"{scheme} PTQ-RTN: {p_ptq:.3f}", flush=True)
         qm.train()
-        h = train(qm, corpus.train, steps=args.qat_steps, learning_rate=args.qat_lr, **common)
+        h = train(qm, corpus.train, steps=ns.qat_steps, learning_rate=ns.qat_lr, **common)
         p_qat = ppl(qm)
-        rows.append(dict(method="qat", scheme=scheme, val_ppl=p_qat, train_steps=args.qat_steps,
-                         train_seconds=h.seconds, model_mib=size["packed_mib"]))
+        record(dict(run_config(args, "qat", scheme), val_ppl=p_qat, train_seconds=h.seconds,
+                    model_mib=size["packed_mib"]))
         print(f"{scheme} QAT: {p_qat:.3f} ({h.seconds:.0f}s)", flush=True)
     # the float model fine-tuned for the same extra steps, for a fair comparison with QAT
-    h = train(model, corpus.train, steps=args.qat_steps, learning_rate=args.qat_lr, **common)
-    rows.append(dict(method="float+ft", scheme="float", val_ppl=ppl(model), train_steps=args.float_steps + args.qat_steps,
-                     train_seconds=h.seconds, model_mib=size_f["packed_mib"]))
-    df = pd.DataFrame(rows)
-    df["seed"] = args.seed
-    df.to_csv(out / "austen.csv", index=False)
+    h = train(model, corpus.train, steps=ns.qat_steps, learning_rate=ns.qat_lr, **common)
+    record(dict(run_config(args, "float+ft", "float"), val_ppl=ppl(model), train_seconds=h.seconds,
+                model_mib=size_f["packed_mib"]))
     wall = time.time() - t0
-    n_params = size_f["params"]
-    md = [
-        "# QAT on Jane Austen (char-level Transformer)",
-        "",
-        f"Command: `python experiments/qat_austen.py --float-steps {args.float_steps} --qat-steps {args.qat_steps} "
-        f"--val-chars {args.val_chars}` ({wall / 60:.1f} min wall, {os.cpu_count()} shared CPU cores, jax {jax.__version__}).",
-        "",
-        f"Model: {args.layers} layers, d_model {args.d_model}, 4 heads, d_ff {4 * args.d_model}, context {args.seq_len}, "
-        f"vocab {corpus.vocab_size} chars, {n_params:,} params. Float: {args.float_steps} Adam steps (lr {args.lr}), "
-        f"batch {args.batch_size}x{args.seq_len} random windows of the six novels' training split. QAT: "
-        f"{args.qat_steps} more steps (lr {args.qat_lr}) from the float weights, STE. Validation: perplexity "
-        f"on the first {len(val):,} characters of the validation split (non-overlapping windows). Small budget: "
-        "absolute perplexities are far from converged; the comparison between rows is the point.",
-        "W8A8 = rule `.*` int8/ch weights + int8 activations (all Linear layers, the token and position Embed tables, the attention "
-        "einsums q.k and p.v); W4g32 = int4 weights, groups of 32, float activations, einsums left float.",
-        "",
-        md_table(df.drop(columns=["seed"])),
-        "",
-    ]
-    (out / "austen.md").write_text("\n".join(md))
-    print(df.to_string())
+    env = f"{os.cpu_count()} shared CPU cores, jax {jax.__version__}, {platform.machine()}"
+    runs = write_study(out, rows, args, wall, env, corpus.vocab_size, size_f["params"], cpu_user_s=os.times().user)
+    print(runs.to_string())
     print(f"wall {wall:.0f}s")
 
 
