@@ -7,7 +7,7 @@
 
 sequential: 8 x ``qlab.train.train`` (one jitted step, dispatched once per step per variant; the step
             compiles once per distinct spec and is reused by the later runs).
-batched:    ``qlab.experiments.methods.train_variants``: one compiled program, ``jax.vmap`` over the 8
+batched:    ``qlab.train.train_variants``: one compiled program, ``jax.vmap`` over the 8
             variants of a ``lax.scan`` over the steps (what ``qlab sweep --batch`` uses).
 Each mode runs in a fresh process and is timed from just before training to just after, compile
 included. Prints a table and one summary line.
@@ -35,7 +35,7 @@ def _worker(mode: str, variants: int, steps: int, hidden: list[int], vary: str =
 
     from qlab import evaluate
     from qlab.data import digits_dataset
-    from qlab.experiments.methods import train_variants
+    from qlab.train import train_variants
     from qlab.models import MLP
     from qlab.train import train
 

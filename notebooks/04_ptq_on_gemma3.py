@@ -64,7 +64,7 @@ print(len(study.runs), "runs ->", OUT)
 # rest; finished runs are reused, so the second call only adds the calibrated ones.
 
 # %%
-qx.sweep(study, out=OUT, only="method=float|ptq_rtn", progress=False, plots=False)[
+qx.sweep(study, out=OUT, only="method=float|ptq_rtn", progress=False)[
     ["method", "weight", "bits_per_weight", "model_mib", "perplexity", "quant_s"]].round(3)
 
 # %%

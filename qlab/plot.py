@@ -24,7 +24,8 @@ import pathlib
 import numpy as np
 from matplotlib.figure import Figure
 
-__all__ = ["figure", "QFigure", "quant_grid", "pareto", "pareto_front", "metric_vs_bits", "layer_bars", "weight_histogram", "save", "LABELS"]
+__all__ = ["figure", "QFigure", "quant_grid", "pareto", "pareto_front", "metric_vs_bits", "layer_bars", "weight_histogram", "save",
+           "LABELS", "series_labels", "study_figures", "save_study_figures"]
 
 #: Axis labels (with units) for the usual result columns.
 LABELS = {
@@ -310,3 +311,82 @@ def weight_histogram(w, spec=None, *, bins: int = 120, ax=None, title: str | Non
     ax.legend(fontsize=7)
     ax.set_title(title or head)
     return fig
+
+
+# --------------------------------------------------------------------------- a study's standard figures
+
+
+def _given(v) -> bool:
+    return v is not None and not (isinstance(v, float) and math.isnan(v)) and v != ""
+
+
+def series_labels(table) -> list[str]:
+    """One plot series per method and scheme family: integer runs of one granularity form a line over bit
+    widths (``"ptq_rtn int/g16"``), other formats are their own series (``"qat nf4/g16"``), mixed runs are
+    grouped by rule set (``"ptq_rtn first_last_8bit"``); GPTQ with act-order is its own method.
+
+    Example:
+        >>> import pandas as pd
+        >>> t = pd.DataFrame({"method": ["float", "ptq_rtn", "ptq_rtn", "qat"], "format": [None, "int", "nf4", "int"],
+        ...                   "granularity": [None, "g16", "g16", "ch"], "weight": [None, "int4/g16", "nf4/g16", None],
+        ...                   "rules": [None, "all", "all", "first_last_8bit"]})
+        >>> series_labels(t)
+        ['float', 'ptq_rtn int/g16', 'ptq_rtn nf4/g16', 'qat first_last_8bit']
+    """
+    from qlab.experiments.results import method_labels  # noqa: PLC0415 -- keeps `import qlab.plot` light
+
+    cols = {c: table[c] if c in table else [None] * len(table) for c in ("format", "granularity", "weight", "rules")}
+    out = []
+    for m, f, g, w, r in zip(method_labels(table), *cols.values()):
+        if _given(r) and r != "all":
+            out.append(f"{m} {r}")
+        elif f in ("int", "uint"):
+            out.append(f"{m} {f}/{g}")
+        elif _given(w):
+            out.append(f"{m} {w}")
+        else:
+            out.append(m)
+    return out
+
+
+def study_figures(table, layers=None, name: str = "") -> dict[str, Figure]:
+    """A study's standard figures from its tables: ``pareto`` (metric against model size), ``<metric>_vs_bits``
+    (one line per :func:`series_labels` series) and, when per-layer rows exist, ``layers`` (weight SQNR per
+    layer, one bar per layer's OWN spec: a mixed run's 8-bit and 3-bit layers are never averaged).
+
+    Example:
+        >>> import pandas as pd
+        >>> t = pd.DataFrame({"method": ["float", "ptq_rtn"], "model_mib": [1.0, 0.3], "accuracy": [0.9, 0.8],
+        ...                   "weight": [None, "int8/ch"], "format": [None, "int"], "granularity": [None, "ch"],
+        ...                   "bits_per_weight": [32.0, 8.1]})
+        >>> sorted(study_figures(t))
+        ['accuracy_vs_bits', 'pareto']
+    """
+    from qlab.experiments.results import method_labels  # noqa: PLC0415 -- keeps `import qlab.plot` light
+
+    metric, maximize = ("accuracy", True) if "accuracy" in table else ("perplexity", False)
+    t = table.assign(series=series_labels(table), method=method_labels(table))
+    figs = {"pareto": pareto(t, x="model_mib", y=metric, hue="method", label="weight", maximize=maximize,
+                             title=f"{name}: {metric} vs size")}
+    if (t["method"] != "float").any() and "bits_per_weight" in t:
+        figs[f"{metric}_vs_bits"] = metric_vs_bits(t, y=metric, hue="series", by=None,
+                                                   title=f"{name}: {metric} vs bits/weight")
+    if layers is not None and len(layers) and "weight_sqnr_db" in layers:
+        q = layers[layers["weight_spec"] != "float"]
+        if "method" in q and (q["method"] == "ptq_rtn").any():
+            q = q[q["method"] == "ptq_rtn"]
+        if len(q):
+            figs["layers"] = layer_bars(q, y="weight_sqnr_db", hue="weight_spec", title=f"{name}: weight SQNR per layer")
+    return figs
+
+
+def save_study_figures(out, table, layers=None, name: str = "") -> list[pathlib.Path]:
+    """Write :func:`study_figures` as ``<out>/<figure>.png``; returns the paths.
+
+    Example:
+        >>> import pandas as pd, tempfile
+        >>> t = pd.DataFrame({"method": ["float"], "model_mib": [1.0], "accuracy": [0.9], "weight": [None]})
+        >>> [p.name for p in save_study_figures(tempfile.mkdtemp(), t)]
+        ['pareto.png']
+    """
+    return [save(fig, pathlib.Path(out) / f"{key}.png") for key, fig in study_figures(table, layers, name).items()]

@@ -35,10 +35,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from . import data as _data
 
-__all__ = ["History", "train", "xent_loss", "lm_loss", "LOSSES"]
+__all__ = ["History", "train", "train_variants", "variant_sharding", "xent_loss", "lm_loss", "LOSSES"]
 
 
 # --------------------------------------------------------------------------- losses
@@ -298,3 +299,95 @@ def _is_iterable_of_batches(data) -> bool:
 
 def _floats(metrics: Mapping[str, Any]) -> dict:
     return {k: float(v) for k, v in metrics.items()}
+
+
+# --------------------------------------------------------------------------- many variants as one program
+
+
+def _stack(trees):
+    # on the host: eager jnp.stack would compile one op per leaf shape
+    return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
+
+
+def variant_sharding(n: int):
+    """A NamedSharding splitting the variant axis over as many devices as divide ``n`` (None: 1 device).
+
+    Example:
+        >>> variant_sharding(1) is None
+        True
+    """
+    ndev = jax.device_count()
+    k = max(d for d in range(1, min(ndev, n) + 1) if n % d == 0)
+    if k <= 1:
+        return None
+    mesh = Mesh(np.array(jax.devices()[:k]), ("variants",))
+    return NamedSharding(mesh, PartitionSpec("variants"))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2, 3, 4))
+def _train_scan(graphdef, tx, params, rest, opt_state, idx, x, y):
+    """All steps of every variant: vmap over variants of a lax.scan over steps."""
+    def loss_fn(p, r, xb, yb):
+        m = nnx.merge(graphdef, p, r)
+        logits = m(xb)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), yb).mean()
+        return loss, nnx.state(m, nnx.Not(nnx.Param))
+
+    def one(p, r, o, ids):
+        def step(carry, i):
+            p, r, o = carry
+            (loss, r), g = jax.value_and_grad(loss_fn, has_aux=True)(p, r, x[i], y[i])
+            updates, o = tx.update(g, o, p)
+            return (optax.apply_updates(p, updates), r, o), loss
+
+        (p, r, o), losses = jax.lax.scan(step, (p, r, o), ids)
+        return p, r, o, losses
+
+    return jax.vmap(one)(params, rest, opt_state, idx)
+
+
+@functools.lru_cache(maxsize=4)
+def _variant_adam():
+    return optax.inject_hyperparams(optax.adam)(learning_rate=1e-3)
+
+
+def train_variants(models: list[nnx.Module], ds, *, steps: int, batch_size: int, learning_rates, seeds) -> np.ndarray:
+    """Train same-structure models together, in place, as ONE compiled program: ``jax.vmap`` over
+    the variants of a ``lax.scan`` over the steps. Each variant keeps its own learning rate (a traced
+    Adam hyperparameter) and its own batch order (``qlab.data.batches`` with its seed, as
+    :func:`qlab.train.train` uses). With several devices the variants are sharded over them.
+    Returns the losses, shape (variants, steps).
+
+    Example:
+        >>> from qlab.data import digits_dataset
+        >>> from qlab.models import MLP
+        >>> ds = digits_dataset()
+        >>> ms = [MLP(64, hidden=(16,), rngs=nnx.Rngs(s)) for s in range(3)]
+        >>> train_variants(ms, ds, steps=20, batch_size=32, learning_rates=[1e-3, 3e-3, 1e-2], seeds=[0, 1, 2]).shape
+        (3, 20)
+    """
+    tx = _variant_adam()
+    splits = [nnx.split(m, nnx.Param, ...) for m in models]
+    graphdef = splits[0][0]
+    if any(s[0] != graphdef for s in splits[1:]):
+        raise ValueError("train_variants: the models differ in structure (specs, shapes); batch only traced values")
+    params = _stack([s[1] for s in splits])
+    rest = _stack([s[2] for s in splits])
+    opt_state = _init_opt(tx, params)
+    opt_state.hyperparams["learning_rate"] = jnp.asarray(np.asarray(learning_rates, np.float32))
+    x, y = ds.train
+    idx = np.stack([np.stack(list(_data.batches(np.arange(len(y)), batch_size, int(sd), steps=steps))) for sd in seeds])
+    sharding = variant_sharding(len(models))
+    if sharding is not None:
+        params, rest, opt_state, idx = jax.device_put((params, rest, opt_state, idx), sharding)
+    params, rest, opt_state, losses = _train_scan(graphdef, tx, params, rest, opt_state, jnp.asarray(idx),
+                                                  jnp.asarray(x), jnp.asarray(y))
+    params, rest = jax.device_get((params, rest))  # unstack on the host (no per-shape slicing programs)
+    for i, m in enumerate(models):
+        nnx.update(m, jax.tree.map(lambda a: jnp.asarray(a[i]), params), jax.tree.map(lambda a: jnp.asarray(a[i]), rest))
+    return np.asarray(losses)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init_opt(tx, params):
+    return jax.vmap(tx.init)(params)

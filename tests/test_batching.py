@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from qlab.experiments import methods, sweep
-from qlab.experiments.runner import _batch_groups, plan
+from qlab.experiments import image, sweep
+from qlab.experiments.runner import plan
+from qlab.experiments.runner import _groups
 from qlab.models import MLP
 from qlab.nn import Rule, quantize_model
-from qlab.nn.nnx_quant import traced_variant
+from qlab.nn import traced_variant
 from qlab.nn.quantizers import QuantOverride, WeightQuantizer
 
 TINY = {"hidden": [16], "train_size": 256, "steps": 15, "qat_steps": 10, "batch_size": 32}
@@ -84,7 +85,7 @@ def test_batch_groups_span_bit_widths_of_one_family(tmp_path):
              "sweep": {"method": ["qat", "qat_lsq", "ptq_rtn"], "bits": [2, 8], "granularity": ["ch", "g16"],
                        "seed": [0, 1]}}
     _, _, todo = plan(study, out=tmp_path)
-    groups = _batch_groups(todo)
+    groups = _groups(todo, True)
     shape = sorted((g[0]["method"], g[0]["granularity"], len(g)) for g in groups)
     # one group per method and granularity, over bits x seeds
     assert shape == sorted([("qat", "ch", 4), ("qat", "g16", 4), ("ptq_rtn", "ch", 4), ("ptq_rtn", "g16", 4),
@@ -92,14 +93,14 @@ def test_batch_groups_span_bit_widths_of_one_family(tmp_path):
     # LSQ activations keep static bits: act widths split qat_lsq groups, not qat ones
     _, _, todo = plan({"name": "a", "base": TINY, "sweep": {"method": ["qat", "qat_lsq"], "act": ["int4", "int8"]}},
                       out=tmp_path)
-    assert sorted(len(g) for g in _batch_groups(todo)) == [1, 1, 2]
+    assert sorted(len(g) for g in _groups(todo, True)) == [1, 1, 2]
 
 
 def _unbatched_and_batched(study, tmp_path):
-    methods._float_cache.clear()
-    seq = sweep(study, out=tmp_path / "s", progress=False, plots=False, batch=False)
-    methods._float_cache.clear()
-    bat = sweep(study, out=tmp_path / "b", progress=False, plots=False, batch=True)
+    image.clear_caches()
+    seq = sweep(study, out=tmp_path / "s", progress=False, batch=False)
+    image.clear_caches()
+    bat = sweep(study, out=tmp_path / "b", progress=False, batch=True)
     assert list(bat["config_hash"]) == list(seq["config_hash"])
     return seq, bat
 

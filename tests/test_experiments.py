@@ -11,7 +11,7 @@ import time
 import pandas as pd
 import pytest
 
-from qlab.experiments import ConfigError, expand, load_study, methods, sweep
+from qlab.experiments import ConfigError, expand, image, load_study, sweep
 from qlab.experiments.results import read_runs, write_run
 from qlab.experiments.runner import parse_only, plan
 
@@ -123,7 +123,7 @@ def _study(name, **sweep_axes):
 
 def test_sweep_writes_tables_and_is_idempotent(tmp_path):
     study = _study("t1")
-    table = sweep(study, out=tmp_path, progress=False, plots=True)
+    table = sweep(study, out=tmp_path, progress=False)
     assert len(table) == 5 and table["config_hash"].is_unique
     for col in ["method", "bits", "granularity", "weight", "seed", "accuracy", "bits_per_weight", "model_mib",
                 "model_bytes", "params", "wall_s", "qlab_version", "jax_version", "config_hash"]:
@@ -132,14 +132,17 @@ def test_sweep_writes_tables_and_is_idempotent(tmp_path):
     assert len(on_disk) == 5
     layers = pd.read_csv(tmp_path / "layers.csv")
     assert set(layers["layer"]) == {"layers/0", "head"}
-    assert (tmp_path / "pareto.png").stat().st_size > 1000
+    from qlab import plot
+
+    paths = plot.save_study_figures(tmp_path, table, layers, "t1")
+    assert (tmp_path / "pareto.png").stat().st_size > 1000 and len(paths) == 3
     q = table[table["method"] == "ptq_rtn"].set_index("weight")
     assert q.loc["int2/ch", "model_bytes"] < q.loc["int8/ch", "model_bytes"]
     mtimes = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*.json")}
     _, _, todo = plan(study, out=tmp_path)
     assert todo == []  # rerunning a finished study does nothing
     csv_mtime = (tmp_path / "runs.csv").stat().st_mtime_ns
-    again = sweep(study, out=tmp_path, progress=False, plots=True)
+    again = sweep(study, out=tmp_path, progress=False)
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*.json")} == mtimes
     assert (tmp_path / "runs.csv").stat().st_mtime_ns == csv_mtime
     assert len(again) == 5
@@ -149,10 +152,10 @@ def test_sweep_writes_tables_and_is_idempotent(tmp_path):
 
 
 def test_same_study_and_seed_give_same_metrics(tmp_path):
-    study = _study("det", method=["ptq_rtn", "qat"], bits=[4])
-    a = sweep(study, out=tmp_path / "a", progress=False, plots=False)
-    methods._float_cache.clear()
-    b = sweep(study, out=tmp_path / "b", progress=False, plots=False)
+    study = _study("det", method=["ptq_rtn", "qat"], bits=[4])  # noqa
+    a = sweep(study, out=tmp_path / "a", progress=False)
+    image.clear_caches()
+    b = sweep(study, out=tmp_path / "b", progress=False)
     cols = ["config_hash", "accuracy", "float_accuracy", "model_bytes", "bits_per_weight", "qat_final_loss"]
     pd.testing.assert_frame_equal(a[cols], b[cols])
 
@@ -203,10 +206,10 @@ def test_resume_after_sigkill(tmp_path):
 def test_batched_sweep_matches_sequential(tmp_path):
     study = {"name": "b", "base": {**TINY, "qat_steps": 10},
              "sweep": {"method": ["float", "qat"], "seed": [0, 1, 2], "learning_rate": [3e-3]}}
-    methods._float_cache.clear()
-    seq = sweep(study, out=tmp_path / "s", progress=False, plots=False)
-    methods._float_cache.clear()
-    bat = sweep(study, out=tmp_path / "b", progress=False, plots=False, batch=True)
+    image.clear_caches()
+    seq = sweep(study, out=tmp_path / "s", progress=False)
+    image.clear_caches()
+    bat = sweep(study, out=tmp_path / "b", progress=False, batch=True)
     assert list(bat["config_hash"]) == list(seq["config_hash"])
     assert (bat["batched"].dropna() == 3).all() and bat["batched"].notna().sum() == 6
     # float training sees the same batches and updates: same models up to float rounding
@@ -219,10 +222,10 @@ _SHARD_SCRIPT = r"""
 import jax, numpy as np
 from flax import nnx
 from qlab.data import digits_dataset
-from qlab.experiments.methods import train_variants, _variant_sharding
+from qlab.train import train_variants, variant_sharding
 from qlab.models import MLP
 assert jax.device_count() == 4, jax.devices()
-assert _variant_sharding(8).mesh.devices.size == 4 and _variant_sharding(6).mesh.devices.size == 3
+assert variant_sharding(8).mesh.devices.size == 4 and variant_sharding(6).mesh.devices.size == 3
 ds = digits_dataset()
 ms = [MLP(64, hidden=(16,), rngs=nnx.Rngs(s)) for s in range(4)]
 losses = train_variants(ms, ds, steps=30, batch_size=32, learning_rates=[3e-3] * 4, seeds=[0, 1, 2, 3])
@@ -243,9 +246,10 @@ def test_batched_variants_shard_over_devices(tmp_path):
 
     from qlab.data import digits_dataset
     from qlab.models import MLP
+    from qlab.train import train_variants
 
     ms = [MLP(64, hidden=(16,), rngs=nnx.Rngs(s)) for s in range(4)]
-    single = methods.train_variants(ms, digits_dataset(), steps=30, batch_size=32, learning_rates=[3e-3] * 4,
+    single = train_variants(ms, digits_dataset(), steps=30, batch_size=32, learning_rates=[3e-3] * 4,
                                     seeds=[0, 1, 2, 3])
     assert abs(single - sharded).max() < 1e-4
 
@@ -253,9 +257,10 @@ def test_batched_variants_shard_over_devices(tmp_path):
 def test_ptq_algorithm_methods(tmp_path):
     with pytest.raises(ConfigError, match="ptq_hqq.*asymmetric"):
         plan({"name": "h", "base": {"method": "ptq_hqq"}}, out=tmp_path)
-    study = {"name": "p", "base": {**TINY, "bits": 3, "calibration_size": 128},
+    ptq_only = {k: v for k, v in TINY.items() if k != "qat_steps"}  # a key no run reads is an error
+    study = {"name": "p", "base": {**ptq_only, "bits": 3, "calibration_size": 128},
              "include": [{"method": "ptq_rtn"}, {"method": "ptq_gptq"}, {"method": "ptq_hqq", "symmetric": False}]}
-    t = sweep(study, out=tmp_path, progress=False, plots=False)
+    t = sweep(study, out=tmp_path, progress=False)
     assert list(t["method"]) == ["ptq_rtn", "ptq_gptq", "ptq_hqq"]
     assert t["accuracy"].between(0, 1).all() and (t["bits_per_weight"] < 4.5).all()
     assert t.loc[t["method"] == "ptq_gptq", "calibration_size"].item() == 128

@@ -5,7 +5,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from qlab.experiments import ConfigError, expand, load_study, methods, sweep
+from qlab.experiments import ConfigError, expand, lm, load_study, sweep
 from qlab.experiments.runner import plan
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -15,15 +15,15 @@ LM = {"model": "gemma3_tiny", "data": "tiny_text", "calibration": "tiny_text", "
 
 def test_lm_float_and_rtn_rows(tmp_path):
     study = {"name": "lm", "base": {**LM, "bits": 4, "granularity": "g16"}, "sweep": {"method": ["float", "ptq_rtn"]}}
-    tab = sweep(study, out=tmp_path, progress=False, plots=False)
+    tab = sweep(study, out=tmp_path, progress=False)
     assert list(tab["method"]) == ["float", "ptq_rtn"]
     fl, q = tab.iloc[0], tab.iloc[1]
     assert np.isfinite(tab["perplexity"]).all() and (tab["perplexity"] > 1).all()
     assert fl["float_perplexity"] == q["float_perplexity"] == fl["perplexity"]
     assert q["perplexity"] != fl["perplexity"]
     # 6 layers x 7 projections quantized, the tied embedding float
-    model, _ = methods.lm_model("gemma3_tiny")
-    proj = sum(L.kernel[...].size for L in methods._lm_linears(model).values())
+    model, _ = lm.lm_model("gemma3_tiny")
+    proj = sum(L.kernel[...].size for L in lm.lm_linears(model).values())
     params = int(fl["params"])
     assert int(q["quantized_params"]) == proj and int(fl["quantized_params"]) == 0
     assert q["bits_per_weight"] == pytest.approx(4 + 16 / 16)  # int4 + one 16-bit scale per 16 weights
@@ -31,7 +31,7 @@ def test_lm_float_and_rtn_rows(tmp_path):
     assert int(fl["model_bytes"]) == params * 4
     assert q["model_mib"] == pytest.approx(q["model_bytes"] / 2**20)
     # the shared float model is left unchanged
-    assert sweep(study, out=tmp_path, progress=False, plots=False, force=True, only="method=float")[
+    assert sweep(study, out=tmp_path, progress=False, force=True, only="method=float")[
         "perplexity"].iloc[0] == pytest.approx(fl["perplexity"], rel=1e-6)
 
 
@@ -79,7 +79,7 @@ def test_gemma3_study_file_validates():
 def test_lm_gptq_sequential_and_one_pass(tmp_path):
     study = {"name": "seq", "base": {**LM, "method": "ptq_gptq", "weight": "int3/g16"},
              "sweep": {"sequential": [True, False]}}
-    tab = sweep(study, out=tmp_path, progress=False, plots=False)
+    tab = sweep(study, out=tmp_path, progress=False)
     assert list(tab["sequential"]) == [True, False]
     seq, one = tab["perplexity"]
     assert np.isfinite([seq, one]).all() and seq != one  # block-by-block statistics differ from one float pass
@@ -94,13 +94,13 @@ def test_lm_effective_kernels_reproduce_the_quantized_forward():
     from qlab import nn as qnn
     from qlab import ptq
 
-    model, _ = methods.lm_model("gemma3_tiny")
-    linears = methods._lm_linears(model)
+    model, _ = lm.lm_model("gemma3_tiny")
+    linears = lm.lm_linears(model)
     rules = (qnn.Rule("embed"), qnn.Rule("|".join(linears), weight="int4/g16"))
-    calib = [jnp.asarray(methods._lm_calibration("gemma3_tiny", "tiny_text", 4, 16))]
+    calib = [jnp.asarray(lm._calibration("gemma3_tiny", "tiny_text", 4, 16))]
     toks = calib[0][:2]
     qm = ptq.awq(model, rules, calib, forward=lambda m, b: m.features(b), sequential=True)
-    kernels = methods._lm_effective_kernels(qm)
+    kernels = lm._effective_kernels(qm)
     assert set(kernels) == set(linears)
     orig = {p: L.kernel[...] for p, L in linears.items()}
     try:
@@ -122,7 +122,7 @@ def test_lm_rules_keep_attention_call_sites_float(tmp_path):
 
     nnx_quant.SEEN_CALL_SITES.clear()
     study = {"name": "sites", "base": {**LM, "method": "ptq_gptq", "weight": "int4/g16", "sequential": True}}
-    tab = sweep(study, out=tmp_path, progress=False, plots=False)
+    tab = sweep(study, out=tmp_path, progress=False)
     assert np.isfinite(tab["perplexity"]).all()
     quantized_sites = [p for sites in nnx_quant.SEEN_CALL_SITES.values() for p in sites]
     assert quantized_sites == []

@@ -3,6 +3,7 @@
 Layout of ``results/<study>/``::
 
     runs/<config_hash>.json   one finished run: {"row": {...config, metrics, meta}, "layers": [...] | null}
+    runs/<config_hash>.claim  a run some sweep is working on now (removed when it finishes or stops)
     runs.csv                  one row per run of the current study (rebuilt from runs/*.json)
     layers.csv                per-layer rows (config_hash, method, weight, ... + layer columns)
     study.json                the expanded study (names, runs)
@@ -10,7 +11,10 @@ Layout of ``results/<study>/``::
 
 A run's JSON is written to a temporary file in the same folder, flushed, fsync'ed and then
 ``os.replace``'d into place, so a process killed at any instant leaves either the complete file or
-none (stray ``*.tmp`` files are ignored and cleaned up). Tables are rebuilt the same way.
+none (stray ``*.tmp`` files are ignored and cleaned up). Tables are rebuilt the same way, and an empty or
+corrupted ``runs.csv`` is rebuilt from the run records. A sweep claims a run (an exclusively created
+``.claim`` file) before starting it, so two sweeps on one folder never do the same run; a claim whose
+process is gone (same host) or that is older than ``QLAB_CLAIM_TTL`` seconds (default 6 h) is taken over.
 
 Example:
     >>> import tempfile
@@ -22,15 +26,22 @@ Example:
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
 import pathlib
+import socket
 import tempfile
+import time
 from typing import Any, Iterable, Mapping
 
+import pandas as pd
+
+from qlab.numerics import parse_spec
+
 __all__ = ["write_run", "read_runs", "atomic_write_text", "rebuild_tables", "load_results", "runs_dir", "setting_label",
-           "method_labels", "method_table"]
+           "method_labels", "method_table", "result_row", "claim_run", "release_run", "compare_tables"]
 
 
 def runs_dir(out) -> pathlib.Path:
@@ -104,8 +115,6 @@ def read_runs(out, hashes: Iterable[str] | None = None) -> list[dict]:
 
 
 def _frames(records: list[dict], order: list[str] | None = None):
-    import pandas as pd
-
     if order is not None:
         rank = {h: i for i, h in enumerate(order)}
         records = sorted(records, key=lambda r: rank.get(r["row"].get("config_hash"), len(rank)))
@@ -140,20 +149,153 @@ def rebuild_tables(out, hashes: list[str] | None = None):
 
 
 def load_results(out, layers: bool = False):
-    """Read a study's ``runs.csv`` (and ``layers.csv`` with ``layers=True``) as DataFrames.
+    """Read a study's ``runs.csv`` (and ``layers.csv`` with ``layers=True``) as DataFrames. ``out`` is a folder
+    or a study name under ``results/``. An empty or corrupted ``runs.csv`` is rebuilt from ``runs/*.json``.
 
-    ``out`` is a folder or a study name under ``results/``.
+    Example:
+        >>> import tempfile
+        >>> d = tempfile.mkdtemp()
+        >>> write_run(d, {"config_hash": "abc", "accuracy": 0.5})
+        >>> _ = open(f"{d}/runs.csv", "w").write('config_hash,acc\n"abc')   # a torn file
+        >>> load_results(d)["accuracy"].tolist()
+        [0.5]
     """
-    import pandas as pd
-
     p = pathlib.Path(out)
     if not p.is_dir() and (pathlib.Path("results") / str(out)).is_dir():
         p = pathlib.Path("results") / str(out)
-    runs = pd.read_csv(p / "runs.csv")
+    try:
+        runs = pd.read_csv(p / "runs.csv")
+        if "config_hash" not in runs:
+            raise ValueError("no config_hash column")
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, ValueError, UnicodeDecodeError, FileNotFoundError) as e:
+        if not runs_dir(p).is_dir():
+            raise FileNotFoundError(f"{p}: no readable runs.csv ({e}) and no runs/ records to rebuild it from") from None
+        study = p / "study.json"
+        order = None
+        if study.is_file():
+            order = [r["config_hash"] for r in json.loads(study.read_text()).get("runs", []) if "config_hash" in r]
+        runs, _ = rebuild_tables(p, order)
     if not layers:
         return runs
     lp = p / "layers.csv"
-    return runs, (pd.read_csv(lp) if lp.is_file() else pd.DataFrame())
+    return runs, (pd.read_csv(lp) if lp.is_file() and lp.stat().st_size else pd.DataFrame())
+
+
+def result_row(study: str, run, metrics: Mapping[str, Any], meta: Mapping[str, Any], wall_s: float) -> dict:
+    """One row of ``runs.csv``: the study's name, the run's hash and config columns (written from its typed
+    values: :meth:`qlab.experiments.Run.columns`), its metrics, wall time and the environment.
+
+    Example:
+        >>> from qlab.experiments import expand
+        >>> row = result_row("s", expand({"base": {"bits": 4}})[0], {"accuracy": 0.9}, {}, 1.0)
+        >>> row["weight"], row["bits"], row["accuracy"]
+        ('int4/ch', 4, 0.9)
+    """
+    return {
+        "study": study,
+        "config_hash": run.config_hash,
+        **run.columns(),
+        **dict(metrics),
+        "wall_s": wall_s,
+        **dict(meta),
+        "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _claim_path(out, config_hash: str) -> pathlib.Path:
+    return runs_dir(out) / f"{config_hash}.claim"
+
+
+def _stale(claim: Mapping[str, Any]) -> bool:
+    ttl = float(os.environ.get("QLAB_CLAIM_TTL", 6 * 3600))
+    if time.time() - float(claim.get("time", 0)) > ttl:
+        return True
+    if claim.get("host") == socket.gethostname():
+        try:
+            os.kill(int(claim["pid"]), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, KeyError, ValueError, TypeError):
+            return False
+    return False
+
+
+def claim_run(out, config_hash: str) -> bool:
+    """Claim a run for this process before starting it: True if claimed, False if another live sweep holds it.
+    A claim left by a process that is gone (same host) or older than ``QLAB_CLAIM_TTL`` seconds is taken over.
+
+    Example:
+        >>> import tempfile
+        >>> d = tempfile.mkdtemp()
+        >>> claim_run(d, "abc"), claim_run(d, "abc")
+        (True, False)
+        >>> release_run(d, "abc"); claim_run(d, "abc")
+        True
+    """
+    path = _claim_path(out, config_hash)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()})
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                claim = json.loads(path.read_text() or "{}")
+            except (OSError, json.JSONDecodeError):
+                claim = {}  # being written right now, or torn: judged by its age
+                claim["time"] = path.stat().st_mtime if path.exists() else 0
+            if not _stale(claim):
+                return False
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(body)
+        return True
+    return False
+
+
+def release_run(out, config_hash: str) -> None:
+    """Remove this process's claim on a run (finished, failed or interrupted).
+
+    Example:
+        >>> import tempfile
+        >>> release_run(tempfile.mkdtemp(), "nothing")  # no claim: nothing to do
+    """
+    try:
+        _claim_path(out, config_hash).unlink()
+    except FileNotFoundError:
+        pass
+
+
+def compare_tables(table, reference, *, metrics=("accuracy", "perplexity", "bits_per_weight", "model_bytes"),
+                   atol: float = 0.005):
+    """Compare a study's table with a reference table, run by run (``config_hash``): ``(ok, lines)`` where
+    ``ok`` says every run of ``table`` is in the reference with every shared metric within ``atol``
+    (relative for perplexity), and ``lines`` say what differs.
+
+    Example:
+        >>> a = pd.DataFrame({"config_hash": ["x", "y"], "accuracy": [0.9, 0.8]})
+        >>> compare_tables(a, a.assign(accuracy=[0.9, 0.7]))
+        (False, ['y accuracy: 0.8 vs reference 0.7'])
+    """
+    ref = reference.set_index("config_hash")
+    lines = []
+    for _, row in table.iterrows():
+        h = row["config_hash"]
+        if h not in ref.index:
+            lines.append(f"{h}: not in the reference")
+            continue
+        for m in metrics:
+            if m not in row or m not in ref.columns or pd.isna(row[m]) and pd.isna(ref.at[h, m]):
+                continue
+            a, b = float(row[m]), float(ref.at[h, m])
+            tol = atol * abs(b) if m == "perplexity" else (0 if m in ("bits_per_weight", "model_bytes") else atol)
+            if not abs(a - b) <= tol + 1e-12:
+                lines.append(f"{h} {m}: {a:.6g} vs reference {b:.6g}")
+    return not lines, lines
 
 
 def setting_label(weight) -> str:
@@ -164,8 +306,6 @@ def setting_label(weight) -> str:
         >>> setting_label("int4/g128/asym/zp=float"), setting_label("int8/ch"), setting_label(None)
         ('W4 g128', 'W8 ch', 'float')
     """
-    from qlab.numerics import parse_spec
-
     if weight is None or (isinstance(weight, float) and math.isnan(weight)) or weight in ("", "none", "float"):
         return "float"
     parts = str(parse_spec(str(weight))).split("/")

@@ -1,17 +1,21 @@
-"""The sweep runner: study -> runs -> ``results/<name>/`` (resumable, nothing lost).
+"""The sweep runner: a study's runs -> ``results/<name>/``, resumable, nothing lost, nothing done twice.
+
+For each run still missing from the folder: claim it, call its method (``run.method.run(run)``), write the
+row (:func:`~qlab.experiments.results.result_row`, from the run's typed values) and its per-layer table,
+rebuild ``runs.csv`` / ``layers.csv``, release the claim. Plots are drawn from the tables by the CLI or a
+notebook (:func:`qlab.plot.study_figures`), not here.
 
 Example:
     >>> import tempfile
     >>> study = {"name": "doc", "base": {"steps": 20, "hidden": [16], "train_size": 256},
     ...          "sweep": {"method": ["float", "ptq_rtn"], "bits": [8, 2]}}
-    >>> table = sweep(study, out=tempfile.mkdtemp(), progress=False, plots=False)
+    >>> table = sweep(study, out=tempfile.mkdtemp(), progress=False)
     >>> table[["method", "weight"]].values.tolist()
     [['float', nan], ['ptq_rtn', 'int8/ch'], ['ptq_rtn', 'int2/ch']]
 """
 
 from __future__ import annotations
 
-import datetime
 import fnmatch
 import json
 import pathlib
@@ -21,13 +25,17 @@ import time
 import traceback
 from typing import Any, Mapping
 
-from .config import DEFAULTS, ConfigError, Study, load_study, resolve_rules
-from .results import atomic_write_text, method_labels, read_runs, rebuild_tables, write_run
+import flax
+import jax
+
+import qlab
+
+from .image import BATCHABLE, batch_signature, run_batched
+from .results import (atomic_write_text, claim_run, load_results, read_runs, rebuild_tables, release_run, result_row,
+                      write_run)
+from .study import KEYS, ConfigError, Run, Study, load_study
 
 __all__ = ["sweep", "plan", "parse_only", "SweepError"]
-
-#: Columns of runs.csv that describe the run rather than measure it.
-CONFIG_COLUMNS = ["study", "config_hash", *DEFAULTS]
 
 
 class SweepError(RuntimeError):
@@ -50,7 +58,7 @@ def parse_only(only: str | None) -> list[tuple[str, list[str]]]:
     if not only:
         return []
     out = []
-    allowed = set(DEFAULTS) | {"config_hash"}
+    allowed = set(KEYS) | {"config_hash"}
     for part in only.split(","):
         if "=" not in part:
             raise ConfigError(f"--only {only!r}: each filter is key=value (e.g. method=qat,bits=4)")
@@ -69,43 +77,33 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def _matches(run: Mapping[str, Any], filters) -> bool:
+def _matches(run: Run, filters) -> bool:
     return all(any(fnmatch.fnmatchcase(_fmt(run.get(k)), pat) for pat in pats) for k, pats in filters)
 
 
-def plan(study, *, force: bool = False, only: str | None = None, out=None) -> tuple[Study, pathlib.Path, list[dict]]:
-    """Validate a study and decide what to run: ``(study, out_dir, runs_to_do)``. Raises ConfigError
-    before anything runs (bad keys, specs, methods, rule sets, missing data)."""
-    from .methods import REGISTRY
+def plan(study, *, force: bool = False, only: str | None = None, out=None) -> tuple[Study, pathlib.Path, list[Run]]:
+    """Load a study (everything is validated there) and decide what to run: ``(study, out_dir, runs_to_do)``.
+    An ``only`` filter that matches none of the study's runs is a ConfigError listing the keys and values.
 
+    Example:
+        >>> st, out, todo = plan({"name": "p", "sweep": {"bits": [8, 4]}}, only="bits=4", out="/nonexistent")
+        >>> [r.label for r in todo]
+        ['int4/ch']
+    """
     st = study if isinstance(study, Study) else load_study(study)
-    for i, run in enumerate(st.runs):
-        run["_rules"] = None if run["method"] == "float" else resolve_rules(run, st.rule_sets)
-        m = REGISTRY[run["method"]]
-        if m.check is not None:
-            try:
-                m.check(run)
-            except ValueError as e:
-                raise ConfigError(f"run {i + 1} (method={run['method']!r}, weight={run.get('weight')!r}): {e}") from None
     filters = parse_only(only)
+    chosen = [r for r in st.runs if _matches(r, filters)]
+    if filters and not chosen:
+        values = {k: sorted({_fmt(r.get(k)) for r in st.runs}) for k, _ in filters}
+        listing = "; ".join(f"{k}: {', '.join(v)}" for k, v in values.items())
+        raise ConfigError(f"--only {only!r} matches none of the {len(st.runs)} runs of study {st.name!r} "
+                          f"(values in the study: {listing}); keys: {', '.join(sorted(KEYS))}")
     out_dir = pathlib.Path(out) if out is not None else pathlib.Path("results") / st.name
     done = {r["row"]["config_hash"] for r in read_runs(out_dir)}
-    todo = []
-    for run in st.runs:
-        if filters and not _matches(run, filters):
-            continue
-        if run["config_hash"] in done and not force:
-            continue
-        todo.append(run)
-    return st, out_dir, todo
+    return st, out_dir, [r for r in chosen if force or r.config_hash not in done]
 
 
 def _meta() -> dict:
-    import flax
-    import jax
-
-    import qlab
-
     return {
         "qlab_version": qlab.__version__,
         "jax_version": jax.__version__,
@@ -116,38 +114,29 @@ def _meta() -> dict:
     }
 
 
-def _row(st: Study, run: dict, metrics: Mapping[str, Any], meta: dict, wall_s: float) -> dict:
-    cfg = {k: (json.dumps(v) if isinstance(v, list) else v) for k, v in run.items() if not k.startswith("_")}
-    cfg.pop("rules_def", None)
-    return {
-        "study": st.name,
-        **cfg,
-        **dict(metrics),
-        "wall_s": wall_s,
-        **meta,
-        "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+def _groups(todo: list[Run], batch: bool) -> list[list[Run]]:
+    """One run a group, or (``batch``) runs of a batchable method grouped by :func:`batch_signature`."""
+    if not batch:
+        return [[r] for r in todo]
+    groups: dict[str, list[Run]] = {}
+    singles = []
+    for run in todo:
+        if run.method.family == "image" and run.method.name in BATCHABLE:
+            groups.setdefault(batch_signature(run), []).append(run)
+        else:
+            singles.append([run])
+    return singles + list(groups.values())
 
 
-def _run_one(run: dict, progress: bool):
-    from .methods import REGISTRY
+def _run_group(group: list[Run], progress: bool) -> list[tuple[dict, Any]]:
+    if len(group) > 1:
+        return run_batched(group, progress=progress)
+    out = group[0].method.run(group[0], progress=progress)
+    return [out if isinstance(out, tuple) else (out, None)]
 
-    out = REGISTRY[run["method"]].fn(run, int(run["seed"]), progress=progress)
-    metrics, layers = out if isinstance(out, tuple) else (out, None)
-    return metrics, layers
 
-
-def sweep(
-    study,
-    *,
-    force: bool = False,
-    only: str | None = None,
-    out=None,
-    progress: bool = True,
-    plots: bool = True,
-    batch: bool | None = None,
-    raise_on_error: bool = True,
-):
+def sweep(study, *, force: bool = False, only: str | None = None, out=None, progress: bool = True,
+          batch: bool | None = None, raise_on_error: bool = True):
     """Run every missing run of a study and return the study's full result table (one row per run).
 
     Args:
@@ -156,117 +145,67 @@ def sweep(
         only: run only the runs matching a filter such as ``"method=qat,bits=4|8"`` (globs allowed).
         out: results folder (default ``results/<name>``).
         progress: one ``tqdm.auto`` bar over the study (and the training loop's own bars).
-        plots: write ``pareto.png``, ``accuracy_vs_bits.png`` and ``layers.png`` when there is data.
         batch: train runs that differ only in traceable values together, as one vmapped program: seed,
             learning rates and (``qat``, ``ptq_rtn``) integer bit widths of one spec family (``int2/ch``
             .. ``int8/ch``); each row keeps its own specs' size metrics. Default: the study's ``batch`` key.
+        raise_on_error: raise :class:`SweepError` at the end if some runs failed.
 
-    Each finished run is saved at once (``runs/<hash>.json``, atomic) and ``runs.csv`` /
-    ``layers.csv`` are rebuilt, so a sweep killed at any point resumes where it stopped.
-    Failed runs are reported (SweepError) after the others finished; they are not saved.
+    Each finished run is saved at once (``runs/<hash>.json``, atomic) and ``runs.csv`` / ``layers.csv`` are
+    rebuilt, so a sweep killed at any point resumes where it stopped. Runs another live sweep has claimed
+    are left to it. Failed runs are reported after the others finished; they are not saved.
     """
     st, out_dir, todo = plan(study, force=force, only=only, out=out)
-    if not todo and (out_dir / "runs.csv").is_file() and (not plots or (out_dir / "pareto.png").is_file()):
-        from .results import load_results
-
+    order = [r.config_hash for r in st.runs]
+    if not todo and (out_dir / "runs.csv").is_file():
         table = load_results(out_dir)  # finished study: nothing to run, nothing rewritten
-        if list(table["config_hash"]) == [r["config_hash"] for r in st.runs]:
+        if list(table["config_hash"]) == order:
             return table
     out_dir.mkdir(parents=True, exist_ok=True)
-    order = [r["config_hash"] for r in st.runs]
     atomic_write_text(out_dir / "study.json", json.dumps({
         "name": st.name, "description": st.description, "source": st.source,
-        "runs": [{k: v for k, v in r.items() if not k.startswith("_")} for r in st.runs],
+        "runs": [{"config_hash": r.config_hash, **r.config} for r in st.runs],
     }, indent=1, default=str))
     meta = _meta()
     failures: dict[str, str] = {}
-    use_batch = st.batch if batch is None else batch
+    skipped = 0
     bar = None
     if progress and todo:
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # noqa: PLC0415 -- picks the notebook or terminal bar when first used
 
         bar = tqdm(total=len(todo), desc=f"sweep {st.name}", unit="run", dynamic_ncols=True)
     try:
-        groups = _batch_groups(todo) if use_batch else [[r] for r in todo]
-        for group in groups:
-            t0 = time.perf_counter()
-            if bar is not None:
-                r0 = group[0]
-                bar.set_postfix_str(f"{r0['method']} {r0.get('weight') or ''}".strip() + (f" x{len(group)}" if len(group) > 1 else ""))
-            try:
-                if len(group) > 1:
-                    from .methods import run_batched
-
-                    results = run_batched(group, progress=progress)
-                else:
-                    results = [_run_one(group[0], progress)]
-            except Exception:  # noqa: BLE001 -- recorded, reported at the end
-                for run in group:
-                    failures[run["config_hash"]] = traceback.format_exc()
-                print(f"run {group[0]['config_hash']} failed:\n{failures[group[0]['config_hash']]}", file=sys.stderr)
-                if bar is not None:
-                    bar.update(len(group))
+        for group in _groups(todo, st.batch if batch is None else batch):
+            claimed = [r for r in group if claim_run(out_dir, r.config_hash)]
+            skipped += len(group) - len(claimed)
+            if not claimed:
                 continue
-            wall = (time.perf_counter() - t0) / len(group)
-            for run, (metrics, layers) in zip(group, results):
-                row = _row(st, run, metrics, meta, wall)
-                write_run(out_dir, row, None if layers is None else layers.to_dict("records"))
-            rebuild_tables(out_dir, order)
+            if bar is not None:
+                bar.set_postfix_str(f"{claimed[0].method.name} {claimed[0].label}" +
+                                    (f" x{len(claimed)}" if len(claimed) > 1 else ""))
+            t0 = time.perf_counter()
+            try:
+                results = _run_group(claimed, progress)
+                wall = (time.perf_counter() - t0) / len(claimed)
+                for run, (metrics, layers) in zip(claimed, results):
+                    row = result_row(st.name, run, metrics, meta, wall)
+                    write_layers = None if layers is None else layers.to_dict("records")
+                    write_run(out_dir, row, write_layers)
+                rebuild_tables(out_dir, order)
+            except Exception:  # noqa: BLE001 -- recorded, reported at the end
+                for run in claimed:
+                    failures[run.config_hash] = traceback.format_exc()
+                print(f"run {claimed[0].config_hash} failed:\n{failures[claimed[0].config_hash]}", file=sys.stderr)
+            finally:
+                for run in claimed:
+                    release_run(out_dir, run.config_hash)
             if bar is not None:
                 bar.update(len(group))
     finally:
         if bar is not None:
             bar.close()
-    table, layers = rebuild_tables(out_dir, order)
-    if plots and len(table):
-        _plots(table, layers, out_dir, st.name)
+    if skipped:
+        print(f"{skipped} run(s) were claimed by another sweep working on {out_dir}; left to it", file=sys.stderr)
+    table, _ = rebuild_tables(out_dir, order)
     if failures and raise_on_error:
         raise SweepError(failures)
     return table
-
-
-def _batch_groups(todo: list[dict]) -> list[list[dict]]:
-    """Group runs of a batchable method that differ only in traceable values: seed, learning rates
-    and (``qat``, ``ptq_rtn``) integer bit widths of one spec family (``methods.batch_signature``)."""
-    from .methods import BATCHABLE, batch_signature
-
-    groups: dict[str, list[dict]] = {}
-    singles = []
-    for run in todo:
-        if run["method"] not in BATCHABLE:
-            singles.append([run])
-            continue
-        groups.setdefault(batch_signature(run), []).append(run)
-    return singles + list(groups.values())
-
-
-def _plots(table, layers, out_dir: pathlib.Path, name: str):
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    from qlab import plot
-
-    # classification studies report accuracy (higher is better), language models perplexity (lower)
-    metric, maximize = ("accuracy", True) if "accuracy" in table else ("perplexity", False)
-    table = table.assign(method=method_labels(table))  # GPTQ with act-order is its own series
-    try:
-        fig = plot.pareto(table, x="model_mib", y=metric, hue="method", label="weight", maximize=maximize,
-                          title=f"{name}: {metric} vs size")
-        plot.save(fig, out_dir / "pareto.png")
-        plt.close(fig)
-        q = table[table["method"] != "float"]
-        if len(q) and "bits_per_weight" in q:
-            by = "granularity" if "granularity" in q and q["granularity"].nunique() > 1 else None
-            fig = plot.metric_vs_bits(table, y=metric, hue="method", by=by, title=f"{name}: {metric} vs bits/weight")
-            plot.save(fig, out_dir / f"{metric}_vs_bits.png")
-            plt.close(fig)
-        if len(layers) and "weight_sqnr_db" in layers:
-            lay = layers[(layers["weight_spec"] != "float") & (layers["method"] == "ptq_rtn")] if (layers["method"] == "ptq_rtn").any() else layers[layers["weight_spec"] != "float"]
-            if len(lay):
-                fig = plot.layer_bars(lay, y="weight_sqnr_db", hue="weight", title=f"{name}: weight SQNR per layer")
-                plot.save(fig, out_dir / "layers.png")
-                plt.close(fig)
-    except Exception:  # noqa: BLE001 -- a plot must never lose results
-        print(f"plotting failed (results are saved):\n{traceback.format_exc()}", file=sys.stderr)
