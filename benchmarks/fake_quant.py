@@ -34,7 +34,7 @@ import jax.numpy as jnp
 
 import qlab
 from qlab.numerics import native
-from qlab.numerics.quantize import _fq_xla
+from qlab.numerics.quantize import fake_quant_xla
 
 
 def _time_interleaved(fns, make_input, repeats, donate):
@@ -103,7 +103,7 @@ def main():
         # weights are (in, out): per-channel = per output column, groups along the input axis
         spec = qlab.parse_spec(s).resolve(channel_axis=1, contract_axis=0)
         cases[f"qlab {s}"] = (lambda sp: (lambda x: qlab.fake_quant(x, sp)))(spec)
-        cases[f"qlab-xla {s}"] = (lambda sp: (lambda x: _fq_xla(x, sp, None)[0]))(spec)
+        cases[f"qlab-xla {s}"] = (lambda sp: (lambda x: fake_quant_xla(x, sp)))(spec)
     cases.update(_qwix_fns())
 
     rows = []

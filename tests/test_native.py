@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import qlab
 from qlab.numerics import native
-from qlab.numerics.quantize import _fq_xla, _quantize_xla
+from qlab.numerics.quantize import fake_quant_xla, quantize_xla
 
 hsettings = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -33,7 +33,7 @@ def test_kernel_is_built_and_enabled():
 
 
 def _xla(x, spec):
-    return np.asarray(jax.jit(lambda v: _fq_xla(v, spec, None)[0])(x))
+    return np.asarray(fake_quant_xla(x, spec))
 
 
 def _kernel(x, spec):
@@ -97,7 +97,7 @@ def test_quantize_kernel_bit_identical_to_xla_path(case):
     spec, x = case
     q = jax.jit(qlab.quantize, static_argnums=1)(x, spec)
     assert "qlab_quantize_int" in jax.jit(qlab.quantize, static_argnums=1).lower(x, spec).as_text()
-    ref = jax.jit(lambda v: _quantize_xla(v, spec, None))(x)
+    ref = quantize_xla(x, spec)
     for a, b in ((q.codes, ref.codes), (q.scale, ref.scale)):
         assert _same_bits(a, b)
 
@@ -118,7 +118,7 @@ def test_large_groups_and_in_place(spec, shape):
     assert _same_bits(_kernel(x, sp), _xla(x, sp))
     donated = jax.jit(lambda v: qlab.fake_quant(v, sp), donate_argnums=0)(jnp.asarray(x))
     assert _same_bits(donated, _xla(x, sp))
-    q, ref = qlab.quantize(x, sp), _quantize_xla(jnp.asarray(x), sp, None)
+    q, ref = qlab.quantize(x, sp), quantize_xla(x, sp)
     assert _same_bits(q.codes, ref.codes) and _same_bits(q.scale, ref.scale)
 
 

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qlab.numerics.granularity import PerChannel, PerGroup, PerTensor
+from qlab.numerics.ranges import reciprocal  # the XLA path's 1/divisor rule
 from qlab.numerics.spec import QuantSpec, plain_absmax_int
 
 __all__ = ["status", "build", "kernel_view", "fake_quant_cpu", "quantize_cpu"]
@@ -173,12 +174,10 @@ def enabled() -> bool:
 
 
 def _attrs(spec: QuantSpec, view) -> dict:
-    from qlab.numerics.quantize import _reciprocal  # the XLA path's rule; imported here: quantize imports this module
-
     n, inner, group = view
     fmt = spec.fmt
     return dict(n=np.int64(n), inner=np.int64(inner), group=np.int64(group), qmin=np.float32(fmt.qmin),
-                qmax=np.float32(fmt.qmax), inv_denom=np.float32(_reciprocal(spec.absmax_divisor)),
+                qmax=np.float32(fmt.qmax), inv_denom=np.float32(reciprocal(spec.absmax_divisor)),
                 scale_kind=np.int32(_SCALE_KINDS[spec.scale_dtype]))
 
 

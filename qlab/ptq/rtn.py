@@ -23,17 +23,10 @@ import numpy as np
 
 from qlab.numerics.formats import IntFormat
 from qlab.numerics.granularity import PerChannel, PerGroup, PerTensor
-from qlab.numerics.quantize import (
-    QTensor,
-    _base_range,
-    _grid_values,
-    _mse_search,
-    _reconstruct,
-    _scale_and_zero,
-    _tensor_scale,
-    quantize,
-)
-from qlab.numerics.spec import MSE, QuantSpec, as_spec
+from qlab.numerics.qtensor import QTensor
+from qlab.numerics.quantize import quantize
+from qlab.numerics.ranges import clip_range, grid_values, reconstruct, scale_and_zero_point, tensor_scale
+from qlab.numerics.spec import QuantSpec, as_spec
 
 __all__ = [
     "rtn",
@@ -96,18 +89,16 @@ def group_params(rows, spec: QuantSpec, tscale=None, *, per_tensor: bool = False
     computes them (same range method, MSE search included). ``zero_point`` is None for symmetric specs."""
     xv = rows.astype(_F32)[None]  # (1, G, out)
     axes = (0, 1, 2) if per_tensor else (1,)
-    lo, hi = _base_range(xv, axes, spec)
-    if isinstance(spec.range, MSE):
-        lo, hi = _mse_search(xv, axes, spec, lo, hi, tscale)
-    s, z = _scale_and_zero(lo, hi, spec, tscale)
+    lo, hi = clip_range(xv, axes, spec, tscale)
+    s, z = scale_and_zero_point(lo, hi, spec, tscale)
     s = s.reshape(1, -1)
     return s, (None if z is None else z.reshape(1, -1))
 
 
 def grid_round(w, scale, zp, tscale, spec: QuantSpec):
     """(grid values r, dequantized value q) of ``w`` with the given scales (broadcasting)."""
-    r = _grid_values(w, scale, zp, tscale, spec, None)
-    return r, _reconstruct(r, scale, zp, tscale)
+    r = grid_values(w, scale, zp, tscale, spec)
+    return r, reconstruct(r, scale, zp, tscale)
 
 
 def qtensor_from_grid(r, scale_rows, zp_rows, tscale, spec: QuantSpec, dtype=np.float32) -> QTensor:
@@ -138,7 +129,7 @@ def qtensor_from_grid(r, scale_rows, zp_rows, tscale, spec: QuantSpec, dtype=np.
 
 def tensor_scale_of(W, spec: QuantSpec):
     """The second-level per-tensor scale (NVFP4-style ``ts`` specs) or None."""
-    return _tensor_scale(W.astype(_F32), spec) if spec.tensor_scale else None
+    return tensor_scale(W.astype(_F32), spec) if spec.tensor_scale else None
 
 
 def rtn(W, spec) -> QTensor:
