@@ -188,3 +188,65 @@ def test_build_failure_is_reported_not_hidden(tmp_path):
     env = dict(os.environ, CXX="no-such-compiler", QLAB_CACHE=str(tmp_path), JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "True", "error", "True"]
+
+
+_SPECS_FOR_EXPORT = ["int8/ch", "int4/g16", "int8/tensor/s=bf16"]
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_export_for_an_accelerator_has_no_cpu_custom_call(platform):
+    from jax import export
+
+    x = jnp.ones((8, 32), jnp.float32)
+    for s in _SPECS_FOR_EXPORT:
+        for f in (lambda v: qlab.fake_quant(v, s), lambda v: qlab.quantize(v, s).codes):
+            text = export.export(jax.jit(f), platforms=[platform])(x).mlir_module()
+            assert "stablehlo.custom_call" not in text, (platform, s)
+    # the same functions lowered for CPU do call the kernel: the test above is not vacuous
+    assert "qlab_fake_quant_int" in jax.jit(lambda v: qlab.fake_quant(v, "int8/ch")).lower(x).as_text()
+
+
+def test_no_compiler_runs_unless_lowering_for_cpu(tmp_path):
+    # CXX is a stand-in that records each run and fails: tracing and exporting for cuda/tpu must not
+    # run it; the first lowering for CPU does, then falls back to the XLA path with a warning
+    marker = tmp_path / "compiler-ran"
+    cxx = tmp_path / "fake-cxx"
+    cxx.write_text(f"#!/bin/sh\necho run >> {marker}\nexit 1\n")
+    cxx.chmod(0o755)
+    code = (
+        "import warnings, jax, jax.numpy as jnp, numpy as np, qlab, os\n"
+        "from jax import export\n"
+        "from qlab.numerics.quantize import fake_quant_xla\n"
+        "x = jnp.linspace(-1, 1, 256).reshape(8, 32)\n"
+        "f = jax.jit(lambda v: qlab.fake_quant(v, 'int8/ch'))\n"
+        "jax.make_jaxpr(f)(x)\n"
+        "for p in ('cuda', 'tpu'): export.export(f, platforms=[p])(x)\n"
+        f"print('before-cpu', os.path.exists({str(marker)!r}))\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always'); y = f(x)\n"
+        f"print('after-cpu', os.path.exists({str(marker)!r}), any('unavailable' in str(m.message) for m in w))\n"
+        "print('same', bool(np.array_equal(np.asarray(y), np.asarray(fake_quant_xla(x, 'int8/ch')))))\n"
+    )
+    env = dict(os.environ, CXX=str(cxx), QLAB_CACHE=str(tmp_path / "cache"), JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["before-cpu", "False", "after-cpu", "True", "True", "same", "True"]
+
+
+def test_dispatch_maps_and_differentiates_like_its_reference():
+    def ref(v, w):
+        return (v * w, jnp.sum(v))
+
+    def ker(v, w):
+        return (w * v, jnp.sum(v[::-1]) * 0.0 + jnp.sum(v))
+
+    v, w = jnp.arange(6.0).reshape(2, 3), jnp.float32(3.0)
+    mapped = jax.vmap(lambda a: native.dispatch(ref, ker, a, w))(v)  # w unmapped
+    assert np.array_equal(mapped[0], v * 3.0) and np.array_equal(mapped[1], v.sum(1))
+    t = jnp.ones_like(v)
+    _, tangents = jax.jvp(lambda a: native.dispatch(ref, ker, a, w), (v,), (t,))
+    assert np.array_equal(tangents[0], t * 3.0) and float(tangents[1]) == 6.0
+    # quantize's float output (the scale) differentiates through the XLA path on CPU too
+    x = jax.random.normal(jax.random.key(1), (8, 16))
+    g = jax.grad(lambda a: qlab.quantize(a, "int8/ch").scale.sum())(x)
+    g_ref = jax.grad(lambda a: quantize_xla(a, "int8/ch").scale.sum())(x)
+    assert _same_bits(g, g_ref)

@@ -5,12 +5,18 @@ bandwidth (``benchmarks/fake_quant.py``). ``kernels/fake_quant_cpu.cc`` does bot
 while the group is in cache. It covers the most common spec family: a static integer format,
 symmetric, absmax range, round to nearest, f32/f16/bf16 scale, per tensor, per channel on the first
 or last axis, or per group (padded or not) on any axis; any float input (computed in float32). Its values are bit-identical
-to the XLA path (``tests/test_native.py``); on other backends (GPU, TPU) the XLA path runs.
+to the XLA path (``tests/test_native.py``).
 
-The shared library is compiled with the system C++ compiler (``$CXX``, else ``c++``) against
-jaxlib's FFI headers into ``$QLAB_CACHE`` (default ``~/.cache/qlab``)/kernels, once per source,
-jaxlib version and CPU; ``make install`` builds it. If it cannot be built, a warning says why and
-``fake_quant`` runs the XLA path (same values, slower). ``QLAB_NATIVE=0`` turns the kernel off.
+It is an optional backend registered for the CPU platform only: ``qlab.quantize`` / ``fake_quant``
+trace one primitive (:func:`dispatch`) whose lowering is the XLA path on every platform, and on CPU
+the kernel. Nothing is compiled while tracing, nor when lowering for GPU or TPU (``jax.export`` for
+``"cuda"`` works on a CPU-only host and holds no custom call).
+
+The shared library is compiled, the first time a covered call is lowered for CPU, with the system
+C++ compiler (``$CXX``, else ``c++``) against jaxlib's FFI headers into ``$QLAB_CACHE`` (default
+``~/.cache/qlab``)/kernels, once per source, jaxlib version and CPU; ``make install`` builds it. If it
+cannot be built, a warning says why and the CPU lowering is the XLA path (same values, slower).
+``QLAB_NATIVE=0`` turns the kernel off.
 
 Example:
     >>> import qlab.numerics.native as native
@@ -34,14 +40,16 @@ import tempfile
 import warnings
 
 import jax
+import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
+from jax.interpreters import ad, batching, mlir
 
 from qlab.numerics.granularity import PerChannel, PerGroup, PerTensor
 from qlab.numerics.ranges import reciprocal  # the XLA path's 1/divisor rule
 from qlab.numerics.spec import QuantSpec, plain_absmax_int
 
-__all__ = ["status", "build", "kernel_view", "fake_quant_cpu", "quantize_cpu"]
+__all__ = ["status", "build", "enabled", "kernel_view", "dispatch", "fake_quant_cpu", "quantize_cpu"]
 
 _SOURCE = pathlib.Path(__file__).with_name("kernels") / "fake_quant_cpu.cc"
 _TARGET = "qlab_fake_quant_int"
@@ -170,7 +178,76 @@ def kernel_view(spec: QuantSpec, shape, dtype):
 
 
 def enabled() -> bool:
+    """True when the kernel library is built (or was cached) and registered; builds it on first call.
+
+    Example:
+        >>> enabled() == status()["enabled"]
+        True
+    """
     return _load()[0]
+
+
+# ---------------------------------------------------------------------------------------
+# Per-platform dispatch: one primitive whose lowering is the XLA reference on every platform but
+# CPU, where it is the kernel when that can be built. Tracing never builds anything; only lowering
+# for CPU does (jax.export for "cuda" / "tpu" on a CPU host never sees a compiler or a custom call).
+
+_dispatch_p = jex.core.Primitive("qlab_cpu_kernel_or_xla")
+_dispatch_p.multiple_results = True
+
+
+def dispatch(reference, kernel, *args):
+    """``reference(*args)`` (a tuple of arrays, written with XLA ops), lowered on CPU as
+    ``kernel(*args)`` when the kernel is :func:`enabled`, and as ``reference`` everywhere else:
+    both must return the same shapes, dtypes and values. ``kernel`` is traced only while lowering
+    for CPU; ``vmap`` maps both, a derivative is that of ``reference``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> double = dispatch(lambda v: (v * 2.0,), lambda v: (v + v,), jnp.arange(3.0))
+        >>> double[0].tolist()
+        [0.0, 2.0, 4.0]
+    """
+    return tuple(_dispatch_p.bind(*args, reference=reference, kernel=kernel))
+
+
+def _dispatch_abstract_eval(*avals, reference, kernel):
+    outs = jax.eval_shape(reference, *(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in avals))
+    return [jax.core.ShapedArray(o.shape, o.dtype) for o in outs]
+
+
+def _dispatch_impl(*args, reference, kernel):
+    return jax.jit(lambda *a: _dispatch_p.bind(*a, reference=reference, kernel=kernel))(*args)
+
+
+def _reference_lowering(ctx, *args, reference, kernel):
+    return mlir.lower_fun(lambda *a: list(reference(*a)), multiple_results=True)(ctx, *args)
+
+
+def _cpu_lowering(ctx, *args, reference, kernel):
+    fn = kernel if enabled() else reference
+    return mlir.lower_fun(lambda *a: list(fn(*a)), multiple_results=True)(ctx, *args)
+
+
+def _dispatch_batch(args, dims, *, reference, kernel):
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)  # None: not mapped
+    args = [batching.bdim_at_front(a, d, size) for a, d in zip(args, dims)]
+    outs = _dispatch_p.bind(*args, reference=jax.vmap(reference), kernel=jax.vmap(kernel))
+    return outs, [0] * len(outs)
+
+
+def _dispatch_jvp(primals, tangents, *, reference, kernel):
+    tangents = [ad.instantiate_zeros(t) for t in tangents]
+    out, dout = jax.jvp(lambda *a: tuple(reference(*a)), tuple(primals), tuple(tangents))
+    return list(out), list(dout)
+
+
+_dispatch_p.def_impl(_dispatch_impl)
+_dispatch_p.def_abstract_eval(_dispatch_abstract_eval)
+mlir.register_lowering(_dispatch_p, _reference_lowering)
+mlir.register_lowering(_dispatch_p, _cpu_lowering, platform="cpu")
+batching.primitive_batchers[_dispatch_p] = _dispatch_batch
+ad.primitive_jvps[_dispatch_p] = _dispatch_jvp
 
 
 def _attrs(spec: QuantSpec, view) -> dict:

@@ -157,16 +157,14 @@ def _quantize(x, spec: QuantSpec, noise) -> QTensor:
         q = _quantize_xla(v, spec, None)
         return q.codes, q.scale
 
-    codes, scale = jax.lax.platform_dependent(x, cpu=lambda v: native.quantize_cpu(v, spec, view), default=xla)
+    codes, scale = native.dispatch(xla, lambda v: native.quantize_cpu(v, spec, view), x)
     return QTensor(codes, scale, None, None, spec, tuple(x.shape), x.dtype)
 
 
 def _kernel_view(x, spec: QuantSpec, noise):
-    """The CPU kernel's view of ``x`` (``qlab.numerics.native``) when it covers this call, else None."""
-    if noise is not None:
-        return None
-    view = native.kernel_view(spec, x.shape, x.dtype)
-    return view if view is not None and native.enabled() else None
+    """The CPU kernel's view of ``x`` (``qlab.numerics.native``) when it covers this call, else None.
+    Pure: whether the kernel can be built is decided when lowering for CPU, not here."""
+    return None if noise is not None else native.kernel_view(spec, x.shape, x.dtype)
 
 
 def _quantize_xla(x, spec: QuantSpec, noise) -> QTensor:
@@ -290,9 +288,8 @@ def _fq_forward(x, spec: QuantSpec, noise, given_range=None, ov=None):
     common specs (bit-identical; it returns no clip range: those specs are mask-free)."""
     view = _kernel_view(x, spec, noise) if ov is None and given_range is None else None
     if view is not None:
-        y = jax.lax.platform_dependent(
-            x, cpu=lambda v: native.fake_quant_cpu(v, spec, view), default=lambda v: _fq_xla(v, spec, None)[0]
-        )
+        (y,) = native.dispatch(lambda v: (_fq_xla(v, spec, None)[0],),
+                               lambda v: (native.fake_quant_cpu(v, spec, view),), x)
         return y, None
     return _fq_xla(x, spec, noise, given_range, ov)
 
