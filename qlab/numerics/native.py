@@ -49,13 +49,19 @@ from qlab.numerics.granularity import PerChannel, PerGroup, PerTensor
 from qlab.numerics.ranges import reciprocal  # the XLA path's 1/divisor rule
 from qlab.numerics.spec import QuantSpec, plain_absmax_int
 
-__all__ = ["status", "build", "enabled", "kernel_view", "dispatch", "fake_quant_cpu", "quantize_cpu"]
+__all__ = ["status", "build", "enabled", "kernel_view", "fake_quant_view", "FAKE_QUANT_MAX_ELEMENTS", "dispatch", "fake_quant_cpu", "quantize_cpu"]
 
 _SOURCE = pathlib.Path(__file__).with_name("kernels") / "fake_quant_cpu.cc"
 _TARGET = "qlab_fake_quant_int"
 _QTARGET = "qlab_quantize_int"
 _SCALE_KINDS = {"f32": 0, "f16": 1, "bf16": 2}
-_IN_PLACE_MIN = 1 << 22  # elements
+# fake_quant dispatches the kernel for arrays of at most this many elements (1 MiB of float32).
+# The kernel writes in place of its input: free when x is donated or dead, and for a live x XLA
+# first copies it, a cache-resident memcpy at this size. For larger arrays no variant of the call
+# beat the XLA path both into a fresh buffer and in place of a donated input (in place: the XLA copy
+# of a live input loses the fresh case; a fresh output loses the donated one), so they take the XLA
+# path (benchmarks/fake_quant.py shows both paths side by side). quantize's kernel wins at every size.
+FAKE_QUANT_MAX_ELEMENTS = 1 << 18
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-std=c++17", "-shared", "-fPIC", "-w"]
 
 
@@ -177,6 +183,23 @@ def kernel_view(spec: QuantSpec, shape, dtype):
     return None
 
 
+def fake_quant_view(spec: QuantSpec, shape, dtype):
+    """:func:`kernel_view` where ``fake_quant`` dispatches the kernel: arrays of at most
+    ``FAKE_QUANT_MAX_ELEMENTS`` elements, where it is faster than the XLA path into a fresh buffer
+    and in place of a donated input alike; None elsewhere (the XLA path runs).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from qlab.numerics.spec import parse_spec
+        >>> spec = parse_spec("int8/ch0")
+        >>> fake_quant_view(spec, (64, 64), jnp.float32), fake_quant_view(spec, (4096, 4096), jnp.float32)
+        ((64, 1, 64), None)
+    """
+    if math.prod(shape) > FAKE_QUANT_MAX_ELEMENTS:
+        return None
+    return kernel_view(spec, shape, dtype)
+
+
 def enabled() -> bool:
     """True when the kernel library is built (or was cached) and registered; builds it on first call.
 
@@ -276,12 +299,9 @@ def fake_quant_cpu(x, spec: QuantSpec, view):
         True
     """
     _require()
-    # In place (output aliased to x) for large arrays: free when x is donated or dead, and a
-    # fresh 16 MB+ buffer costs more in page faults than XLA's copy of a live x. Small arrays
-    # (weights inside a training step, which stay live) get a fresh output instead of a copy.
-    alias = {0: 0} if math.prod(x.shape) >= _IN_PLACE_MIN else None
+    # in place of x (see FAKE_QUANT_MAX_ELEMENTS): XLA copies x first where it is still live
     call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct(x.shape, np.float32), vmap_method="broadcast_all",
-                            input_output_aliases=alias)
+                            input_output_aliases={0: 0})
     y = call(x.astype(np.float32), **_attrs(spec, view))
     return y.astype(x.dtype)  # computed in float32 as the XLA path does
 

@@ -149,7 +149,8 @@ def quantize(x, spec, *, key=None) -> QTensor:
 # dispatching op by op; inside a user's jit they inline.
 @functools.partial(jax.jit, static_argnums=1)
 def _quantize(x, spec: QuantSpec, noise) -> QTensor:
-    view = _kernel_view(x, spec, noise)
+    # whether the kernel can be built is decided when lowering for CPU (native.dispatch), not here
+    view = None if noise is not None else native.kernel_view(spec, x.shape, x.dtype)
     if view is None:
         return _quantize_xla(x, spec, noise)
 
@@ -161,10 +162,6 @@ def _quantize(x, spec: QuantSpec, noise) -> QTensor:
     return QTensor(codes, scale, None, None, spec, tuple(x.shape), x.dtype)
 
 
-def _kernel_view(x, spec: QuantSpec, noise):
-    """The CPU kernel's view of ``x`` (``qlab.numerics.native``) when it covers this call, else None.
-    Pure: whether the kernel can be built is decided when lowering for CPU, not here."""
-    return None if noise is not None else native.kernel_view(spec, x.shape, x.dtype)
 
 
 def _quantize_xla(x, spec: QuantSpec, noise) -> QTensor:
@@ -285,8 +282,10 @@ def check_overrides(spec: QuantSpec, bits, clip_ratio, where: str):
 
 def _fq_forward(x, spec: QuantSpec, noise, given_range=None, ov=None):
     """(fake-quantized x, clip range); on CPU the kernel of ``qlab.numerics.native`` computes the
-    common specs (bit-identical; it returns no clip range: those specs are mask-free)."""
-    view = _kernel_view(x, spec, noise) if ov is None and given_range is None else None
+    common specs on arrays where it is the faster path (``native.fake_quant_view``; bit-identical;
+    it returns no clip range: those specs are mask-free)."""
+    plain = noise is None and ov is None and given_range is None
+    view = native.fake_quant_view(spec, x.shape, x.dtype) if plain else None
     if view is not None:
         (y,) = native.dispatch(lambda v: (_fq_xla(v, spec, None)[0],),
                                lambda v: (native.fake_quant_cpu(v, spec, view),), x)
