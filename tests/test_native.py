@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import qlab
 from qlab.numerics import native
-from qlab.numerics.quantize import _fq_xla, _quantize_xla
+from qlab.numerics.quantize import fake_quant_xla, quantize_xla
 
 hsettings = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -33,7 +33,7 @@ def test_kernel_is_built_and_enabled():
 
 
 def _xla(x, spec):
-    return np.asarray(jax.jit(lambda v: _fq_xla(v, spec, None)[0])(x))
+    return np.asarray(fake_quant_xla(x, spec))
 
 
 def _kernel(x, spec):
@@ -97,7 +97,7 @@ def test_quantize_kernel_bit_identical_to_xla_path(case):
     spec, x = case
     q = jax.jit(qlab.quantize, static_argnums=1)(x, spec)
     assert "qlab_quantize_int" in jax.jit(qlab.quantize, static_argnums=1).lower(x, spec).as_text()
-    ref = jax.jit(lambda v: _quantize_xla(v, spec, None))(x)
+    ref = quantize_xla(x, spec)
     for a, b in ((q.codes, ref.codes), (q.scale, ref.scale)):
         assert _same_bits(a, b)
 
@@ -108,17 +108,22 @@ def test_quantize_kernel_bit_identical_to_xla_path(case):
         ("int8/ch", (40000, 64)),  # one 10 MB group per column block: split into bands
         ("int4/tensor", (1 << 21,)),  # one contiguous 8 MB group
         ("int8/ch0", (2, 1 << 21)),  # two contiguous 8 MB groups
-        ("int4/g128a0", (4096, 1024)),  # 2^22 elements: output in place of the input
+        ("int4/g128a0", (4096, 1024)),  # many groups
     ],
 )
 def test_large_groups_and_in_place(spec, shape):
+    # arrays this large take the XLA path in fake_quant (native.fake_quant_view), but the kernel
+    # still covers them: called directly, into a copy of a live input and in place of a donated one
     sp = qlab.parse_spec(spec)
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     x.reshape(-1)[[7, 1000, -3]] = [np.nan, np.inf, 1e-40]
-    assert _same_bits(_kernel(x, sp), _xla(x, sp))
-    donated = jax.jit(lambda v: qlab.fake_quant(v, sp), donate_argnums=0)(jnp.asarray(x))
-    assert _same_bits(donated, _xla(x, sp))
-    q, ref = qlab.quantize(x, sp), _quantize_xla(jnp.asarray(x), sp, None)
+    ref = _xla(x, sp)
+    assert _same_bits(_kernel(x, sp), ref)
+    view = native.kernel_view(sp, x.shape, x.dtype)
+    donated = jax.jit(lambda v: native.fake_quant_cpu(v, sp, view), donate_argnums=0)(jnp.asarray(x))
+    assert _same_bits(donated, ref)
+    assert _same_bits(jax.jit(lambda v: qlab.fake_quant(v, sp), donate_argnums=0)(jnp.asarray(x)), ref)
+    q, ref = qlab.quantize(x, sp), quantize_xla(x, sp)
     assert _same_bits(q.codes, ref.codes) and _same_bits(q.scale, ref.scale)
 
 
@@ -139,6 +144,17 @@ def test_the_kernel_is_what_runs_on_cpu():
     sp = qlab.parse_spec("int8/ch")
     hlo = jax.jit(lambda v: qlab.fake_quant(v, sp)).lower(jnp.ones((8, 16))).as_text()
     assert "qlab_fake_quant_int" in hlo
+
+
+def test_fake_quant_dispatches_the_kernel_only_up_to_its_size_limit():
+    # above the limit the kernel is not faster than the XLA path in both modes (fresh, donated);
+    # quantize's kernel has no such limit
+    sp = qlab.parse_spec("int8/ch")
+    limit = native.FAKE_QUANT_MAX_ELEMENTS
+    for rows, kernel in ((limit // 64, True), (limit // 64 + 1, False)):
+        x = jax.ShapeDtypeStruct((rows, 64), jnp.float32)
+        assert ("qlab_fake_quant_int" in jax.jit(lambda v: qlab.fake_quant(v, sp)).lower(x).as_text()) == kernel
+        assert "qlab_quantize_int" in jax.jit(lambda v: qlab.quantize(v, sp).codes).lower(x).as_text()
 
 
 @pytest.mark.parametrize(
@@ -188,3 +204,65 @@ def test_build_failure_is_reported_not_hidden(tmp_path):
     env = dict(os.environ, CXX="no-such-compiler", QLAB_CACHE=str(tmp_path), JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "True", "error", "True"]
+
+
+_SPECS_FOR_EXPORT = ["int8/ch", "int4/g16", "int8/tensor/s=bf16"]
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_export_for_an_accelerator_has_no_cpu_custom_call(platform):
+    from jax import export
+
+    x = jnp.ones((8, 32), jnp.float32)
+    for s in _SPECS_FOR_EXPORT:
+        for f in (lambda v: qlab.fake_quant(v, s), lambda v: qlab.quantize(v, s).codes):
+            text = export.export(jax.jit(f), platforms=[platform])(x).mlir_module()
+            assert "stablehlo.custom_call" not in text, (platform, s)
+    # the same functions lowered for CPU do call the kernel: the test above is not vacuous
+    assert "qlab_fake_quant_int" in jax.jit(lambda v: qlab.fake_quant(v, "int8/ch")).lower(x).as_text()
+
+
+def test_no_compiler_runs_unless_lowering_for_cpu(tmp_path):
+    # CXX is a stand-in that records each run and fails: tracing and exporting for cuda/tpu must not
+    # run it; the first lowering for CPU does, then falls back to the XLA path with a warning
+    marker = tmp_path / "compiler-ran"
+    cxx = tmp_path / "fake-cxx"
+    cxx.write_text(f"#!/bin/sh\necho run >> {marker}\nexit 1\n")
+    cxx.chmod(0o755)
+    code = (
+        "import warnings, jax, jax.numpy as jnp, numpy as np, qlab, os\n"
+        "from jax import export\n"
+        "from qlab.numerics.quantize import fake_quant_xla\n"
+        "x = jnp.linspace(-1, 1, 256).reshape(8, 32)\n"
+        "f = jax.jit(lambda v: qlab.fake_quant(v, 'int8/ch'))\n"
+        "jax.make_jaxpr(f)(x)\n"
+        "for p in ('cuda', 'tpu'): export.export(f, platforms=[p])(x)\n"
+        f"print('before-cpu', os.path.exists({str(marker)!r}))\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always'); y = f(x)\n"
+        f"print('after-cpu', os.path.exists({str(marker)!r}), any('unavailable' in str(m.message) for m in w))\n"
+        "print('same', bool(np.array_equal(np.asarray(y), np.asarray(fake_quant_xla(x, 'int8/ch')))))\n"
+    )
+    env = dict(os.environ, CXX=str(cxx), QLAB_CACHE=str(tmp_path / "cache"), JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["before-cpu", "False", "after-cpu", "True", "True", "same", "True"]
+
+
+def test_dispatch_maps_and_differentiates_like_its_reference():
+    def ref(v, w):
+        return (v * w, jnp.sum(v))
+
+    def ker(v, w):
+        return (w * v, jnp.sum(v[::-1]) * 0.0 + jnp.sum(v))
+
+    v, w = jnp.arange(6.0).reshape(2, 3), jnp.float32(3.0)
+    mapped = jax.vmap(lambda a: native.dispatch(ref, ker, a, w))(v)  # w unmapped
+    assert np.array_equal(mapped[0], v * 3.0) and np.array_equal(mapped[1], v.sum(1))
+    t = jnp.ones_like(v)
+    _, tangents = jax.jvp(lambda a: native.dispatch(ref, ker, a, w), (v,), (t,))
+    assert np.array_equal(tangents[0], t * 3.0) and float(tangents[1]) == 6.0
+    # quantize's float output (the scale) differentiates through the XLA path on CPU too
+    x = jax.random.normal(jax.random.key(1), (8, 16))
+    g = jax.grad(lambda a: qlab.quantize(a, "int8/ch").scale.sum())(x)
+    g_ref = jax.grad(lambda a: quantize_xla(a, "int8/ch").scale.sum())(x)
+    assert _same_bits(g, g_ref)

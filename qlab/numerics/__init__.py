@@ -22,7 +22,9 @@ from qlab.numerics.packing import (
     unpack_bits,
     unpack_qtensor,
 )
-from qlab.numerics.quantize import QTensor, dequantize, fake_quant, fake_quant_range, quant_error, quantize, sqnr_db
+from qlab.numerics.metrics import quant_error, sqnr_db
+from qlab.numerics.qtensor import QTensor
+from qlab.numerics.quantize import dequantize, fake_quant, fake_quant_range, quantize
 from qlab.numerics.spec import MSE, PRESETS, Absmax, Fixed, MinMax, Percentile, QuantSpec, as_spec, bit_width_family, parse_spec
 
 __all__ = [

@@ -5,12 +5,18 @@ bandwidth (``benchmarks/fake_quant.py``). ``kernels/fake_quant_cpu.cc`` does bot
 while the group is in cache. It covers the most common spec family: a static integer format,
 symmetric, absmax range, round to nearest, f32/f16/bf16 scale, per tensor, per channel on the first
 or last axis, or per group (padded or not) on any axis; any float input (computed in float32). Its values are bit-identical
-to the XLA path (``tests/test_native.py``); on other backends (GPU, TPU) the XLA path runs.
+to the XLA path (``tests/test_native.py``).
 
-The shared library is compiled with the system C++ compiler (``$CXX``, else ``c++``) against
-jaxlib's FFI headers into ``$QLAB_CACHE`` (default ``~/.cache/qlab``)/kernels, once per source,
-jaxlib version and CPU; ``make install`` builds it. If it cannot be built, a warning says why and
-``fake_quant`` runs the XLA path (same values, slower). ``QLAB_NATIVE=0`` turns the kernel off.
+It is an optional backend registered for the CPU platform only: ``qlab.quantize`` / ``fake_quant``
+trace one primitive (:func:`dispatch`) whose lowering is the XLA path on every platform, and on CPU
+the kernel. Nothing is compiled while tracing, nor when lowering for GPU or TPU (``jax.export`` for
+``"cuda"`` works on a CPU-only host and holds no custom call).
+
+The shared library is compiled, the first time a covered call is lowered for CPU, with the system
+C++ compiler (``$CXX``, else ``c++``) against jaxlib's FFI headers into ``$QLAB_CACHE`` (default
+``~/.cache/qlab``)/kernels, once per source, jaxlib version and CPU; ``make install`` builds it. If it
+cannot be built, a warning says why and the CPU lowering is the XLA path (same values, slower).
+``QLAB_NATIVE=0`` turns the kernel off.
 
 Example:
     >>> import qlab.numerics.native as native
@@ -34,19 +40,28 @@ import tempfile
 import warnings
 
 import jax
+import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
+from jax.interpreters import ad, batching, mlir
 
 from qlab.numerics.granularity import PerChannel, PerGroup, PerTensor
+from qlab.numerics.ranges import reciprocal  # the XLA path's 1/divisor rule
 from qlab.numerics.spec import QuantSpec, plain_absmax_int
 
-__all__ = ["status", "build", "kernel_view", "fake_quant_cpu", "quantize_cpu"]
+__all__ = ["status", "build", "enabled", "kernel_view", "fake_quant_view", "FAKE_QUANT_MAX_ELEMENTS", "dispatch", "fake_quant_cpu", "quantize_cpu"]
 
 _SOURCE = pathlib.Path(__file__).with_name("kernels") / "fake_quant_cpu.cc"
 _TARGET = "qlab_fake_quant_int"
 _QTARGET = "qlab_quantize_int"
 _SCALE_KINDS = {"f32": 0, "f16": 1, "bf16": 2}
-_IN_PLACE_MIN = 1 << 22  # elements
+# fake_quant dispatches the kernel for arrays of at most this many elements (1 MiB of float32).
+# The kernel writes in place of its input: free when x is donated or dead, and for a live x XLA
+# first copies it, a cache-resident memcpy at this size. For larger arrays no variant of the call
+# beat the XLA path both into a fresh buffer and in place of a donated input (in place: the XLA copy
+# of a live input loses the fresh case; a fresh output loses the donated one), so they take the XLA
+# path (benchmarks/fake_quant.py shows both paths side by side). quantize's kernel wins at every size.
+FAKE_QUANT_MAX_ELEMENTS = 1 << 18
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-std=c++17", "-shared", "-fPIC", "-w"]
 
 
@@ -168,17 +183,101 @@ def kernel_view(spec: QuantSpec, shape, dtype):
     return None
 
 
+def fake_quant_view(spec: QuantSpec, shape, dtype):
+    """:func:`kernel_view` where ``fake_quant`` dispatches the kernel: arrays of at most
+    ``FAKE_QUANT_MAX_ELEMENTS`` elements, where it is faster than the XLA path into a fresh buffer
+    and in place of a donated input alike; None elsewhere (the XLA path runs).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from qlab.numerics.spec import parse_spec
+        >>> spec = parse_spec("int8/ch0")
+        >>> fake_quant_view(spec, (64, 64), jnp.float32), fake_quant_view(spec, (4096, 4096), jnp.float32)
+        ((64, 1, 64), None)
+    """
+    if math.prod(shape) > FAKE_QUANT_MAX_ELEMENTS:
+        return None
+    return kernel_view(spec, shape, dtype)
+
+
 def enabled() -> bool:
+    """True when the kernel library is built (or was cached) and registered; builds it on first call.
+
+    Example:
+        >>> enabled() == status()["enabled"]
+        True
+    """
     return _load()[0]
 
 
-def _attrs(spec: QuantSpec, view) -> dict:
-    from qlab.numerics.quantize import _reciprocal  # the XLA path's rule; imported here: quantize imports this module
+# ---------------------------------------------------------------------------------------
+# Per-platform dispatch: one primitive whose lowering is the XLA reference on every platform but
+# CPU, where it is the kernel when that can be built. Tracing never builds anything; only lowering
+# for CPU does (jax.export for "cuda" / "tpu" on a CPU host never sees a compiler or a custom call).
 
+_dispatch_p = jex.core.Primitive("qlab_cpu_kernel_or_xla")
+_dispatch_p.multiple_results = True
+
+
+def dispatch(reference, kernel, *args):
+    """``reference(*args)`` (a tuple of arrays, written with XLA ops), lowered on CPU as
+    ``kernel(*args)`` when the kernel is :func:`enabled`, and as ``reference`` everywhere else:
+    both must return the same shapes, dtypes and values. ``kernel`` is traced only while lowering
+    for CPU; ``vmap`` maps both, a derivative is that of ``reference``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> double = dispatch(lambda v: (v * 2.0,), lambda v: (v + v,), jnp.arange(3.0))
+        >>> double[0].tolist()
+        [0.0, 2.0, 4.0]
+    """
+    return tuple(_dispatch_p.bind(*args, reference=reference, kernel=kernel))
+
+
+def _dispatch_abstract_eval(*avals, reference, kernel):
+    outs = jax.eval_shape(reference, *(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in avals))
+    return [jax.core.ShapedArray(o.shape, o.dtype) for o in outs]
+
+
+def _dispatch_impl(*args, reference, kernel):
+    return jax.jit(lambda *a: _dispatch_p.bind(*a, reference=reference, kernel=kernel))(*args)
+
+
+def _reference_lowering(ctx, *args, reference, kernel):
+    return mlir.lower_fun(lambda *a: list(reference(*a)), multiple_results=True)(ctx, *args)
+
+
+def _cpu_lowering(ctx, *args, reference, kernel):
+    fn = kernel if enabled() else reference
+    return mlir.lower_fun(lambda *a: list(fn(*a)), multiple_results=True)(ctx, *args)
+
+
+def _dispatch_batch(args, dims, *, reference, kernel):
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)  # None: not mapped
+    args = [batching.bdim_at_front(a, d, size) for a, d in zip(args, dims)]
+    outs = _dispatch_p.bind(*args, reference=jax.vmap(reference), kernel=jax.vmap(kernel))
+    return outs, [0] * len(outs)
+
+
+def _dispatch_jvp(primals, tangents, *, reference, kernel):
+    tangents = [ad.instantiate_zeros(t) for t in tangents]
+    out, dout = jax.jvp(lambda *a: tuple(reference(*a)), tuple(primals), tuple(tangents))
+    return list(out), list(dout)
+
+
+_dispatch_p.def_impl(_dispatch_impl)
+_dispatch_p.def_abstract_eval(_dispatch_abstract_eval)
+mlir.register_lowering(_dispatch_p, _reference_lowering)
+mlir.register_lowering(_dispatch_p, _cpu_lowering, platform="cpu")
+batching.primitive_batchers[_dispatch_p] = _dispatch_batch
+ad.primitive_jvps[_dispatch_p] = _dispatch_jvp
+
+
+def _attrs(spec: QuantSpec, view) -> dict:
     n, inner, group = view
     fmt = spec.fmt
     return dict(n=np.int64(n), inner=np.int64(inner), group=np.int64(group), qmin=np.float32(fmt.qmin),
-                qmax=np.float32(fmt.qmax), inv_denom=np.float32(_reciprocal(spec.absmax_divisor)),
+                qmax=np.float32(fmt.qmax), inv_denom=np.float32(reciprocal(spec.absmax_divisor)),
                 scale_kind=np.int32(_SCALE_KINDS[spec.scale_dtype]))
 
 
@@ -200,12 +299,9 @@ def fake_quant_cpu(x, spec: QuantSpec, view):
         True
     """
     _require()
-    # In place (output aliased to x) for large arrays: free when x is donated or dead, and a
-    # fresh 16 MB+ buffer costs more in page faults than XLA's copy of a live x. Small arrays
-    # (weights inside a training step, which stay live) get a fresh output instead of a copy.
-    alias = {0: 0} if math.prod(x.shape) >= _IN_PLACE_MIN else None
+    # in place of x (see FAKE_QUANT_MAX_ELEMENTS): XLA copies x first where it is still live
     call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct(x.shape, np.float32), vmap_method="broadcast_all",
-                            input_output_aliases=alias)
+                            input_output_aliases={0: 0})
     y = call(x.astype(np.float32), **_attrs(spec, view))
     return y.astype(x.dtype)  # computed in float32 as the XLA path does
 

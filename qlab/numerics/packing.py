@@ -22,8 +22,9 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from qlab.numerics.quantize import QTensor
-from qlab.numerics.spec import QuantSpec, as_spec
+from qlab.numerics.qtensor import QTensor
+from qlab.numerics.sizes import bits_per_weight, packed_nbytes, scale_count
+from qlab.numerics.spec import as_spec
 
 __all__ = [
     "pack_bits",
@@ -75,56 +76,6 @@ def unpack_bits(packed, bits: int, count: int) -> np.ndarray:
     full = np.zeros((count, 8), np.uint8)
     full[:, :bits] = stream
     return np.packbits(full, axis=1, bitorder="little").reshape(-1)
-
-
-def scale_count(spec, shape) -> int:
-    """Number of scales (= zero points, when asymmetric) ``spec`` stores for ``shape``.
-
-    Example:
-        >>> scale_count("int8/ch", (64, 32))
-        32
-    """
-    spec = as_spec(spec)
-    vshape, axes, _ = spec.granularity.view(tuple(shape))
-    return math.prod(1 if i in axes else s for i, s in enumerate(vshape))
-
-
-def _parts_bits(spec: QuantSpec, shape):
-    n = math.prod(shape)
-    ns = scale_count(spec, shape)
-    codes = n * spec.bits
-    scales = ns * spec.scale_bits
-    zps = ns * spec.zero_point_bits
-    ts = 32 if spec.tensor_scale else 0
-    return codes, scales, zps, ts
-
-
-def bits_per_weight(spec, shape) -> float:
-    """Stored bits per element: codes plus scales, zero points and any tensor scale.
-
-    Example:
-        >>> bits_per_weight("mxfp4", (128, 4096))
-        4.25
-        >>> bits_per_weight("int4/g128/asym", (128, 4096))
-        4.15625
-    """
-    spec = as_spec(spec)
-    n = math.prod(shape)
-    if n == 0:
-        raise ValueError("bits_per_weight: shape has no elements")
-    return sum(_parts_bits(spec, tuple(shape))) / n
-
-
-def packed_nbytes(spec, shape) -> int:
-    """Bytes of ``pack_qtensor`` output for a tensor of ``shape`` under ``spec``.
-
-    Example:
-        >>> packed_nbytes("int4/g128", (4096, 4096))   # 8 MiB of codes + 256 KiB of scales
-        8650752
-    """
-    spec = as_spec(spec)
-    codes, scales, zps, ts = _parts_bits(spec, tuple(shape))
-    return math.ceil(codes / 8) + scales // 8 + math.ceil(zps / 8) + ts // 8
 
 
 def _scale_bytes(scale, dtype: str) -> bytes:

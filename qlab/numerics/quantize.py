@@ -1,4 +1,8 @@
-"""quantize / dequantize / fake_quant, and the QTensor they share.
+"""quantize / dequantize / fake_quant / fake_quant_range: the ops, their straight-through gradient,
+traced bit-width overrides, and the dispatch between the XLA path and the optional CPU kernel.
+
+The range and scale rules they apply live in ``qlab.numerics.ranges``; the QTensor they return in
+``qlab.numerics.qtensor``; error metrics in ``qlab.numerics.metrics``.
 
 All arithmetic runs in float32 whatever the input dtype; outputs come back in the input dtype.
 ``fake_quant(x, spec)`` is bit-identical to ``dequantize(quantize(x, spec))`` for every finite
@@ -22,9 +26,7 @@ Example:
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -33,232 +35,26 @@ import numpy as np
 from qlab.numerics import native
 from qlab.numerics.formats import IntFormat
 from qlab.numerics.granularity import from_view, to_view
-from qlab.numerics.spec import MSE, Absmax, Fixed, MinMax, Percentile, QuantSpec, as_spec
+from qlab.numerics.qtensor import QTensor
+from qlab.numerics.ranges import (
+    clip_range,
+    effective_scale,
+    grid_values,
+    reciprocal,
+    reconstruct,
+    scale_and_zero_point,
+    tensor_scale,
+)
+from qlab.numerics.spec import Absmax, MinMax, QuantSpec, as_spec
 
-__all__ = ["QTensor", "quantize", "dequantize", "fake_quant", "fake_quant_range", "quant_error", "sqnr_db",
-           "TracedIntFormat"]
+__all__ = ["QTensor", "quantize", "dequantize", "fake_quant", "fake_quant_range", "quantize_xla",
+           "fake_quant_xla", "check_overrides", "TracedIntFormat"]
 
 _F32 = jnp.float32
 
 
-@jax.tree_util.register_pytree_node_class
-@dataclasses.dataclass(frozen=True)
-class QTensor:
-    """Quantized array: integer/bit-pattern ``codes`` + ``scale`` (+ ``zero_point``) + ``spec``.
-
-    ``codes`` has the original shape (int8/uint8); ``scale`` and ``zero_point`` have the
-    grouped-view shape of the spec's granularity (see ``qlab.numerics.granularity``);
-    ``tensor_scale`` is the optional second-level f32 scale (NVFP4).
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> q = quantize(jnp.ones((4, 256)), "int4/g128")
-        >>> q.packed_bytes   # 1024 codes * 4 bits + 8 scales * 16 bits
-        528
-    """
-
-    codes: jax.Array
-    scale: jax.Array
-    zero_point: jax.Array | None
-    tensor_scale: jax.Array | None
-    spec: QuantSpec
-    shape: tuple
-    dtype: np.dtype
-
-    def tree_flatten(self):
-        return (self.codes, self.scale, self.zero_point, self.tensor_scale), (
-            self.spec,
-            self.shape,
-            self.dtype,
-        )
-
-    @classmethod
-    def tree_unflatten(cls, aux, children):
-        return cls(*children, *aux)
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def packed_bytes(self) -> int:
-        """Bytes this tensor occupies packed: codes at ``bits`` bits, scales, zero points."""
-        from qlab.numerics.packing import packed_nbytes
-
-        return packed_nbytes(self.spec, self.shape)
-
-    @property
-    def bits_per_weight(self) -> float:
-        from qlab.numerics.packing import bits_per_weight
-
-        return bits_per_weight(self.spec, self.shape)
-
-    def __repr__(self):
-        return (
-            f"QTensor(spec={str(self.spec)!r}, shape={self.shape}, dtype={np.dtype(self.dtype).name}, "
-            f"scale_shape={tuple(self.scale.shape)}, packed_bytes={self.packed_bytes})"
-        )
-
-
-# ---------------------------------------------------------------------------------------
-# Ranges
-
-
-def _finite(x):
-    return jnp.isfinite(x)
-
-
-def _tree_reduce(a, axis, op, jnp_op):
-    """Pairwise reduction of a power-of-two ``axis``: XLA:CPU fuses the halving steps into
-    vectorised elementwise loops, several times faster than its generic reduce here. The last
-    8 are left to a real reduce, which XLA keeps as its own fusion: a pure elementwise tail
-    would be fused into the consumer and recomputed for every element."""
-    while a.shape[axis] > 8:
-        h = a.shape[axis] // 2
-        a = op(jax.lax.slice_in_dim(a, 0, h, axis=axis), jax.lax.slice_in_dim(a, h, 2 * h, axis=axis))
-    return jnp_op(a, axis=axis, keepdims=True)
-
-
-def _reduce(a, axes, op, jnp_op):
-    """``jnp_op(a, axis=axes, keepdims=True)``, with a faster path for the common single-axis
-    reductions of weight groups and channels (see ``benchmarks/fake_quant.py``)."""
-    if len(axes) == 1:
-        ax = axes[0]
-        n = a.shape[ax]
-        inner = math.prod(a.shape[ax + 1 :])
-        pow2 = n > 1 and n & (n - 1) == 0
-        if pow2 and ((inner >= 64 and n <= 256) or (inner == 1 and 64 <= n <= 1024)):
-            return _tree_reduce(a, ax, op, jnp_op)
-        if inner >= 64 and n > 256 and n % 128 == 0:
-            split = a.reshape(a.shape[:ax] + (n // 128, 128) + a.shape[ax + 1 :])
-            return jnp_op(_tree_reduce(split, ax + 1, op, jnp_op), axis=ax)
-    return jnp_op(a, axis=axes, keepdims=True)
-
-
-def _absmax(xv, axes):
-    # |x| < inf is False for inf and NaN: one fused select, no branch (a lax.cond here made
-    # XLA:CPU copy the whole output to fix up layouts)
-    a = jnp.abs(xv)
-    return _reduce(jnp.where(a < jnp.inf, a, 0.0), axes, jnp.maximum, jnp.max)
-
-
-def _minmax(xv, axes):
-    fin = jnp.abs(xv) < jnp.inf
-    lo = _reduce(jnp.where(fin, xv, 0.0), axes, jnp.minimum, jnp.min)
-    hi = _reduce(jnp.where(fin, xv, 0.0), axes, jnp.maximum, jnp.max)
-    return jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
-
-
-def _base_range(xv, axes, spec: QuantSpec):
-    """(lo, hi) before any clip search; symmetric specs return (-amax, amax)."""
-    rng = spec.range
-    if isinstance(rng, Fixed):
-        shape = tuple(1 if i in axes else s for i, s in enumerate(xv.shape))
-        lo = jnp.full(shape, min(rng.lo, 0.0), _F32)
-        hi = jnp.full(shape, max(rng.hi, 0.0), _F32)
-        if spec.symmetric:
-            a = jnp.maximum(-lo, hi)
-            return -a, a
-        return lo, hi
-    if isinstance(rng, Percentile):
-        xn = jnp.where(_finite(xv), xv, jnp.nan)
-        if spec.symmetric:
-            a = jnp.nanpercentile(jnp.abs(xn), rng.q, axis=axes, keepdims=True)
-            a = jnp.nan_to_num(a, nan=0.0)
-            return -a, a
-        lo = jnp.nan_to_num(jnp.nanpercentile(xn, 100 - rng.q, axis=axes, keepdims=True), nan=0.0)
-        hi = jnp.nan_to_num(jnp.nanpercentile(xn, rng.q, axis=axes, keepdims=True), nan=0.0)
-        return jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
-    if spec.symmetric:
-        a = _absmax(xv, axes)
-        return -a, a
-    return _minmax(xv, axes)
-
-
-# ---------------------------------------------------------------------------------------
-# Scales
-
-
-def _store_scale(s, spec: QuantSpec, qmax_abs: float):
-    """Round a positive scale to its storage dtype; zero/non-finite scales become 1."""
-    ok = (s > 0) & jnp.isfinite(s)
-    s = jnp.where(ok, s, 1.0)
-    d = spec.scale_dtype
-    if d == "f32":
-        return s
-    if d == "f16":
-        return jnp.clip(s, 2.0**-24, 65504.0).astype(jnp.float16).astype(_F32)
-    if d == "bf16":
-        return s.astype(jnp.bfloat16).astype(_F32)
-    if d == "e4m3":
-        return jnp.clip(s, 2.0**-9, 448.0).astype(jnp.float8_e4m3fn).astype(_F32)
-    # e8m0, OCP MX rule: the shared exponent is floor(log2(amax)) - floor(log2(qmax)), where
-    # s was computed as amax/qmax by the caller; we recover amax to apply the rule exactly.
-    amax = s * qmax_abs
-    _, e = jnp.frexp(amax)  # amax = f * 2**e, f in [0.5, 1): floor(log2 amax) = e - 1
-    if isinstance(qmax_abs, (int, float)):
-        qlog = int(math.floor(math.log2(qmax_abs)))
-    else:  # traced bit width: floor(log2 q) of a positive integer-valued q, exactly
-        qlog = jnp.frexp(qmax_abs)[1] - 1
-    exp = jnp.clip(e - 1 - qlog, -127, 127)
-    return jnp.where(ok, jnp.ldexp(jnp.ones_like(s), exp.astype(jnp.int32)), 1.0)
-
-
-def _reciprocal(v):
-    """``1 / v`` in float32, for a Python number or an array. Scales divide as ``x * (1 / s)``
-    (as PyTorch's fake_quantize and AQT do), written out rather than left to XLA, which rewrites
-    some divisions that way and not others: one rule everywhere, which the CPU kernel
-    (``qlab.numerics.native``) follows too. It differs from ``x / s`` only in the last bit."""
-    if isinstance(v, (int, float)):
-        return float(np.float32(1) / np.float32(v))
-    return 1.0 / v
-
-
-def _num(v):
-    """A Python number as float; a traced value (``bits=`` override) as it is."""
-    return float(v) if isinstance(v, (int, float)) else v
-
-
-def _scale_and_zero(lo, hi, spec: QuantSpec, tscale):
-    """Scale (stored precision) and zero point (or None) for a clip range [lo, hi]."""
-    fmt = spec.fmt
-    if spec.symmetric:
-        amax = jnp.maximum(-lo, hi)
-        denom = _num(spec.absmax_divisor)
-        raw = amax * _reciprocal(denom)
-        if tscale is not None:
-            raw = raw / tscale
-        return _store_scale(raw, spec, denom), None
-    qmin, qmax = _num(fmt.qmin), _num(fmt.qmax)
-    raw = (hi - lo) / (qmax - qmin)
-    scale = _store_scale(raw, spec, qmax - qmin)
-    if spec.zero_point == "int":
-        zp = jnp.clip(qmin - jnp.round(lo / scale), qmin, qmax)
-    else:
-        zp = (qmin - lo / scale).astype(_F32)
-        if spec.scale_dtype in ("f16", "bf16"):
-            zp = zp.astype(jnp.float16 if spec.scale_dtype == "f16" else jnp.bfloat16).astype(_F32)
-    return scale, zp
-
-
-def _effective(scale, tscale):
-    return scale if tscale is None else scale * tscale
-
-
-def _tensor_scale(xv, spec: QuantSpec):
-    """NVFP4-style second-level scale: maps the tensor's absmax to qmax * max(scale dtype)."""
-    amax = _absmax(xv, tuple(range(xv.ndim))).reshape(())
-    smax = {"e4m3": 448.0, "e8m0": 2.0**127, "f16": 65504.0, "bf16": 3.0e38, "f32": 3.0e38}[spec.scale_dtype]
-    ts = amax / (spec.fmt.max_abs * smax)
-    return jnp.where((ts > 0) & jnp.isfinite(ts), ts, 1.0).astype(_F32)
-
-
 # ---------------------------------------------------------------------------------------
 # Core
-
-
-def _round_codes(v, spec: QuantSpec, noise):
-    return spec.fmt.round(v, noise)
 
 
 def _qparams(xv, axes, spec: QuantSpec, noise, given_range=None, clip_ratio=None):
@@ -268,11 +64,9 @@ def _qparams(xv, axes, spec: QuantSpec, noise, given_range=None, clip_ratio=None
     symmetric format clips at 0 from below. ``given_range`` skips the range method;
     ``clip_ratio`` (a possibly traced scalar) multiplies the range that was chosen.
     """
-    tscale = _tensor_scale(xv, spec) if spec.tensor_scale else None
+    tscale = tensor_scale(xv, spec) if spec.tensor_scale else None
     if given_range is None:
-        lo, hi = _base_range(xv, axes, spec)
-        if isinstance(spec.range, MSE):
-            lo, hi = _mse_search(xv, axes, spec, lo, hi, tscale)
+        lo, hi = clip_range(xv, axes, spec, tscale)
     else:
         lo, hi = (jnp.asarray(v, _F32) for v in given_range)
         if spec.symmetric:
@@ -282,7 +76,7 @@ def _qparams(xv, axes, spec: QuantSpec, noise, given_range=None, clip_ratio=None
             lo, hi = jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
     if clip_ratio is not None:
         lo, hi = lo * clip_ratio, hi * clip_ratio
-    scale, zp = _scale_and_zero(lo, hi, spec, tscale)
+    scale, zp = scale_and_zero_point(lo, hi, spec, tscale)
     if spec.symmetric and isinstance(spec.fmt, IntFormat) and not spec.fmt.signed:
         lo = jnp.zeros_like(lo)
     return scale, zp, tscale, (lo, hi)
@@ -305,10 +99,10 @@ def _in_input_shape(x32, xv, spec, scale, zp, tscale, noise):
 
     Returns ``(x, scale, 1 / scale, zero_point, noise, back)`` where ``back`` maps results to ``x``'s shape.
     """
-    eff = _effective(scale, tscale)
+    eff = effective_scale(scale, tscale)
     padded = spec.granularity.view(x32.shape)[2]
     if padded != tuple(x32.shape):
-        return xv, eff, _reciprocal(eff), zp, noise, lambda v: from_view(v, spec.granularity, x32.shape)
+        return xv, eff, reciprocal(eff), zp, noise, lambda v: from_view(v, spec.granularity, x32.shape)
 
     def expand(v):
         return None if v is None else jnp.broadcast_to(v, xv.shape).reshape(x32.shape)
@@ -316,58 +110,7 @@ def _in_input_shape(x32, xv, spec, scale, zp, tscale, noise):
     m = _materialize(eff)
     zpe = None if zp is None else expand(_materialize(zp))
     nz = None if noise is None else noise.reshape(x32.shape)
-    return x32, expand(m), expand(_reciprocal(m)), zpe, nz, lambda v: v
-
-
-def _grid_values(xv, scale, zp, tscale, spec, noise, inv=None):
-    """Grid values (codes as floats) of ``xv``: ``round(xv * (1 / scale) [+ zp])``; ``inv`` is
-    ``1 / scale`` when the caller has it already."""
-    v = xv * (_reciprocal(_effective(scale, tscale)) if inv is None else inv)
-    if zp is not None:
-        v = v + zp
-    return _round_codes(v, spec, noise)
-
-
-def _reconstruct(r, scale, zp, tscale):
-    if zp is not None:
-        r = r - zp
-    return r * _effective(scale, tscale)
-
-
-def best_clip_ratio(err_for, ratios):
-    """Per-element argmin over candidate clip ratios, one ratio at a time (memory O(one error
-    array), not O(len(ratios))). ``err_for(r)`` returns an error array (e.g. one value per scale
-    group); the result has its shape. Used by the MSE range search and by AWQ's clip search.
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> best_clip_ratio(lambda r: jnp.array([(r - 0.5) ** 2, (r - 0.9) ** 2]), jnp.array([1.0, 0.9, 0.5])).tolist()
-        [0.5, 0.8999999761581421]
-    """
-    ratios = jnp.asarray(ratios, _F32)
-
-    def body(carry, r):
-        best_err, best_r = carry
-        e = err_for(r)
-        better = e < best_err
-        return (jnp.where(better, e, best_err), jnp.where(better, r, best_r)), None
-
-    e0 = err_for(ratios[0])
-    (_, best_r), _ = jax.lax.scan(body, (e0, jnp.full_like(e0, ratios[0])), ratios[1:])
-    return best_r
-
-
-def _mse_search(xv, axes, spec: QuantSpec, lo, hi, tscale):
-    m: MSE = spec.range
-
-    def err_for(r):
-        s, z = _scale_and_zero(lo * r, hi * r, spec, tscale)
-        y = _reconstruct(_grid_values(xv, s, z, tscale, spec, None), s, z, tscale)
-        d = jnp.where(_finite(xv), jnp.abs(y - xv), 0.0)
-        return jnp.sum(d**m.norm, axis=axes, keepdims=True)
-
-    best_r = best_clip_ratio(err_for, jnp.linspace(1.0, m.min_ratio, m.grid, dtype=_F32))
-    return lo * best_r, hi * best_r
+    return x32, expand(m), expand(reciprocal(m)), zpe, nz, lambda v: v
 
 
 def _noise(key, shape, spec: QuantSpec):
@@ -406,7 +149,8 @@ def quantize(x, spec, *, key=None) -> QTensor:
 # dispatching op by op; inside a user's jit they inline.
 @functools.partial(jax.jit, static_argnums=1)
 def _quantize(x, spec: QuantSpec, noise) -> QTensor:
-    view = _kernel_view(x, spec, noise)
+    # whether the kernel can be built is decided when lowering for CPU (native.dispatch), not here
+    view = None if noise is not None else native.kernel_view(spec, x.shape, x.dtype)
     if view is None:
         return _quantize_xla(x, spec, noise)
 
@@ -414,16 +158,10 @@ def _quantize(x, spec: QuantSpec, noise) -> QTensor:
         q = _quantize_xla(v, spec, None)
         return q.codes, q.scale
 
-    codes, scale = jax.lax.platform_dependent(x, cpu=lambda v: native.quantize_cpu(v, spec, view), default=xla)
+    codes, scale = native.dispatch(xla, lambda v: native.quantize_cpu(v, spec, view), x)
     return QTensor(codes, scale, None, None, spec, tuple(x.shape), x.dtype)
 
 
-def _kernel_view(x, spec: QuantSpec, noise):
-    """The CPU kernel's view of ``x`` (``qlab.numerics.native``) when it covers this call, else None."""
-    if noise is not None:
-        return None
-    view = native.kernel_view(spec, x.shape, x.dtype)
-    return view if view is not None and native.enabled() else None
 
 
 def _quantize_xla(x, spec: QuantSpec, noise) -> QTensor:
@@ -431,7 +169,7 @@ def _quantize_xla(x, spec: QuantSpec, noise) -> QTensor:
     xv, axes = to_view(x32, spec.granularity)
     scale, zp, tscale, _ = _qparams(xv, axes, spec, noise)
     xe, eff, inv, zpe, ne, back = _in_input_shape(x32, xv, spec, scale, zp, tscale, noise)
-    r = _grid_values(xe, eff, zpe, None, spec, ne, inv)
+    r = grid_values(xe, eff, zpe, None, spec, ne, inv)
     r = jnp.where(jnp.isnan(r), 0.0 if zpe is None else zpe, r)
     codes = back(spec.fmt.encode(r))
     return QTensor(codes, scale, zp, tscale, spec, tuple(x.shape), x.dtype)
@@ -454,7 +192,7 @@ def _dequantize(q: QTensor):
     spec = q.spec
     cv, _ = to_view(q.codes, spec.granularity)
     r = spec.fmt.decode(cv)
-    y = _reconstruct(r, q.scale, q.zero_point, q.tensor_scale)
+    y = reconstruct(r, q.scale, q.zero_point, q.tensor_scale)
     return from_view(y, spec.granularity, q.shape).astype(q.dtype)
 
 
@@ -506,8 +244,19 @@ def _with_traced_bits(spec: QuantSpec, bits) -> QuantSpec:
     return out
 
 
-def _overrides(spec: QuantSpec, bits, clip_ratio, where: str):
-    """Validated ``(bits int32, clip_ratio f32)`` (None entries allowed) or None when both are None."""
+def check_overrides(spec: QuantSpec, bits, clip_ratio, where: str):
+    """The ``bits`` / ``clip_ratio`` overrides of :func:`fake_quant`, validated against ``spec``
+    (concrete values only; traced ones pass as they are): ``(bits int32, clip_ratio f32)`` with
+    None entries allowed, or None when both are None. ``where`` names the caller in error messages.
+
+    Example:
+        >>> from qlab.numerics.spec import parse_spec
+        >>> bits, ratio = check_overrides(parse_spec("int8"), 4, None, "demo")
+        >>> int(bits), ratio
+        (4, None)
+        >>> check_overrides(parse_spec("int8"), None, None, "demo") is None
+        True
+    """
     if bits is None and clip_ratio is None:
         return None
     if bits is not None:
@@ -533,12 +282,13 @@ def _overrides(spec: QuantSpec, bits, clip_ratio, where: str):
 
 def _fq_forward(x, spec: QuantSpec, noise, given_range=None, ov=None):
     """(fake-quantized x, clip range); on CPU the kernel of ``qlab.numerics.native`` computes the
-    common specs (bit-identical; it returns no clip range: those specs are mask-free)."""
-    view = _kernel_view(x, spec, noise) if ov is None and given_range is None else None
+    common specs on arrays where it is the faster path (``native.fake_quant_view``; bit-identical;
+    it returns no clip range: those specs are mask-free)."""
+    plain = noise is None and ov is None and given_range is None
+    view = native.fake_quant_view(spec, x.shape, x.dtype) if plain else None
     if view is not None:
-        y = jax.lax.platform_dependent(
-            x, cpu=lambda v: native.fake_quant_cpu(v, spec, view), default=lambda v: _fq_xla(v, spec, None)[0]
-        )
+        (y,) = native.dispatch(lambda v: (_fq_xla(v, spec, None)[0],),
+                               lambda v: (native.fake_quant_cpu(v, spec, view),), x)
         return y, None
     return _fq_xla(x, spec, noise, given_range, ov)
 
@@ -551,8 +301,8 @@ def _fq_xla(x, spec: QuantSpec, noise, given_range=None, ov=None):
     xv, axes = to_view(x32, spec.granularity)
     scale, zp, tscale, clip = _qparams(xv, axes, spec, noise, given_range, clip_ratio)
     xe, eff, inv, zpe, ne, back = _in_input_shape(x32, xv, spec, scale, zp, tscale, noise)
-    r = _grid_values(xe, eff, zpe, None, spec, ne, inv)
-    y = _reconstruct(r, eff, zpe, None)
+    r = grid_values(xe, eff, zpe, None, spec, ne, inv)
+    y = reconstruct(r, eff, zpe, None)
     return back(y).astype(x.dtype), clip
 
 
@@ -630,7 +380,7 @@ def fake_quant(x, spec, *, key=None, bits=None, clip_ratio=None):
     """
     spec = as_spec(spec)
     x = _check_input(x)
-    ov = _overrides(spec, bits, clip_ratio, "fake_quant")
+    ov = check_overrides(spec, bits, clip_ratio, "fake_quant")
     noise = _noise(key, spec.granularity.view(x.shape)[0], spec)
     return _fake_quant_jit(x, spec, noise, None, ov)
 
@@ -650,35 +400,55 @@ def fake_quant_range(x, spec, lo, hi, *, key=None, bits=None, clip_ratio=None):
     spec = as_spec(spec)
     x = _check_input(x)
     noise = _noise(key, spec.granularity.view(x.shape)[0], spec)
-    ov = _overrides(spec, bits, clip_ratio, "fake_quant_range")
+    ov = check_overrides(spec, bits, clip_ratio, "fake_quant_range")
     return _fake_quant_jit(x, spec, noise, (jnp.asarray(lo, _F32), jnp.asarray(hi, _F32)), ov)
 
 
-def quant_error(x, spec, *, key=None):
-    """Mean squared error of ``fake_quant(x, spec)`` against ``x`` (finite entries).
+def quantize_xla(x, spec) -> QTensor:
+    """``quantize(x, spec)`` computed by the XLA path alone, on every platform: the reference that
+    optional backends (the CPU kernel, ``qlab.numerics.native``) match bit for bit.
 
     Example:
         >>> import jax.numpy as jnp
-        >>> float(quant_error(jnp.zeros(8), "int4"))
-        0.0
+        >>> x = jnp.array([[0.1, -0.5, 0.25, 1.0]])
+        >>> bool((quantize_xla(x, "int4/ch0").codes == quantize(x, "int4/ch0").codes).all())
+        True
     """
-    x = jnp.asarray(x)
-    y = fake_quant(x, spec, key=key)
-    d = jnp.where(jnp.isfinite(x), (y.astype(_F32) - x.astype(_F32)) ** 2, 0.0)
-    return jnp.mean(d)
+    return _quantize_xla_jit(_check_input(x), as_spec(spec))
 
 
-def sqnr_db(x, y):
-    """Signal-to-quantization-noise ratio of ``y`` against reference ``x``, in dB.
+def fake_quant_xla(x, spec):
+    """The forward value of ``fake_quant(x, spec)`` computed by the XLA path alone, on every platform
+    (deterministic rounding; no gradient rule): the reference the CPU kernel matches bit for bit.
 
     Example:
         >>> import jax.numpy as jnp
-        >>> round(float(sqnr_db(jnp.ones(4), jnp.ones(4) * 1.01)), 1)
-        40.0
+        >>> x = jnp.array([[0.1, -0.5, 0.25, 1.0]])
+        >>> bool((fake_quant_xla(x, "int4/ch0") == fake_quant(x, "int4/ch0")).all())
+        True
     """
-    x = jnp.asarray(x, _F32)
-    y = jnp.asarray(y, _F32)
-    sig = jnp.sum(x**2)
-    noise = jnp.sum((x - y) ** 2)
-    return 10 * jnp.log10(sig / jnp.maximum(noise, 1e-30))
+    return _fake_quant_xla_jit(_check_input(x), as_spec(spec))
 
+
+@functools.partial(jax.jit, static_argnums=1)
+def _quantize_xla_jit(x, spec: QuantSpec) -> QTensor:
+    return _quantize_xla(x, spec, None)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _fake_quant_xla_jit(x, spec: QuantSpec):
+    return _fq_xla(x, spec, None)[0]
+
+
+# Old import paths, kept working for code outside numerics until it moves to the new names:
+# ``from qlab.numerics.quantize import _overrides`` (now check_overrides), and quant_error / sqnr_db
+# (now qlab.numerics.metrics, which imports this module, hence looked up on first use).
+_overrides = check_overrides
+
+
+def __getattr__(name):
+    if name in ("quant_error", "sqnr_db"):
+        from qlab.numerics import metrics
+
+        return getattr(metrics, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

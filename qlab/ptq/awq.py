@@ -38,15 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from qlab.numerics.granularity import PerGroup
-from qlab.numerics.quantize import (
-    _base_range,
-    _grid_values,
-    _reconstruct,
-    _scale_and_zero,
-    best_clip_ratio,
-    fake_quant,
-    quantize,
-)
+from qlab.numerics.quantize import fake_quant, quantize
+from qlab.numerics.ranges import base_range, best_clip_ratio, grid_values, reconstruct, scale_and_zero_point
 from qlab.ptq.rtn import group_size, resolve_weight_spec, tensor_scale_of
 
 __all__ = ["awq", "awq_scales", "awq_scale_search", "awq_clip_search"]
@@ -110,14 +103,14 @@ def _clip(Ws, Xs, *, spec, G, n_grid, max_shrink):
     ng = n_in // G
     Wv = Ws.reshape(ng, G, n_out)
     Xv = Xs.reshape(Xs.shape[0], ng, G)
-    lo, hi = _base_range(Wv, (1,), spec)
+    lo, hi = base_range(Wv, (1,), spec)
     tscale = tensor_scale_of(Ws, spec)
     n_steps = max(1, int(round(max_shrink * n_grid)))
     ratios = 1.0 - jnp.arange(n_steps, dtype=_F32) / n_grid
 
     def err_for(r):
-        s, z = _scale_and_zero(lo * r, hi * r, spec, tscale)
-        q = _reconstruct(_grid_values(Wv, s, z, tscale, spec, None), s, z, tscale)
+        s, z = scale_and_zero_point(lo * r, hi * r, spec, tscale)
+        q = reconstruct(grid_values(Wv, s, z, tscale, spec), s, z, tscale)
         d = jnp.einsum("tng,ngo->tno", Xv, q - Wv)
         return jnp.sum(d * d, axis=0)  # (ng, out)
 

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from qlab.numerics.granularity import PerGroup, PerTensor
-from qlab.numerics.quantize import QTensor
+from qlab.numerics.qtensor import QTensor
 from qlab.numerics.spec import QuantSpec
 from qlab.ptq.rtn import (
     grid_round,

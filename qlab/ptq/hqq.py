@@ -38,7 +38,8 @@ import numpy as np
 
 from qlab.numerics.formats import IntFormat
 from qlab.numerics.granularity import PerChannel, PerGroup
-from qlab.numerics.quantize import QTensor, _minmax, _scale_and_zero, _store_scale
+from qlab.numerics.qtensor import QTensor
+from qlab.numerics.ranges import minmax, scale_and_zero_point, store_scale
 from qlab.numerics.spec import QuantSpec
 from qlab.ptq.rtn import group_size, resolve_weight_spec
 
@@ -76,8 +77,8 @@ def _store_zp(z, spec: QuantSpec):
 def _hqq_view(Wv, *, spec, iters, p, beta, kappa, optimize_scale):
     fmt = spec.fmt
     qmin, qmax = float(fmt.qmin), float(fmt.qmax)
-    lo, hi = _minmax(Wv, (1,))
-    s0, z0 = _scale_and_zero(lo, hi, spec, None)
+    lo, hi = minmax(Wv, (1,))
+    s0, z0 = scale_and_zero_point(lo, hi, spec)
 
     def codes(s, z):
         return jnp.clip(jnp.round(Wv / s + z), qmin, qmax)
@@ -114,7 +115,7 @@ def _hqq_view(Wv, *, spec, iters, p, beta, kappa, optimize_scale):
     use_last = (~stopped) & (e_last < best_e)
     s = jnp.where(use_last, s, best_s)
     z = jnp.where(use_last, z, best_z)
-    s = _store_scale(s, spec, qmax - qmin)
+    s = store_scale(s, spec, qmax - qmin)
     z = _store_zp(z, spec)
     r = codes(s, z)
     return r, s, z

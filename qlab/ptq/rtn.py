@@ -23,17 +23,10 @@ import numpy as np
 
 from qlab.numerics.formats import IntFormat
 from qlab.numerics.granularity import PerChannel, PerGroup, PerTensor
-from qlab.numerics.quantize import (
-    QTensor,
-    _base_range,
-    _grid_values,
-    _mse_search,
-    _reconstruct,
-    _scale_and_zero,
-    _tensor_scale,
-    quantize,
-)
-from qlab.numerics.spec import MSE, QuantSpec, as_spec
+from qlab.numerics.qtensor import QTensor
+from qlab.numerics.quantize import quantize
+from qlab.numerics.ranges import clip_range, grid_values, reconstruct, scale_and_zero_point, tensor_scale
+from qlab.numerics.spec import QuantSpec, as_spec
 
 __all__ = [
     "rtn",
@@ -81,7 +74,12 @@ def resolve_weight_spec(spec, *, require_rows: bool = False) -> QuantSpec:
 
 
 def group_size(spec: QuantSpec, n_in: int) -> int:
-    """Input rows that share one scale: G for groups, ``n_in`` for per-channel and per-tensor."""
+    """Input rows that share one scale: G for groups, ``n_in`` for per-channel and per-tensor.
+
+    Example:
+        >>> group_size(resolve_weight_spec("int4/g64"), 256), group_size(resolve_weight_spec("int8/ch"), 256)
+        (64, 256)
+    """
     g = spec.granularity
     if isinstance(g, PerGroup):
         if n_in % g.size:
@@ -93,27 +91,48 @@ def group_size(spec: QuantSpec, n_in: int) -> int:
 def group_params(rows, spec: QuantSpec, tscale=None, *, per_tensor: bool = False):
     """(scale, zero_point) of one scale group from its rows ``(G, out)``: shape ``(1, out)`` each (or
     ``(1, 1)`` for per-tensor), already rounded to their storage dtype, exactly as ``qlab.quantize``
-    computes them (same range method, MSE search included). ``zero_point`` is None for symmetric specs."""
+    computes them (same range method, MSE search included). ``zero_point`` is None for symmetric specs.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> spec = resolve_weight_spec("int8/ch/s=f32")
+        >>> s, z = group_params(jnp.array([[1.27, -2.54], [0.5, 0.0]]), spec)
+        >>> s.tolist(), z
+        ([[0.009999999776482582, 0.019999999552965164]], None)
+    """
     xv = rows.astype(_F32)[None]  # (1, G, out)
     axes = (0, 1, 2) if per_tensor else (1,)
-    lo, hi = _base_range(xv, axes, spec)
-    if isinstance(spec.range, MSE):
-        lo, hi = _mse_search(xv, axes, spec, lo, hi, tscale)
-    s, z = _scale_and_zero(lo, hi, spec, tscale)
+    lo, hi = clip_range(xv, axes, spec, tscale)
+    s, z = scale_and_zero_point(lo, hi, spec, tscale)
     s = s.reshape(1, -1)
     return s, (None if z is None else z.reshape(1, -1))
 
 
 def grid_round(w, scale, zp, tscale, spec: QuantSpec):
-    """(grid values r, dequantized value q) of ``w`` with the given scales (broadcasting)."""
-    r = _grid_values(w, scale, zp, tscale, spec, None)
-    return r, _reconstruct(r, scale, zp, tscale)
+    """(grid values r, dequantized value q) of ``w`` with the given scales (broadcasting).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> r, q = grid_round(jnp.array([[0.26, -9.0]]), 0.5, None, None, resolve_weight_spec("int4"))
+        >>> r.tolist(), q.tolist()
+        ([[1.0, -8.0]], [[0.5, -4.0]])
+    """
+    r = grid_values(w, scale, zp, tscale, spec)
+    return r, reconstruct(r, scale, zp, tscale)
 
 
 def qtensor_from_grid(r, scale_rows, zp_rows, tscale, spec: QuantSpec, dtype=np.float32) -> QTensor:
     """Assemble a QTensor from grid values ``r (in, out)`` and per-row scales ``(in, out)`` (or
     ``(1, out)``/``(1, 1)``) that are constant within each scale group (the view shape is taken from
-    the group's first row)."""
+    the group's first row).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> spec = resolve_weight_spec("int8/ch")
+        >>> q = qtensor_from_grid(jnp.array([[1.0, -2.0], [3.0, 4.0]]), jnp.array([[0.5, 0.25]]), None, None, spec)
+        >>> q.codes.tolist(), q.scale.shape
+        ([[1, -2], [3, 4]], (1, 2))
+    """
     n_in, n_out = r.shape
     g = spec.granularity
     codes = spec.fmt.encode(r)
@@ -137,8 +156,14 @@ def qtensor_from_grid(r, scale_rows, zp_rows, tscale, spec: QuantSpec, dtype=np.
 
 
 def tensor_scale_of(W, spec: QuantSpec):
-    """The second-level per-tensor scale (NVFP4-style ``ts`` specs) or None."""
-    return _tensor_scale(W.astype(_F32), spec) if spec.tensor_scale else None
+    """The second-level per-tensor scale (NVFP4-style ``ts`` specs) or None.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> tensor_scale_of(jnp.ones((16, 4)), resolve_weight_spec("int8/ch")) is None
+        True
+    """
+    return tensor_scale(W.astype(_F32), spec) if spec.tensor_scale else None
 
 
 def rtn(W, spec) -> QTensor:
@@ -157,5 +182,11 @@ _quantize_jit = jax.jit(quantize, static_argnames=("spec",))
 
 
 def is_int_asym(spec: QuantSpec) -> bool:
+    """True for an asymmetric integer spec (one with a zero point), which HQQ requires.
+
+    Example:
+        >>> is_int_asym(resolve_weight_spec("int4/g64/asym")), is_int_asym(resolve_weight_spec("int4/g64"))
+        (True, False)
+    """
     return isinstance(spec.fmt, IntFormat) and not spec.symmetric
 
