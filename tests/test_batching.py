@@ -129,11 +129,13 @@ def test_clip_ratio_key_validated_and_hash_neutral():
     b = expand({"base": {"method": "qat", "clip_ratio": 1.0}})[0]
     c = expand({"base": {"method": "qat", "clip_ratio": 0.8}})[0]
     assert "clip_ratio" not in a and a == b and c["clip_ratio"] == 0.8 and c["config_hash"] != a["config_hash"]
-    assert "clip_ratio" not in expand({"base": {"method": "float", "clip_ratio": 0.8}})[0]
+    assert "clip_ratio" not in expand({"sweep": {"method": ["float", "qat"], "clip_ratio": [0.8]}})[0]
     with pytest.raises(ConfigError, match=r"clip_ratio = 1.5 must be in \(0, 1\]"):
         expand({"base": {"clip_ratio": 1.5}})
-    with pytest.raises(ConfigError, match=r"clip_ratio = 0.5 applies to methods ptq_rtn, qat .* not 'qat_lsq'"):
+    with pytest.raises(ConfigError, match=r"none of its runs reads: clip_ratio \(read by: ptq_rtn, qat\)"):
         expand({"base": {"method": "qat_lsq", "clip_ratio": 0.5}})
+    with pytest.raises(ConfigError, match=r"method 'qat_lsq' does not read clip_ratio; it reads: .*qat_steps"):
+        expand({"include": [{"method": "qat_lsq", "clip_ratio": 0.5}]})
 
 
 def test_batched_sweep_over_clip_ratios_matches_unbatched(tmp_path):

@@ -37,7 +37,8 @@ from flax import nnx
 from qlab.numerics.formats import IntFormat
 from qlab.numerics.granularity import from_view, to_view
 from qlab.numerics.learned import lsq_fake_quant, pact_fake_quant, round_ste, scale_grad
-from qlab.numerics.quantize import QTensor, TracedIntFormat, fake_quant, fake_quant_range, quantize
+from qlab.numerics.qtensor import QTensor
+from qlab.numerics.quantize import TracedIntFormat, check_overrides, fake_quant, fake_quant_range, quantize
 from qlab.numerics.spec import QuantSpec, as_spec
 
 __all__ = ["QuantParam", "QuantStat", "QuantOverride", "WeightQuantizer", "ActQuantizer", "traced_overrides"]
@@ -58,13 +59,11 @@ class QuantOverride(QuantStat):
 
 def _set_traced(q, spec: QuantSpec, what: str, bits, clip_ratio):
     """Validate and store ``bits`` / ``clip_ratio`` overrides on quantizer ``q``."""
-    from qlab.numerics.quantize import _overrides
-
     lsq_bits = q.method == "lsq" and isinstance(q, WeightQuantizer) and clip_ratio is None
     if q.method != "ste" and not lsq_bits:
         raise ValueError(f"{what}: traced bits / clip ratio need method 'ste' (LSQ weights: bits only), "
                          f"got method {q.method!r}")
-    ov = _overrides(spec, bits, clip_ratio, f"{what}.set_traced")
+    ov = check_overrides(spec, bits, clip_ratio, f"{what}.set_traced")
     if bits is not None:
         q.traced_bits = QuantOverride(ov[0])
     if lsq_bits and bits is not None:

@@ -19,7 +19,7 @@ import pandas as pd
 from flax import nnx
 
 from qlab.numerics.packing import bits_per_weight, packed_nbytes
-from qlab.numerics.quantize import sqnr_db
+from qlab.numerics.metrics import sqnr_db
 from qlab.nn.call_sites import SEEN_CALL_SITES
 from qlab.nn.layer import WEIGHT_NAMES, layer_kind
 from qlab.nn.quantizers import QuantParam

@@ -439,16 +439,3 @@ def _quantize_xla_jit(x, spec: QuantSpec) -> QTensor:
 def _fake_quant_xla_jit(x, spec: QuantSpec):
     return _fq_xla(x, spec, None)[0]
 
-
-# Old import paths, kept working for code outside numerics until it moves to the new names:
-# ``from qlab.numerics.quantize import _overrides`` (now check_overrides), and quant_error / sqnr_db
-# (now qlab.numerics.metrics, which imports this module, hence looked up on first use).
-_overrides = check_overrides
-
-
-def __getattr__(name):
-    if name in ("quant_error", "sqnr_db"):
-        from qlab.numerics import metrics
-
-        return getattr(metrics, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
