@@ -9,8 +9,9 @@ from qlab.experiments import ConfigError, expand, lm, load_study, sweep
 from qlab.experiments.runner import plan
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-LM = {"model": "gemma3_tiny", "data": "tiny_text", "calibration": "tiny_text", "eval_tokens": 64,
-      "calibration_seqs": 4, "calibration_len": 16}
+LM = {"model": "gemma3_tiny", "data": "tiny_text", "eval_tokens": 64}
+#: calibration keys: only GPTQ / AWQ read them (a study that sets a key no run reads is an error)
+CAL = {"calibration": "tiny_text", "calibration_seqs": 4, "calibration_len": 16}
 
 
 def test_lm_float_and_rtn_rows(tmp_path):
@@ -36,7 +37,7 @@ def test_lm_float_and_rtn_rows(tmp_path):
 
 
 def test_lm_keys_normalized_and_image_hashes_unchanged():
-    runs = expand({"base": LM, "sweep": {"method": ["float", "ptq_rtn", "ptq_gptq"]}})
+    runs = expand({"base": {**LM, **CAL}, "sweep": {"method": ["float", "ptq_rtn", "ptq_gptq"]}})
     f, r, g = runs
     assert f["calibration"] is None and r["calibration"] is None and g["calibration"] == "tiny_text"
     assert r["act_order"] is None and g["act_order"] is False and f["steps"] is None
@@ -45,12 +46,12 @@ def test_lm_keys_normalized_and_image_hashes_unchanged():
 
 
 @pytest.mark.parametrize("cfg,words", [
-    ({**LM, "data": "digits"}, "language model; data = 'digits' must be a text: austen, tiny_text"),
-    ({"model": "mlp", "data": "austen"}, "data = 'austen' is a text"),
-    ({**LM, "method": "qat"}, "method = 'qat' is not supported for language models"),
-    ({**LM, "method": "ptq_gptq", "calibration": "ulysses"}, "calibration = 'ulysses' is unknown; allowed: emma"),
-    ({**LM, "method": "ptq_gptq", "act_order": "yes"}, "act_order = 'yes' must be true or false"),
-    ({**LM, "method": "ptq_gptq", "sequential": 1}, "sequential = 1 must be true or false"),
+    ({**LM, "data": "digits"}, "data = 'digits' cannot feed model 'gemma3_tiny' (a dataset of the image family: models mlp, cnn); allowed: austen, tiny_text"),
+    ({"model": "mlp", "data": "austen"}, "data = 'austen' cannot feed model 'mlp' (a dataset of the lm family"),
+    ({**LM, "method": "qat"}, "method = 'qat' is not available for model 'gemma3_tiny' (a method of the image family, not of 'lm' models); allowed: float"),
+    ({**LM, **CAL, "method": "ptq_gptq", "calibration": "ulysses"}, "calibration = 'ulysses' is unknown; allowed: emma"),
+    ({**LM, **CAL, "method": "ptq_gptq", "act_order": "yes"}, "act_order = 'yes' must be true or false"),
+    ({**LM, **CAL, "method": "ptq_gptq", "sequential": 1}, "sequential = 1 must be true or false"),
     ({**LM, "eval_tokens": 0}, "eval_tokens = 0 must be a positive integer"),
     ({**LM, "model": "gemma4"}, "model = 'gemma4' is unknown; allowed: mlp, cnn, gemma3, gemma3_tiny"),
     ({**LM, "evaltokens": 5}, "unknown key 'evaltokens'"),
@@ -77,13 +78,13 @@ def test_gemma3_study_file_validates():
 
 
 def test_lm_gptq_sequential_and_one_pass(tmp_path):
-    study = {"name": "seq", "base": {**LM, "method": "ptq_gptq", "weight": "int3/g16"},
+    study = {"name": "seq", "base": {**LM, **CAL, "method": "ptq_gptq", "weight": "int3/g16"},
              "sweep": {"sequential": [True, False]}}
     tab = sweep(study, out=tmp_path, progress=False)
     assert list(tab["sequential"]) == [True, False]
     seq, one = tab["perplexity"]
     assert np.isfinite([seq, one]).all() and seq != one  # block-by-block statistics differ from one float pass
-    assert expand({"base": {**LM, "method": "ptq_hqq"}})[0]["sequential"] is None
+    assert expand({"base": {**LM, "method": "ptq_hqq", "symmetric": False}})[0]["sequential"] is None
 
 
 def test_lm_effective_kernels_reproduce_the_quantized_forward():
@@ -121,7 +122,7 @@ def test_lm_rules_keep_attention_call_sites_float(tmp_path):
     from qlab.nn import nnx_quant
 
     nnx_quant.SEEN_CALL_SITES.clear()
-    study = {"name": "sites", "base": {**LM, "method": "ptq_gptq", "weight": "int4/g16", "sequential": True}}
+    study = {"name": "sites", "base": {**LM, **CAL, "method": "ptq_gptq", "weight": "int4/g16", "sequential": True}}
     tab = sweep(study, out=tmp_path, progress=False)
     assert np.isfinite(tab["perplexity"]).all()
     quantized_sites = [p for sites in nnx_quant.SEEN_CALL_SITES.values() for p in sites]
