@@ -56,7 +56,7 @@ def _worker(mode: str, variants: int, steps: int, hidden: list[int], vary: str =
         for m, s, lr in zip(models, seeds, lrs):
             train(m, ds, steps=steps, batch_size=64, learning_rate=lr, seed=s, progress=False)
     elif vary == "bits":
-        from qlab.nn.nnx_quant import traced_variant
+        from qlab.nn import traced_variant
         from qlab.nn.quantizers import QuantOverride
 
         views = [traced_variant(m, models[0]) for m in models]

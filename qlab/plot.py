@@ -24,6 +24,8 @@ import pathlib
 import numpy as np
 from matplotlib.figure import Figure
 
+from qlab.numerics import Fixed, PerTensor, fake_quant, parse_spec, sqnr_db
+
 __all__ = ["figure", "QFigure", "quant_grid", "pareto", "pareto_front", "metric_vs_bits", "layer_bars", "weight_histogram", "save",
            "LABELS", "series_labels", "study_figures", "save_study_figures"]
 
@@ -264,8 +266,6 @@ def quant_grid(w, spec) -> np.ndarray:
         >>> quant_grid(np.linspace(-1, 1, 11), "int2").tolist()
         [-1.0, 0.0, 1.0]
     """
-    from qlab.numerics import Fixed, PerTensor, fake_quant, parse_spec
-
     spec = parse_spec(spec)
     w = np.asarray(w, np.float32)
     lo, hi = float(np.nanmin(w)), float(np.nanmax(w))
@@ -288,8 +288,6 @@ def weight_histogram(w, spec=None, *, bins: int = 120, ax=None, title: str | Non
         >>> "int3" in fig.axes[0].get_title()
         True
     """
-    from qlab.numerics import fake_quant, parse_spec, sqnr_db
-
     fig, ax = _fig(ax)
     w = np.asarray(w, np.float32)
     flat = w.ravel()

@@ -119,11 +119,11 @@ def test_lm_effective_kernels_reproduce_the_quantized_forward():
 def test_lm_rules_keep_attention_call_sites_float(tmp_path):
     """The study's rules (pattern '.*') quantize the projections only: with sequential calibration the
     blocks run quantized, and the attention einsums must not be fake-quantized with the weight spec."""
-    from qlab.nn import nnx_quant
+    from qlab.nn import call_sites
 
-    nnx_quant.SEEN_CALL_SITES.clear()
+    call_sites.SEEN_CALL_SITES.clear()
     study = {"name": "sites", "base": {**LM, **CAL, "method": "ptq_gptq", "weight": "int4/g16", "sequential": True}}
     tab = sweep(study, out=tmp_path, progress=False)
     assert np.isfinite(tab["perplexity"]).all()
-    quantized_sites = [p for sites in nnx_quant.SEEN_CALL_SITES.values() for p in sites]
+    quantized_sites = [p for sites in call_sites.SEEN_CALL_SITES.values() for p in sites]
     assert quantized_sites == []

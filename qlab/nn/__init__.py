@@ -16,7 +16,6 @@ Modules (each imports only those listed before it):
     convert     convert, load_quantized_weights, capture (calibration statistics)
     report      layer_report, model_size
     linen_quant quantize_linen (Flax Linen)
-    nnx_quant   compatibility re-exports of the old module
 
 Example:
     >>> import jax.numpy as jnp

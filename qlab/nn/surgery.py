@@ -302,7 +302,7 @@ def traced_variant(qmodel, like=None, *, clip_ratio=None) -> nnx.Module:
     (each from ``qmodel``'s OWN spec) and, with ``clip_ratio``, the weight clip ratio as traced
     :class:`~qlab.nn.quantizers.QuantOverride` state. Variants of one model that differ only in
     those values (``int2/ch`` vs ``int8/ch`` ...) then have equal graphdefs and can train as one
-    ``jax.vmap``-ed program (``qlab.experiments.methods.train_variants``); copy the trained values
+    ``jax.vmap``-ed program (:func:`qlab.train.train_variants`); copy the trained values
     back with ``nnx.update(qmodel, nnx.state(view, nnx.Not(QuantOverride)))``.
 
     Every quantizer of ``like`` with an integer format and method ``"ste"`` (or an LSQ weight quantizer) gets ``traced_bits``

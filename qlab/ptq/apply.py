@@ -51,6 +51,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qlab import nn as qnn
+from qlab.nn.convert import default_forward
 from qlab.ptq.awq import awq as _awq_weight
 from qlab.ptq.gptq import gptq as _gptq_weight
 from qlab.ptq.hqq import hqq as _hqq_weight
@@ -61,15 +63,8 @@ from qlab.ptq.smoothquant import smoothquant_scales
 __all__ = ["rtn", "gptq", "awq", "hqq", "smoothquant", "ptq_info", "weight_layers"]
 
 
-def _nn():
-    import qlab.nn as qnn
-
-    return qnn
-
-
 def weight_layers(qmodel) -> dict:
     """``{path: QuantizedLayer}`` of the layers that have a weight spec (in path order)."""
-    qnn = _nn()
     return {p: L for p, L in qnn.quantized_layers(qmodel).items() if L.weight_quant is not None}
 
 
@@ -85,7 +80,6 @@ def _kernel(L, method: str):
 
 
 def _start(model, rules):
-    qnn = _nn()
     qmodel = qnn.quantize_model(model, rules)  # raises for rules that match no layer
     layers = weight_layers(qmodel)
     if not layers:
@@ -94,7 +88,6 @@ def _start(model, rules):
 
 
 def _calibrate(qmodel, layers, batches, forward, stats, max_input_rows, given=None):
-    qnn = _nn()
     if given is not None:
         st = given
         for p in layers:
@@ -178,8 +171,6 @@ def _block_inputs(qmodel, blocks, batches, forward):
     """``(args, kwargs)`` of the first block's call for every batch (the forward stops there), after a
     check on the first batch that every block's first argument is the previous block's output and its
     other arguments are the first block's (what block-by-block propagation assumes)."""
-    from qlab.nn.convert import default_forward
-
     fwd = forward if forward is not None else default_forward
     classes = {type(b) for b in blocks}
     originals = {c: c.__call__ for c in classes}
@@ -258,7 +249,6 @@ def _quantize_layers(paths, layers, stats_of, quantize_layer):
 
 
 def _load(qmodel, qts, scales):
-    qnn = _nn()
     for path, s in scales.items():
         qnn.set_input_scale(qmodel, path, s)
     qnn.load_quantized_weights(qmodel, qts)
@@ -267,7 +257,6 @@ def _load(qmodel, qts, scales):
 def _calibrated(model, rules, method, batches, forward, stats, max_rows, given, sequential, quantize_layer):
     """Quantize every weight layer with ``quantize_layer(path, layer, stats) -> (QTensor, input scale or None,
     info)`` on statistics of its calibration inputs (see the module docstring for ``sequential``)."""
-    qnn = _nn()
     qmodel, layers = _start(model, rules)
     for L in layers.values():
         _kernel(L, method)  # fail before calibrating
