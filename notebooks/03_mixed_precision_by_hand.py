@@ -77,17 +77,16 @@ OUT = pathlib.Path(os.environ.get("QLAB_RESULTS", "results")) / ("nb03_mixed" + 
 study = {
     "name": "nb03_mixed",
     "base": {"data": "digits" if SMALL else "fashion_mnist", "hidden": [128, 128] if SMALL else [512, 512],
-             "steps": 400 if SMALL else 3000, "qat_steps": 100 if SMALL else 1000},
+             "steps": 400 if SMALL else 3000, **({} if SMALL else {"qat_steps": 1000})},
     "rule_sets": {"mine": [{"pattern": "layers/0|head", "weight": "int8/ch"}, {"pattern": ".*", "weight": "$weight"}]},
     "sweep": {"method": ["ptq_rtn"] if SMALL else ["ptq_rtn", "qat"], "rules": ["all", "mine"],
               "bits": [2, 3, 4] if SMALL else [2, 3, 4, 5], "seed": [0] if SMALL else [0, 1, 2]},
 }
 table = qx.sweep(study, out=OUT, progress=False)
-table["label"] = table["rules"].map({"all": "uniform", "mine": "8-bit ends"}) + " " + table["weight"]
 table[["method", "rules", "weight", "seed", "bits_per_weight", "model_mib", "accuracy"]].round(4)
 
 # %%
-plot.pareto(table, x="model_mib", y="accuracy", hue="rules", label="label",
+plot.pareto(table, x="model_mib", y="accuracy", hue="rules", label="weight",
             title="uniform vs 8-bit first/last layers")
 
 # %% [markdown]
@@ -107,6 +106,6 @@ mixed, uniform = table[table["rules"] == "mine"], table[table["rules"] == "all"]
 pairs = []
 for _, m in mixed.iterrows():
     u = uniform.iloc[(uniform["model_mib"] - m["model_mib"]).abs().argmin()]
-    pairs.append({"mixed": m["label"], "mixed_mib": m["model_mib"], "mixed_acc": m["accuracy"],
-                  "uniform": u["label"], "uniform_mib": u["model_mib"], "uniform_acc": u["accuracy"]})
+    pairs.append({"mixed": m["weight"], "mixed_mib": m["model_mib"], "mixed_acc": m["accuracy"],
+                  "uniform": u["weight"], "uniform_mib": u["model_mib"], "uniform_acc": u["accuracy"]})
 pd.DataFrame(pairs).round(4)

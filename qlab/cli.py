@@ -88,7 +88,8 @@ def _sweep(args) -> int:
         print(f"\nqlab sweep: interrupted; {done} finished runs are saved in {out}; rerun to resume", file=sys.stderr)
         return 130
     print(_table(table))
-    print(f"{len(table)} runs in the table, {len(todo)} computed now; {time.perf_counter() - t:.1f} s")
+    print(f"{len(table)} runs in the table, {table.attrs.get('computed', 0)} computed now; "
+          f"{time.perf_counter() - t:.1f} s")
     if not args.no_plots and len(table):
         _plots(out, table, st.name)
     if args.reference:

@@ -67,3 +67,118 @@ def test_sweep_subprocess_then_rerun_does_nothing(tmp_path):
     r = subprocess.run(cmd + ["--only", "bits=2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert sorted(x.stat().st_mtime_ns for x in (out / "runs").glob("*.json")) == before
+
+
+TINY_TOML = 'name = "{name}"\n[base]\nhidden = [16]\ntrain_size = 256\nsteps = 10\nbatch_size = 32\n' \
+            '[sweep]\nmethod = ["ptq_rtn"]\nbits = [8, 6, 5, 4, 3, 2]\ngranularity = ["ch", "g16"]\n'
+
+
+def test_version_and_help_on_every_argument(capsys):
+    import qlab
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"qlab {qlab.__version__}"
+    from qlab.cli import _parser
+
+    for action in _parser()._actions:  # every argument of every command says what it is for
+        for sub in getattr(action, "choices", None) and action.choices.values() or []:
+            for a in sub._actions:
+                assert a.help, (sub.prog, a.dest)
+
+
+def test_only_matching_nothing_exits_2_with_the_keys(tmp_path, capsys):
+    p = _toml(tmp_path, '[sweep]\nbits = [8, 4]\n')
+    assert main(["sweep", p, "--only", "bits=3", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "matches none of the 2 runs" in err and "bits: 4, 8" in err and "granularity" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_read_only_out_is_one_line(tmp_path, capsys):
+    import os
+
+    if os.geteuid() == 0:  # root writes anywhere: a path under a regular file cannot be created by anyone
+        out = tmp_path / "file"
+        out.write_text("")
+        out = out / "o"
+    else:
+        out = tmp_path / "ro"
+        out.mkdir()
+        out.chmod(0o500)
+    p = _toml(tmp_path, '[sweep]\nbits = [8]\n[base]\nhidden = [8]\nsteps = 5\n')
+    assert main(["sweep", p, "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1 and "cannot use" in err, err
+
+
+def test_ctrl_c_is_one_line_and_resumes(tmp_path):
+    import signal
+    import time
+
+    p = _toml(tmp_path, TINY_TOML.format(name="intr"))
+    out = tmp_path / "o"
+    cmd = [sys.executable, "-m", "qlab.cli", "sweep", p, "--out", str(out), "--no-progress", "--no-plots"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "runs").is_dir() and list((out / "runs").glob("*.json")):
+            break  # one run saved: interrupt the next
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode in (130, 0), err
+    if proc.returncode == 130:
+        assert "rerun to resume" in err and "Traceback" not in err, err
+        assert not list((out / "runs").glob("*.claim"))  # the interrupted run's claim is released
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    import pandas as pd
+
+    assert len(pd.read_csv(out / "runs.csv")) == 12
+
+
+def test_two_sweeps_on_one_folder_split_the_runs(tmp_path):
+    p = _toml(tmp_path, TINY_TOML.format(name="two"))
+    out = tmp_path / "o"
+    cmd = [sys.executable, "-m", "qlab.cli", "sweep", p, "--out", str(out), "--no-progress", "--no-plots"]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [pr.communicate(timeout=300) for pr in procs]
+    assert all(pr.returncode == 0 for pr in procs), [e for _, e in outs]
+    import re
+
+    computed = [int(re.search(r"(\d+) computed now", o).group(1)) for o, _ in outs]
+    assert sum(computed) == 12, (computed, outs)  # every run done exactly once between them
+    import pandas as pd
+
+    t = pd.read_csv(out / "runs.csv")
+    assert len(t) == 12 and t["config_hash"].is_unique and not list((out / "runs").glob("*.claim"))
+
+
+def test_corrupted_runs_csv_is_rebuilt(tmp_path, capsys):
+    p = _toml(tmp_path, '[sweep]\nbits = [8, 4]\n[base]\nhidden = [8]\nsteps = 5\n')
+    out = tmp_path / "o"
+    assert main(["sweep", p, "--out", str(out), "--no-progress", "--no-plots"]) == 0
+    good = (out / "runs.csv").read_text()
+    for bad in ("", good[: len(good) // 2] + '\n"unterminated'):
+        (out / "runs.csv").write_text(bad)
+        capsys.readouterr()
+        assert main(["sweep", p, "--out", str(out), "--no-progress", "--no-plots"]) == 0
+        assert "2 runs in the table, 0 computed now" in capsys.readouterr().out
+
+
+def test_reference_comparison(tmp_path, capsys):
+    p = _toml(tmp_path, '[sweep]\nbits = [8, 2]\n[base]\nhidden = [8]\nsteps = 5\n')
+    assert main(["sweep", p, "--out", str(tmp_path / "a"), "--no-progress", "--no-plots"]) == 0
+    assert main(["sweep", p, "--out", str(tmp_path / "b"), "--no-progress", "--no-plots",
+                 "--reference", str(tmp_path / "a")]) == 0
+    assert "matches the reference" in capsys.readouterr().out
+    import pandas as pd
+
+    ref = pd.read_csv(tmp_path / "a" / "runs.csv")
+    ref.loc[1, "accuracy"] -= 0.1
+    ref.to_csv(tmp_path / "a" / "runs.csv", index=False)
+    assert main(["sweep", p, "--out", str(tmp_path / "b"), "--no-progress", "--no-plots",
+                 "--reference", str(tmp_path / "a")]) == 1
+    assert "DIFFERS FROM the reference" in capsys.readouterr().out

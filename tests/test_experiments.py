@@ -265,3 +265,66 @@ def test_ptq_algorithm_methods(tmp_path):
     assert t["accuracy"].between(0, 1).all() and (t["bits_per_weight"] < 4.5).all()
     assert t.loc[t["method"] == "ptq_gptq", "calibration_size"].item() == 128
     assert pd.isna(t.loc[t["method"] == "ptq_rtn", "calibration_size"].item())
+
+
+# --------------------------------------------------------------------------- one path: typed runs, honest rows
+
+
+def test_runs_hold_typed_specs_and_rules():
+    from qlab.nn import Rule
+    from qlab.numerics import QuantSpec
+
+    run = load_study({"name": "t", "base": {"method": "qat_lsq", "bits": 4, "rules": "first_last_8bit"}}).runs[0]
+    assert isinstance(run.weight, QuantSpec) and str(run.weight) == "int4/ch"
+    assert all(isinstance(r, Rule) for r in run.rules)
+    assert [(r.pattern, str(r.weight), r.weight_quantizer) for r in run.rules] == [
+        ("@first|@last", "int8/ch", "lsq"), (".*", "int4/ch", "lsq")]
+    assert run.method.family == "image" and run.method.name == "qat_lsq"
+
+
+def test_a_rule_set_that_matches_no_layer_is_an_error():
+    with pytest.raises(ConfigError, match=r"rule 'decoder/.\*' matches no layer; layers: layers/0, head"):
+        load_study({"name": "r", "base": {"hidden": [16], "rules": "mine"},
+                    "rule_sets": {"mine": [{"pattern": "decoder/.*", "weight": "int4/ch"}]}})
+
+
+def test_a_key_no_run_reads_is_an_error():
+    with pytest.raises(ConfigError, match=r"none of its runs reads: calibration_size \(read by: ptq_awq, ptq_gptq"):
+        load_study({"name": "k", "sweep": {"method": ["ptq_rtn", "qat"], "calibration_size": [64, 128]}})
+    with pytest.raises(ConfigError, match=r"method 'float' does not read bits"):
+        load_study({"name": "k", "include": [{"method": "float", "bits": 4}]})
+
+
+def test_mixed_runs_are_labelled_by_their_rule_set_and_layers_by_their_own_spec(tmp_path):
+    from qlab import plot
+
+    study = {"name": "mix", "base": {**TINY, "hidden": [16, 16]},
+             "sweep": {"method": ["ptq_rtn"], "rules": ["all", "first_last_8bit"], "bits": [3]}}
+    table = sweep(study, out=tmp_path, progress=False)
+    uni, mixed = table.iloc[0], table.iloc[1]
+    assert (uni["weight"], uni["bits"], uni["format"], uni["granularity"]) == ("int3/ch", 3, "int", "ch")
+    assert mixed["weight"] == "first_last_8bit(int3/ch)" and pd.isna(mixed["bits"]) and pd.isna(mixed["format"])
+    layers = pd.read_csv(tmp_path / "layers.csv")
+    mine = layers[layers["config_hash"] == mixed["config_hash"]].set_index("layer")["weight_spec"].to_dict()
+    assert mine == {"layers/0": "int8/ch1", "layers/1": "int3/ch1", "head": "int8/ch1"}
+    assert 3 < mixed["bits_per_weight"] < 8.5
+    fig = plot.study_figures(table, layers)["layers"]
+    labels = {t.get_text() for t in fig.axes[0].get_legend().get_texts()}
+    assert labels == {"int8/ch1", "int3/ch1"}  # one bar per layer spec, never an average of 3 and 8 bits
+
+
+def test_format_columns_describe_the_spec_that_ran():
+    runs = expand({"include": [{"weight": "nf4/g16"}, {"format": "fp4_e2m1", "granularity": "g16"}]})
+    cols = [r.columns() for r in runs]
+    assert [(c["format"], c["bits"], c["granularity"]) for c in cols] == [("nf4", 4, "g16"), ("fp4_e2m1", 4, "g16")]
+    from qlab.plot import series_labels
+
+    assert series_labels(pd.DataFrame([{"method": "ptq_rtn", **c} for c in cols])) == [
+        "ptq_rtn nf4/g16", "ptq_rtn fp4_e2m1/g16"]  # two formats, two series
+
+
+def test_committed_results_keep_their_hashes():
+    """Every committed study that a TOML defines expands to the same config hashes as its runs.csv."""
+    for toml, folder in [("quickstart", "quickstart"), ("gemma3_ptq", "gemma3_ptq")]:
+        st = load_study(ROOT / "experiments" / f"{toml}.toml", check=False)
+        assert [r.config_hash for r in st.runs] == list(pd.read_csv(ROOT / "results" / folder / "runs.csv")["config_hash"])

@@ -41,7 +41,7 @@ import pandas as pd
 from qlab.numerics import parse_spec
 
 __all__ = ["write_run", "read_runs", "atomic_write_text", "rebuild_tables", "load_results", "runs_dir", "setting_label",
-           "method_labels", "method_table", "result_row", "claim_run", "release_run", "compare_tables"]
+           "method_labels", "method_table", "markdown_table", "result_row", "claim_run", "release_run", "compare_tables"]
 
 
 def runs_dir(out) -> pathlib.Path:
@@ -308,6 +308,8 @@ def setting_label(weight) -> str:
     """
     if weight is None or (isinstance(weight, float) and math.isnan(weight)) or weight in ("", "none", "float"):
         return "float"
+    if "(" in str(weight):  # a mixed run, labelled by its rule set: "first_last_8bit(int2/ch)"
+        return str(weight)
     parts = str(parse_spec(str(weight))).split("/")
     head = "W" + parts[0][3:] if parts[0].startswith("int") else parts[0]
     return f"{head} {parts[1]}" if len(parts) > 1 else head
@@ -351,3 +353,16 @@ def method_table(table, metric: str = "perplexity", digits: int = 4):
     piv = piv[cols + [c for c in piv.columns if c not in cols]]
     piv.columns.name = None
     return piv
+
+
+def markdown_table(table, *, index: bool = False, floatfmt: str = ".4g") -> str:
+    """``table`` as a GitHub markdown table (for results READMEs), missing values left blank.
+
+    Example:
+        >>> print(markdown_table(pd.DataFrame({"a": [1.5, None]})))
+        |   a |
+        |----:|
+        | 1.5 |
+        |     |
+    """
+    return table.astype(object).where(table.notna(), None).to_markdown(index=index, floatfmt=floatfmt, missingval="")

@@ -152,7 +152,8 @@ def sweep(study, *, force: bool = False, only: str | None = None, out=None, prog
 
     Each finished run is saved at once (``runs/<hash>.json``, atomic) and ``runs.csv`` / ``layers.csv`` are
     rebuilt, so a sweep killed at any point resumes where it stopped. Runs another live sweep has claimed
-    are left to it. Failed runs are reported after the others finished; they are not saved.
+    are left to it. Failed runs are reported after the others finished; they are not saved. The table's
+    ``attrs["computed"]`` counts the runs this call did.
     """
     st, out_dir, todo = plan(study, force=force, only=only, out=out)
     order = [r.config_hash for r in st.runs]
@@ -167,7 +168,7 @@ def sweep(study, *, force: bool = False, only: str | None = None, out=None, prog
     }, indent=1, default=str))
     meta = _meta()
     failures: dict[str, str] = {}
-    skipped = 0
+    skipped = computed = 0
     bar = None
     if progress and todo:
         from tqdm.auto import tqdm  # noqa: PLC0415 -- picks the notebook or terminal bar when first used
@@ -191,6 +192,7 @@ def sweep(study, *, force: bool = False, only: str | None = None, out=None, prog
                     write_layers = None if layers is None else layers.to_dict("records")
                     write_run(out_dir, row, write_layers)
                 rebuild_tables(out_dir, order)
+                computed += len(claimed)
             except Exception:  # noqa: BLE001 -- recorded, reported at the end
                 for run in claimed:
                     failures[run.config_hash] = traceback.format_exc()
@@ -206,6 +208,7 @@ def sweep(study, *, force: bool = False, only: str | None = None, out=None, prog
     if skipped:
         print(f"{skipped} run(s) were claimed by another sweep working on {out_dir}; left to it", file=sys.stderr)
     table, _ = rebuild_tables(out_dir, order)
+    table.attrs["computed"] = computed  # runs this call did (the rest were done before, or by another sweep)
     if failures and raise_on_error:
         raise SweepError(failures)
     return table

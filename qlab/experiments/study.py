@@ -56,7 +56,7 @@ from qlab.numerics import IntFormat, QuantSpec, parse_spec
 from .methods import FAMILIES, REGISTRY, SPEC_KEYS, Method, family_of, method_for
 
 __all__ = ["KEYS", "DEFAULTS", "BUILTIN_RULE_SETS", "ConfigError", "Key", "Run", "Study", "load_study", "expand",
-           "config_hash", "spec_columns", "schema_table"]
+           "config_hash", "spec_columns", "schema_table", "methods_table"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,7 +197,9 @@ class Run:
         cols = {k: (json.dumps(v) if isinstance(v, list) else v) for k, v in self.config.items() if k != "rules_def"}
         uniform = self.weight if not self.mixed else None
         cols.update(spec_columns(uniform))
-        cols["weight"] = None if self.weight is None and not self.mixed else self.label
+        weight = "float" if self.weight is None else str(self.weight)
+        cols["weight"] = None if self.weight is None and not self.mixed else (
+            f"{self.rule_set}({weight})" if self.mixed else weight)
         cols["act"] = None if self.act is None else str(self.act)
         return cols
 
@@ -588,4 +590,20 @@ def schema_table() -> str:
     lines = ["| key | default | meaning | read by |", "|---|---|---|---|"]
     for k, spec in KEYS.items():
         lines.append(f"| `{k}` | `{json.dumps(spec.default)}` | {spec.doc} | {readers(k)} |")
+    return "\n".join(lines)
+
+
+def methods_table() -> str:
+    """Every registered method as a markdown table: family, name, what it does, the keys it reads beyond
+    its family's (the precision keys are abbreviated as "spec keys").
+
+    Example:
+        >>> print(methods_table().splitlines()[2])
+        | image | `float` | The float model: trained, evaluated on the test split. | |
+    """
+    lines = ["| family | method | what it does | reads, beyond its family's keys |", "|---|---|---|---|"]
+    for (family, name), m in sorted(REGISTRY.items()):
+        keys = [k for k in m.reads if k not in SPEC_KEYS]
+        reads = ", ".join((["spec keys"] if m.quantizes else []) + [f"`{k}`" for k in keys])
+        lines.append(f"| {family} | `{name}` | {m.doc.replace('``', '`')} | {reads} |".replace("|  |", "| |"))
     return "\n".join(lines)
