@@ -18,9 +18,11 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import pathlib
 
+import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
@@ -56,8 +58,6 @@ class QFigure(Figure):
     """A matplotlib Figure that shows itself as PNG in Jupyter (``_repr_png_``), whatever the backend."""
 
     def _repr_png_(self):
-        import io
-
         buf = io.BytesIO()
         self.savefig(buf, format="png", dpi=100)
         return buf.getvalue()
@@ -236,8 +236,6 @@ def layer_bars(layers, y: str = "weight_sqnr_db", layer: str = "layer", hue: str
     fig, ax = _fig(ax, figsize=(max(6.4, 0.5 * len(names) * max(1, len(hues)) ** 0.5 + 3), 4.4))
     width = 0.8 / len(hues)
     xs = np.arange(len(names))
-    import matplotlib
-
     cmap = matplotlib.colormaps["tab20" if len(hues) > 10 else "tab10"]
     for j, h in enumerate(hues):
         g = t if h is None else t[t[hue] == h]

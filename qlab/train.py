@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pandas as pd
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -114,8 +115,6 @@ class History:
             >>> History(loss=[1.0]).to_frame().columns.tolist()
             ['step', 'loss']
         """
-        import pandas as pd
-
         df = pd.DataFrame({"step": np.arange(1, len(self.loss) + 1), "loss": self.loss})
         if self.evals:
             df = df.merge(pd.DataFrame(self.evals), on="step", how="left")
@@ -243,7 +242,7 @@ def train(
     hist = History()
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # deferred: picks the notebook or the terminal bar at first use
 
         bar = tqdm(total=total, desc="train", leave=True, dynamic_ncols=True)
     losses: list = []

@@ -298,7 +298,8 @@ def test_a_key_no_run_reads_is_an_error():
 def test_mixed_runs_are_labelled_by_their_rule_set_and_layers_by_their_own_spec(tmp_path):
     from qlab import plot
 
-    study = {"name": "mix", "base": {**TINY, "hidden": [16, 16]},
+    ptq_only = {k: v for k, v in TINY.items() if k != "qat_steps"}
+    study = {"name": "mix", "base": {**ptq_only, "hidden": [16, 16]},
              "sweep": {"method": ["ptq_rtn"], "rules": ["all", "first_last_8bit"], "bits": [3]}}
     table = sweep(study, out=tmp_path, progress=False)
     uni, mixed = table.iloc[0], table.iloc[1]

@@ -215,7 +215,7 @@ def digits_dataset(seed: int = 0, val_frac: float = 0.1, test_frac: float = 0.2)
         >>> len(ds.train), len(ds.val), len(ds.test)
         (1258, 180, 359)
     """
-    from sklearn.datasets import load_digits as _sk_load_digits
+    from sklearn.datasets import load_digits as _sk_load_digits  # deferred: scikit-learn takes ~1 s to import
 
     d = _sk_load_digits()
     x = (d.images.astype(np.float32) / 16.0)[..., None]

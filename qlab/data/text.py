@@ -14,8 +14,10 @@ Example:
 
 from __future__ import annotations
 
+import bz2
 import dataclasses
 import functools
+import lzma
 import os
 import pathlib
 import shutil
@@ -82,7 +84,7 @@ def _austen_dirs() -> list[pathlib.Path]:
 
 def _read_lazyload_db(directory: pathlib.Path, name: str = "Rdata") -> dict[str, object]:
     """Read every object of an R lazy-load database (``<name>.rdx`` index + ``<name>.rdb`` blobs)."""
-    import rdata
+    import rdata  # deferred: only the Austen loader reads R data
 
     def parse(raw: bytes):
         return rdata.conversion.convert(rdata.parser.parse_data(raw, extension=".rds"))
@@ -99,12 +101,8 @@ def _read_lazyload_db(directory: pathlib.Path, name: str = "Rdata") -> dict[str,
         else:  # compress=2/3: a type byte, then the stream
             kind, body = chunk[4:5], chunk[5:]
             if kind == b"Z":
-                import lzma
-
                 raw = lzma.decompress(body)
             elif kind == b"2":
-                import bz2
-
                 raw = bz2.decompress(body)
             elif kind == b"1":
                 raw = zlib.decompress(body)

@@ -410,7 +410,7 @@ def run_batched(runs, progress: bool = False) -> list[tuple[dict, Any]]:
         >>> from qlab.experiments import expand
         >>> runs = expand({"base": {"hidden": [8], "steps": 10, "train_size": 128}, "sweep": {"seed": [0, 1]}})
         >>> [round(m["bits_per_weight"], 3) for m, _ in run_batched(runs)]
-        [8.125, 8.125]
+        [8.486, 8.486]
     """
     if len(_float_cache) + len(runs) > 8:
         _float_cache.clear()

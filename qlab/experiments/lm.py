@@ -15,7 +15,7 @@ Example:
     ...                        "weight": "int8/ch"}})[0]
     >>> metrics, layers = run.method.run(run)
     >>> metrics["perplexity"] > 1, len(layers)
-    (True, 42)
+    (True, 43)
 """
 
 from __future__ import annotations

@@ -208,7 +208,7 @@ def layer_table(qmodel: nnx.Module, order: list[str]):
         >>> m = qnn.quantize_model(MLP(4, hidden=(8,), rngs=nnx.Rngs(0)), [qnn.Rule("head", weight="int4/ch")],
         ...                        allow_unmatched=True)
         >>> layer_table(m, ["layers/0", "head"])[["layer", "weight_spec"]].values.tolist()
-        [['layers/0', 'float'], ['head', 'int4/ch']]
+        [['layers/0', 'float'], ['head', 'int4/ch1']]
     """
     rep = qnn.layer_report(qmodel, warn=False)
     rep = rep[~rep["kind"].astype(str).str.startswith("call:")].copy()

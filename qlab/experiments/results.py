@@ -59,7 +59,7 @@ def atomic_write_text(path, text: str):
     """
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
@@ -91,6 +91,22 @@ def write_run(out, row: Mapping[str, Any], layers: Iterable[Mapping[str, Any]] |
     atomic_write_text(runs_dir(out) / f"{row['config_hash']}.json", json.dumps(payload, indent=1, default=str))
 
 
+def _abandoned(tmp: pathlib.Path) -> bool:
+    """A temp file whose writer (pid in its name) is gone, or that is older than 10 minutes; a live
+    writer's (another sweep on this folder) is left alone."""
+    parts = tmp.name.split(".")
+    pid = next((int(p) for p in parts[2:-1] if p.isdigit()), None)
+    if time.time() - tmp.stat().st_mtime > 600 or pid is None:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return pid == os.getpid()  # ours and not being written now (writes are synchronous)
+
+
 def read_runs(out, hashes: Iterable[str] | None = None) -> list[dict]:
     """Every complete run JSON under ``out/runs`` (only ``hashes`` if given), sorted by file name.
     Stale temp files are removed."""
@@ -99,7 +115,8 @@ def read_runs(out, hashes: Iterable[str] | None = None) -> list[dict]:
         return []
     for tmp in d.glob(".*.tmp"):
         try:
-            tmp.unlink()
+            if _abandoned(tmp):
+                tmp.unlink()
         except OSError:
             pass
     want = None if hashes is None else set(hashes)
@@ -156,7 +173,7 @@ def load_results(out, layers: bool = False):
         >>> import tempfile
         >>> d = tempfile.mkdtemp()
         >>> write_run(d, {"config_hash": "abc", "accuracy": 0.5})
-        >>> _ = open(f"{d}/runs.csv", "w").write('config_hash,acc\n"abc')   # a torn file
+        >>> _ = open(f"{d}/runs.csv", "w").write('config_hash,acc\\n"abc')   # a torn file
         >>> load_results(d)["accuracy"].tolist()
         [0.5]
     """

@@ -114,6 +114,10 @@ def _meta() -> dict:
     }
 
 
+def _finished(out_dir: pathlib.Path, run: Run) -> bool:
+    return (out_dir / "runs" / f"{run.config_hash}.json").is_file()
+
+
 def _groups(todo: list[Run], batch: bool) -> list[list[Run]]:
     """One run a group, or (``batch``) runs of a batchable method grouped by :func:`batch_signature`."""
     if not batch:
@@ -156,6 +160,7 @@ def sweep(study, *, force: bool = False, only: str | None = None, out=None, prog
     ``attrs["computed"]`` counts the runs this call did.
     """
     st, out_dir, todo = plan(study, force=force, only=only, out=out)
+    done_before = {r["row"]["config_hash"] for r in read_runs(out_dir)}
     order = [r.config_hash for r in st.runs]
     if not todo and (out_dir / "runs.csv").is_file():
         table = load_results(out_dir)  # finished study: nothing to run, nothing rewritten
@@ -177,6 +182,9 @@ def sweep(study, *, force: bool = False, only: str | None = None, out=None, prog
     try:
         for group in _groups(todo, st.batch if batch is None else batch):
             claimed = [r for r in group if claim_run(out_dir, r.config_hash)]
+            for r in [r for r in claimed if r.config_hash not in done_before and _finished(out_dir, r)]:
+                release_run(out_dir, r.config_hash)  # another sweep finished it after we planned
+                claimed.remove(r)
             skipped += len(group) - len(claimed)
             if not claimed:
                 continue

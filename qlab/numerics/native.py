@@ -40,6 +40,7 @@ import tempfile
 import warnings
 
 import jax
+import jaxlib
 import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
@@ -81,8 +82,6 @@ def _cpu_id() -> str:
 
 
 def _library_path(cxx: str) -> pathlib.Path:
-    import jaxlib
-
     key = hashlib.sha256()
     for part in (_SOURCE.read_bytes(), jaxlib.__version__.encode(), cxx.encode(), " ".join(_FLAGS).encode(),
                  platform.machine().encode(), _cpu_id().encode()):

@@ -49,6 +49,7 @@ from typing import Callable, Iterable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pandas as pd
 from flax import nnx
 
 from qlab import nn as qnn
@@ -125,8 +126,6 @@ def ptq_info(qmodel):
     """DataFrame, one row per quantized layer of the last PTQ run on ``qmodel``: ``layer, method, spec,
     seconds`` and method-specific columns (``rows`` of calibration input, ``outlier_features`` = input
     features with calibration absmax > 6 as LLM.int8() would split them, ``alpha`` for AWQ, ...)."""
-    import pandas as pd
-
     return pd.DataFrame([dict(row) for row in getattr(qmodel, "_qlab_ptq_info", ())])
 
 
