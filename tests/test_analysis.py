@@ -14,15 +14,18 @@ from hypothesis import strategies as st
 from qlab.analysis import (
     KEEP,
     allocate,
+    candidate_layer,
     candidate_table,
     fisher_sensitivity,
+    hutchinson_sensitivity,
     measured_sensitivity,
     sensitivity,
     sqnr_sensitivity,
     uniform_bytes,
 )
 from qlab.models import MLP
-from qlab.nn import Rule, layer_report, model_size, quantize_model
+from qlab.nn import Rule, layer_report, model_size, quantizable_layers, quantize_model
+from qlab.numerics import sqnr_db
 from qlab.train import xent_loss
 
 BITS = ["int2/ch", "int3/ch", "int4/ch", "int6/ch", "int8/ch"]
@@ -86,6 +89,10 @@ def test_sqnr_scores_fall_with_bits_and_keep_is_zero(small):
         scores = g.set_index("candidate")["score"]
         assert list(scores[BITS]) == sorted(scores[BITS], reverse=True)
         assert scores["keep"] == 0 and scores["int8/ch"] > 0
+    layer = dict(quantizable_layers(model))["head"]
+    w, wq = layer.kernel[...], candidate_layer(layer, "int4/ch").weight_value()
+    want = w.size * 10 ** (-float(sqnr_db(w, wq)) / 10)
+    assert s.set_index(["layer", "candidate"])["score"]["head", "int4/ch"] == pytest.approx(want, rel=1e-4)
 
 
 def test_measured_is_the_loss_increase_of_the_one_layer_quantized_model(small):
@@ -107,7 +114,19 @@ def test_fisher_is_positive_and_falls_with_bits(small):
         assert g["score"].iloc[0] > g["score"].iloc[-1]
 
 
-@pytest.mark.parametrize("method", ["measured", "fisher"])
+def test_hutchinson_trace_matches_the_exact_hessian_trace_of_a_quadratic():
+    # loss = mean((x @ W + b - y)**2): the Hessian wrt W is (2/n) * kron(x^T x, I_out), trace known
+    model = nnx.Linear(6, 3, rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(10, 6)), jnp.float32)
+    batch = (x, jnp.zeros((10, 3)))
+    s = hutchinson_sensitivity(model, ["int4/ch"], _mse, [batch], samples=400)
+    trace = 2.0 / (10 * 3) * float(jnp.sum(x * x)) * 3
+    w = model.kernel[...]
+    err = float(jnp.sum((candidate_layer(model, "int4/ch").weight_value() - w) ** 2))
+    assert s.score[0] == pytest.approx(0.5 * trace / w.size * err, rel=0.15)
+
+
+@pytest.mark.parametrize("method", ["measured", "fisher", "hutchinson"])
 def test_a_data_driven_sensitivity_without_data_is_an_error(small, method):
     model, _ = small
     with pytest.raises(ValueError, match="no data"):

@@ -2,7 +2,7 @@
 
 Modules (each imports only those listed before it, and qlab.nn / qlab.numerics below):
     candidates   candidate_table: every quantizable layer x candidate spec, exact packed bytes
-    sensitivity  sqnr / measured / fisher scores per (layer, candidate), selectable by name
+    sensitivity  sqnr / measured / fisher / hutchinson scores per (layer, candidate), selectable by name
     allocate     allocate: least summed damage within a byte budget (dp, milp, greedy) -> Allocation
 
 Example:
@@ -10,7 +10,7 @@ Example:
     >>> from qlab.models import MLP
     >>> from qlab.nn import quantize_model, model_size
     >>> m = MLP(16, hidden=(32,), out=4, rngs=nnx.Rngs(0))
-    >>> s = sensitivity(m, ["int4/ch", "int8/ch", "keep"], "sqnr")
+    >>> s = sensitivity(m, ["int4/ch", "int8/ch"], "sqnr")
     >>> a = allocate(s, budget_bytes=uniform_bytes(s, "int8/ch"))
     >>> a.choices.candidate.tolist(), a.total_bytes
     (['int8/ch', 'int8/ch'], 712)
@@ -24,6 +24,7 @@ from qlab.analysis.sensitivity import (
     SCORE_COLUMNS,
     SENSITIVITY_METHODS,
     fisher_sensitivity,
+    hutchinson_sensitivity,
     measured_sensitivity,
     sensitivity,
     sqnr_sensitivity,
@@ -42,6 +43,7 @@ __all__ = [
     "sqnr_sensitivity",
     "measured_sensitivity",
     "fisher_sensitivity",
+    "hutchinson_sensitivity",
     "ALLOCATION_METHODS",
     "Allocation",
     "allocate",

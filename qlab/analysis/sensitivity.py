@@ -6,7 +6,9 @@ scores 0; unusable rows score NaN). Three methods, selectable by name (:data:`SE
   error summed over the layer's weights (additive over layers, unlike -SQNR in dB);
 * ``"measured"``: the increase of the mean held-out loss with only that layer quantized;
 * ``"fisher"``: ``0.5 * sum(F * (w_q - w)**2)``, F the empirical Fisher diagonal (squared gradients
-  of the batch loss, averaged over batches): the second-order Taylor estimate of the loss increase.
+  of the batch loss, averaged over batches): the second-order Taylor estimate of the loss increase;
+* ``"hutchinson"``: HAWQ-style ``0.5 * (trace(H_l) / params_l) * sum((w_q - w)**2)``, the Hessian
+  trace of each layer estimated with Hutchinson's Rademacher probes.
 
 Data is ``(loss_fn, batches)``: ``loss_fn(model, batch) -> scalar`` (e.g. ``qlab.train.xent_loss``)
 and a non-empty sequence of batches; a data-driven method that sees no batch is a ValueError.
@@ -29,7 +31,6 @@ from flax import nnx
 
 from qlab.analysis.candidates import KEEP, TABLE_COLUMNS, candidate_layer, candidate_table
 from qlab.nn import quantizable_layers
-from qlab.numerics import sqnr_db
 
 __all__ = [
     "SCORE_COLUMNS",
@@ -38,6 +39,7 @@ __all__ = [
     "sqnr_sensitivity",
     "measured_sensitivity",
     "fisher_sensitivity",
+    "hutchinson_sensitivity",
 ]
 
 #: columns of every sensitivity table
@@ -69,6 +71,12 @@ def _scored(table: pd.DataFrame, scores: dict) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
+def _relative_error(w, wq) -> float:
+    """``10**(-sqnr_db(w, wq)/10)`` = noise / signal energy, in numpy (no compile per weight shape)."""
+    w64, wq64 = np.asarray(w, np.float64), np.asarray(wq, np.float64)
+    return float(np.sum((w64 - wq64) ** 2) / max(np.sum(w64**2), 1e-30))
+
+
 def sqnr_sensitivity(model, candidates, example=None) -> pd.DataFrame:
     """Weight-only score ``params * 10**(-SQNR/10)`` (no data needed). ``candidates``: a
     :func:`~qlab.analysis.candidate_table` or a list of candidate strings.
@@ -80,8 +88,7 @@ def sqnr_sensitivity(model, candidates, example=None) -> pd.DataFrame:
         True
     """
     table = _as_table(model, candidates, example)
-    scores = {k: float(w.size) * 10 ** (-float(sqnr_db(w, wq)) / 10)
-              for k, (w, wq) in _effective_weights(model, table).items()}
+    scores = {k: float(w.size) * _relative_error(w, wq) for k, (w, wq) in _effective_weights(model, table).items()}
     return _scored(table, scores)
 
 
@@ -189,17 +196,67 @@ def fisher_sensitivity(model, candidates, loss_fn, batches, example=None) -> pd.
     return _scored(table, scores)
 
 
+def hutchinson_sensitivity(model, candidates, loss_fn, batches, example=None, *, samples: int = 8,
+                           seed: int = 0) -> pd.DataFrame:
+    """HAWQ-style: ``0.5 * (trace(H_l) / params_l) * sum((w_q - w)**2)``, the trace of each layer's
+    Hessian block estimated by Hutchinson's method (``samples`` Rademacher probes per batch,
+    ``E[v^T H v] = tr H``; Hessian-vector products by forward-over-reverse differentiation, one
+    jitted program compiled once per batch shape). Noisy for few samples; can be negative where
+    the loss is not locally convex.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> m = nnx.Linear(8, 2, rngs=nnx.Rngs(0))
+        >>> loss = lambda model, b: jnp.mean((model(b[0]) - b[1]) ** 2)
+        >>> s = hutchinson_sensitivity(m, ["int2/ch", "int8/ch"], loss, [(jnp.ones((4, 8)), jnp.zeros((4, 2)))])
+        >>> bool(s.score[0] > s.score[1] > 0)
+        True
+    """
+    batches = _check_data(loss_fn, batches, "hutchinson_sensitivity")
+    if samples < 1:
+        raise ValueError(f"hutchinson_sensitivity: samples must be >= 1, got {samples}")
+    table = _as_table(model, candidates, example)
+    graphdef, leaves, treedef, slots = _weight_slots(model)
+    paths = list(slots)
+
+    @jax.jit
+    def vhv(weights, leaves, batch, probes):
+        def f(ws):
+            ls = list(leaves)
+            for p, w in zip(paths, ws):
+                ls[slots[p]] = w
+            return loss_fn(nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, ls)), batch)
+
+        _, hv = jax.jvp(jax.grad(f), (weights,), (probes,))
+        return [jnp.sum(v * h) for v, h in zip(probes, hv)]
+
+    weights = [leaves[slots[p]] for p in paths]
+    key = jax.random.PRNGKey(seed)
+    traces = np.zeros(len(paths))
+    for b in batches:
+        for _ in range(samples):
+            key, *ks = jax.random.split(key, len(paths) + 1)
+            probes = [jax.random.rademacher(k, w.shape, dtype=w.dtype) for k, w in zip(ks, weights)]
+            traces += np.array([float(t) for t in vhv(weights, leaves, b, probes)])
+    mean_curv = {p: t / (samples * len(batches)) / weights[i].size for i, (p, t) in enumerate(zip(paths, traces))}
+    scores = {(layer, cand): 0.5 * mean_curv[layer] * float(jnp.sum(jnp.square((wq - w).astype(jnp.float32))))
+              for (layer, cand), (w, wq) in _effective_weights(model, table).items()}
+    return _scored(table, scores)
+
+
 #: sensitivity methods by name; the data-driven ones take ``(loss_fn, batches)``
 SENSITIVITY_METHODS = {
     "sqnr": sqnr_sensitivity,
     "measured": measured_sensitivity,
     "fisher": fisher_sensitivity,
+    "hutchinson": hutchinson_sensitivity,
 }
 
 
 def sensitivity(model, candidates, method: str = "sqnr", *, data=None, example=None) -> pd.DataFrame:
     """Score every (layer, candidate) with the method named ``method`` (:data:`SENSITIVITY_METHODS`);
-    ``data = (loss_fn, batches)`` for ``"measured"`` and ``"fisher"`` (ValueError without it).
+    ``data = (loss_fn, batches)`` for ``"measured"``, ``"fisher"`` and ``"hutchinson"`` (ValueError without it).
 
     Example:
         >>> from flax import nnx
