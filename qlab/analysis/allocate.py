@@ -7,11 +7,9 @@ Methods (``allocate(..., method=...)``):
 * ``"dp"`` (default): dynamic programming over byte bins. Bytes are first made relative to each
   layer's cheapest candidate, so bins only span the *slack* ``budget - cheapest model``. When
   ``slack / gcd(all extra bytes, slack) <= max_bins`` a bin is that gcd and the result is exactly
-  optimal (``Allocation.exact``); otherwise a bin is ``ceil(slack / max_bins)`` bytes, each choice's
-  extra bytes are rounded UP to whole bins (so the budget still holds) and the result is optimal for
-  a budget at most one bin per layer tighter; the better of it and ``"greedy"`` is returned. Time is
-  ``O(layers * candidates * bins)`` with numpy: a predictable bound (1,000 x 10 in well under a
-  second, ``benchmarks/allocation.py``), which is why it is the default.
+  optimal (``Allocation.exact``); otherwise (more bins than ``max_bins``) the integer program of
+  ``"milp"`` solves it exactly instead. Time is ``O(layers * candidates * bins)`` with numpy where the
+  DP runs (1,000 x 10 in well under a second, ``benchmarks/allocation.py``).
 * ``"milp"``: ``scipy.optimize.milp`` (HiGHS) on binary choice variables: exact whatever the byte
   granularity, time not bounded in advance (fine for thousands of layers in practice).
 * ``"greedy"``: the baseline: start from each layer's cheapest choice and take upgrades along each
@@ -253,10 +251,8 @@ def allocate(table: pd.DataFrame, budget_bytes: int | None = None, budget_bpw: f
         picks, exact = _milp(opts, budget_bytes), True
     else:
         picks, exact = _dp(opts, budget_bytes, max_bins)
-        if not exact:
-            alt = _greedy(opts, budget_bytes)
-            if sum(o[2][k] for o, k in zip(opts, alt)) < sum(o[2][k] for o, k in zip(opts, picks)):
-                picks = alt
+        if not exact:  # too many byte bins for an exact DP: the integer program is exact at any size
+            picks, exact = _milp(opts, budget_bytes), True
     rows = [int(o[0][k]) for o, k in zip(opts, picks)]
     chosen = table.iloc[rows]
     choices = pd.DataFrame({c: chosen[c].to_numpy() if c in chosen else np.nan for c in _CHOICE_COLUMNS})
