@@ -3,8 +3,8 @@ tests) and its methods ``float``, ``ptq_rtn``, ``ptq_gptq`` (``act_order``), ``p
 
 The model is loaded once per process. The study's rules apply to the attention and MLP projections; the
 tied embedding and the attention's own products (q.k^T, p.v) stay float. Each run reports ``perplexity``
-on the first ``eval_tokens`` tokens of the ``data`` text, ``float_perplexity``, ``perplexity_increase`` and
-the size metrics. GPTQ / AWQ calibrate on ``calibration_seqs`` x ``calibration_len`` tokens of the
+on the first ``eval_tokens`` tokens of the ``data`` text with its standard error over tokens (``perplexity_se``),
+``float_perplexity`` (and ``float_perplexity_se``), ``perplexity_increase`` and the size metrics. GPTQ / AWQ calibrate on ``calibration_seqs`` x ``calibration_len`` tokens of the
 ``calibration`` text: block by block on the already-quantized predecessors (``sequential = true``; ``quant_s``
 includes the captures), or with ``sequential = false`` on statistics of one float pass, captured once per
 process and shared by the runs.
@@ -33,7 +33,7 @@ from flax import nnx
 from qlab import nn as qnn
 from qlab import ptq
 from qlab.data.text import AUSTEN_NOVELS, load_austen
-from qlab.evaluate import perplexity
+from qlab.evaluate import perplexity_with_error
 from qlab.models import gemma3 as G
 
 from .methods import SPEC_KEYS, Family, check_layer_shapes, layer_table, register, register_family, size_metrics
@@ -134,10 +134,10 @@ def _eval_ids(model: str, data: str, eval_tokens: int):
 
 
 @functools.lru_cache(maxsize=8)
-def _float_ppl(model: str, data: str, eval_tokens: int) -> tuple[float, float]:
+def _float_ppl(model: str, data: str, eval_tokens: int) -> tuple[float, float, float]:
     t = time.perf_counter()
-    ppl = perplexity(lm_model(model)[0], _eval_ids(model, data, eval_tokens))
-    return ppl, time.perf_counter() - t
+    ppl, se = perplexity_with_error(lm_model(model)[0], _eval_ids(model, data, eval_tokens))
+    return ppl, se, time.perf_counter() - t
 
 
 def _calibration(model: str, calibration: str, seqs: int, length: int) -> np.ndarray:
@@ -195,7 +195,7 @@ def _evaluate(run, quantize) -> tuple[dict, Any]:
     t0 = time.perf_counter()
     model, _ = lm_model(run["model"])
     key = (run["model"], run["data"], int(run["eval_tokens"]))
-    fppl, _ = _float_ppl(*key)
+    fppl, fse, _ = _float_ppl(*key)
     linears = lm_linears(model)
     order = list(linears)
     rules = (qnn.Rule("embed"), qnn.Rule(_CALL_SITES)) + qnn.resolve_positions(run.rules, order)
@@ -208,11 +208,12 @@ def _evaluate(run, quantize) -> tuple[dict, Any]:
     try:
         for p, w in kernels.items():
             linears[p].kernel.value = w
-        ppl = perplexity(model, _eval_ids(*key))
+        ppl, se = perplexity_with_error(model, _eval_ids(*key))
     finally:
         for p, w in originals.items():
             linears[p].kernel.value = w
-    metrics = {"perplexity": ppl, "float_perplexity": fppl, "perplexity_increase": ppl - fppl, **size_metrics(qm),
+    metrics = {"perplexity": ppl, "perplexity_se": se, "float_perplexity": fppl, "float_perplexity_se": fse,
+               "perplexity_increase": ppl - fppl, **size_metrics(qm),
                "quant_s": quant_s, "eval_s": time.perf_counter() - te, **extra}
     metrics["method_s"] = time.perf_counter() - t0
     return metrics, layer_table(qm, order)
@@ -222,8 +223,9 @@ def _evaluate(run, quantize) -> tuple[dict, Any]:
 def run_float(run, progress=False):
     """The float model's perplexity on the evaluation text."""
     model, _ = lm_model(run["model"])
-    fppl, eval_s = _float_ppl(run["model"], run["data"], int(run["eval_tokens"]))
-    return {"perplexity": fppl, "float_perplexity": fppl, "perplexity_increase": 0.0,
+    fppl, fse, eval_s = _float_ppl(run["model"], run["data"], int(run["eval_tokens"]))
+    return {"perplexity": fppl, "perplexity_se": fse, "float_perplexity": fppl, "float_perplexity_se": fse,
+            "perplexity_increase": 0.0,
             **size_metrics(qnn.quantize_model(model, (), allow_unmatched=True)), "eval_s": eval_s}, None
 
 
