@@ -36,7 +36,8 @@ from qlab.data.text import AUSTEN_NOVELS, load_austen
 from qlab.evaluate import perplexity_with_error
 from qlab.models import gemma3 as G
 
-from .methods import SPEC_KEYS, Family, check_layer_shapes, layer_table, register, register_family, size_metrics
+from . import methods
+from .methods import SPEC_KEYS, Family, layer_table, register, register_family, size_metrics
 
 __all__ = ["lm_model", "lm_linears", "layer_shapes", "TINY_TEXT"]
 
@@ -109,18 +110,7 @@ def lm_linears(model) -> dict[str, nnx.Linear]:
 
 
 def _check(run) -> None:
-    shapes = layer_shapes(run)
-    paths = [p for p, _ in shapes]
-    rules = qnn.resolve_positions(run.rules, paths)
-    for r in rules:
-        if not any(r.matches(p) for p in paths):
-            raise ValueError(f"rule {r.pattern!r} matches no projection; e.g. {', '.join(paths[:7])}")
-    check_layer_shapes(shapes, rules)
-    if run.method.name == "ptq_hqq":
-        for r in rules:
-            if r.weight is not None and r.weight.symmetric:
-                raise ValueError(f"method 'ptq_hqq' needs asymmetric integer weight specs; weight {str(r.weight)!r} "
-                                 "is symmetric: e.g. int4/g128/asym/zp=float")
+    methods.check_rules(run.rules, layer_shapes(run), run.method.name)
 
 
 def _text(name: str) -> str:
@@ -179,13 +169,19 @@ def _effective_kernels(qmodel) -> dict[str, jax.Array]:
     return out
 
 
-def _calibration_args(run) -> tuple[dict, int]:
+def _calibration_args(run) -> tuple[dict, dict]:
+    """GPTQ / AWQ calibration arguments, and the metrics they add: ``calib_tokens`` and ``shared_s`` (the time
+    of a one-pass capture shared by the runs, which ``quant_s`` leaves out)."""
     key = (run["model"], run["calibration"], int(run["calibration_seqs"]), int(run["calibration_len"]))
+    extra = {"calib_tokens": key[2] * key[3], "shared_s": 0.0}
     if run["sequential"]:  # block by block: statistics depend on the run's own quantization
         calib = _calibration(*key)
         return dict(calibration_batches=[jnp.asarray(calib[i:i + 4]) for i in range(0, len(calib), 4)],
-                    forward=lambda m, b: m.features(b), sequential=True), key[2] * key[3]
-    return dict(calibration_batches=None, calibration_stats=_float_pass_stats(*key)), key[2] * key[3]
+                    forward=lambda m, b: m.features(b), sequential=True), extra
+    t = time.perf_counter()
+    stats = _float_pass_stats(*key)
+    extra["shared_s"] = time.perf_counter() - t
+    return dict(calibration_batches=None, calibration_stats=stats), extra
 
 
 def _evaluate(run, quantize) -> tuple[dict, Any]:
@@ -249,11 +245,8 @@ def run_ptq_gptq(run, progress=False):
     """GPTQ of the projections (``act_order``), calibrated on the ``calibration`` text."""
 
     def quantize(model, rules):
-        t = time.perf_counter()
-        cal, tokens = _calibration_args(run)
-        shared = 0.0 if run["sequential"] else time.perf_counter() - t
-        return ptq.gptq(model, rules, act_order=bool(run["act_order"]), **cal), {"calib_tokens": tokens,
-                                                                                  "shared_s": shared}
+        cal, extra = _calibration_args(run)
+        return ptq.gptq(model, rules, act_order=bool(run["act_order"]), **cal), extra
 
     return _evaluate(run, quantize)
 
@@ -263,9 +256,7 @@ def run_ptq_awq(run, progress=False):
     """AWQ of the projections, calibrated on the ``calibration`` text."""
 
     def quantize(model, rules):
-        t = time.perf_counter()
-        cal, tokens = _calibration_args(run)
-        shared = 0.0 if run["sequential"] else time.perf_counter() - t
-        return ptq.awq(model, rules, max_input_rows=512, **cal), {"calib_tokens": tokens, "shared_s": shared}
+        cal, extra = _calibration_args(run)
+        return ptq.awq(model, rules, max_input_rows=512, **cal), extra
 
     return _evaluate(run, quantize)
