@@ -23,11 +23,12 @@ import numpy as np
 import pandas as pd
 
 from qlab.nn import QuantizedLayer, Rule, quantizable_layers
-from qlab.nn.layer import layer_kind
+from qlab.nn.layer import LAYER_KINDS, layer_kind
 from qlab.numerics import QuantSpec, packed_nbytes, parse_spec
 
 __all__ = [
     "KEEP",
+    "LAYER_KINDS_SEARCHED",
     "TABLE_COLUMNS",
     "parse_candidate",
     "candidate_layer",
@@ -37,6 +38,9 @@ __all__ = [
 
 #: the candidate that leaves a layer's weight in float, at its own dtype
 KEEP = "keep"
+#: the layer kinds a candidate table lists: every weight layer qlab wraps, embeddings included (an
+#: ``nnx.Embed`` is a layer like any other: Gemma 3 270M is 62% embedding, tied with its output head)
+LAYER_KINDS_SEARCHED = tuple(LAYER_KINDS.values())
 #: columns of :func:`candidate_table`
 TABLE_COLUMNS = ["layer", "candidate", "params", "bytes", "usable", "reason"]
 
@@ -97,8 +101,8 @@ def _row(path: str, layer, candidate: str) -> dict:
 
 
 def candidate_table(model, candidates, example=None) -> pd.DataFrame:
-    """One row per quantizable layer (``qlab.nn.quantizable_layers``: call order when ``example`` is
-    given) and candidate: ``layer, candidate, params, bytes, usable, reason``.
+    """One row per weight layer (``qlab.nn.quantizable_layers`` of :data:`LAYER_KINDS_SEARCHED`, embeddings
+    included: call order when ``example`` is given) and candidate: ``layer, candidate, params, bytes, usable, reason``.
 
     ``bytes`` is the packed size of the weight (scales included, ``qlab.numerics.packed_nbytes``), or
     ``params * itemsize`` for :data:`KEEP`; biases are not in the table (they stay float whatever is
@@ -119,7 +123,7 @@ def candidate_table(model, candidates, example=None) -> pd.DataFrame:
         parse_candidate(c)
     if len(set(candidates)) != len(candidates):
         raise ValueError(f"candidate_table: repeated candidates in {candidates}")
-    layers = quantizable_layers(model, None if example is None else jnp.asarray(example))
+    layers = quantizable_layers(model, None if example is None else jnp.asarray(example), kinds=LAYER_KINDS_SEARCHED)
     if not layers:
         raise ValueError("candidate_table: the model has no quantizable layers")
     rows = [_row(path, layer, c) for path, layer in layers for c in candidates]

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 from flax import nnx
 
-from qlab.analysis.candidates import KEEP, TABLE_COLUMNS, candidate_layer, candidate_table
+from qlab.analysis.candidates import KEEP, LAYER_KINDS_SEARCHED, TABLE_COLUMNS, candidate_layer, candidate_table
 from qlab.nn import quantizable_layers
 
 __all__ = [
@@ -54,7 +54,7 @@ def _as_table(model, candidates, example=None) -> pd.DataFrame:
 
 def _effective_weights(model, table: pd.DataFrame):
     """``{(layer, candidate): (float weight, effective weight)}`` for the usable, non-KEEP rows."""
-    layers = dict(quantizable_layers(model))
+    layers = dict(quantizable_layers(model, kinds=LAYER_KINDS_SEARCHED))
     out = {}
     for r in table.itertuples():
         if r.usable and r.candidate != KEEP:
@@ -103,7 +103,7 @@ def _weight_slots(model):
             parts = parts[:-1]
         names["/".join(parts)] = i
     slots = {}
-    for path, layer in quantizable_layers(model):
+    for path, layer in quantizable_layers(model, kinds=LAYER_KINDS_SEARCHED):
         wname = "embedding" if isinstance(layer, nnx.Embed) else "kernel"
         slots[path] = names["/".join(x for x in (path, wname) if x)]
     return graphdef, [leaf for _, leaf in keyed], treedef, slots

@@ -210,7 +210,9 @@ def capture(
             d["inputs"] = np.asarray(c.inputs[...])[: min(count, c.max_rows)]
         out[path] = d
     if n == 0 or not out:
+        embeds = [p for p, L in layers.items() if L.kind == "embed"]
         raise ValueError(
             f"capture saw no data ({n} batches; no quantized layer was called): check `batches` and `forward`"
+            + (f"; embedding layers {embeds} only see data through their tied output head (attend)" if embeds else "")
         )
     return out

@@ -28,7 +28,7 @@ from flax import nnx
 
 from qlab.numerics.granularity import PerChannel, PerGroup
 from qlab.numerics.matmul import int_matmul_supported, quantized_matmul, quantized_matmul_codes
-from qlab.numerics.quantize import QTensor, dequantize
+from qlab.numerics.quantize import QTensor, dequantize, dequantize_rows
 from qlab.nn.axes import weight_axes
 from qlab.nn.call_sites import ORIGINAL_OPS
 from qlab.nn.quantizers import ActQuantizer, QuantStat, WeightQuantizer, traced_overrides
@@ -266,22 +266,31 @@ class QuantizedLayer(nnx.Module):
         return self._run("attend", self._prep_input(query), *args, **kwargs)
 
     def _lookup(self, ids, *args, **kwargs):
+        """Embedding rows of ``ids``: the codes (or fake-quantized rows) are gathered first and only those
+        rows are dequantized when scales do not span rows (per row ``ch``, groups along the row); an
+        ``input_scale`` (AWQ / SmoothQuant of the tied head, which stored ``W * s``) is divided out."""
+        if args or kwargs:
+            if self.input_scale is not None:
+                raise ValueError(f"{self.path}: an embedding with an input_scale takes no extra lookup arguments")
+            return self._run("__call__", ids, *args, **kwargs)
+        if not jnp.issubdtype(jnp.asarray(ids).dtype, jnp.integer):
+            raise ValueError(f"{self.path}: embedding ids must be integers, got {jnp.asarray(ids).dtype}")
         wq = self.weight_quant
         g = None if wq is None else wq.spec.granularity
-        row_wise = (
-            self.q_meta is None
-            and wq is not None
-            and wq.method == "ste"
-            and not self.capture_float
-            and (isinstance(g, PerChannel) and g.axis == 0 or isinstance(g, PerGroup) and g.axis == 1)
-        )
-        if row_wise and not args and not kwargs:
+        if self.capture_float or (self.q_meta is None and wq is None):
+            rows = jnp.take(self.weight[...], ids, axis=0)
+        elif self.q_meta is not None:
+            rows = dequantize_rows(self.qtensor(), ids)
+        elif wq.method == "ste" and (isinstance(g, PerChannel) and g.axis == 0 or isinstance(g, PerGroup) and g.axis == 1):
             # per-row scales: quantizing only the gathered rows is bit-identical and much cheaper
             table = self.weight[...]
-            rows = jnp.take(table, ids, axis=0)
-            r2 = rows.reshape(-1, table.shape[1])
-            return wq(r2).reshape(rows.shape)
-        return self._run("__call__", ids, *args, **kwargs)
+            rows = wq(jnp.take(table, ids, axis=0).reshape(-1, table.shape[1])).reshape(jnp.shape(ids) + table.shape[1:])
+        else:  # scales span rows (per tensor, LSQ steps ...): the whole table
+            rows = jnp.take(self.weight_value(), ids, axis=0)
+        if self.input_scale is not None:
+            rows = rows / self.input_scale[...].astype(rows.dtype)
+        (rows,) = self.layer.promote_dtype((rows,), dtype=self.layer.dtype, inexact=False)
+        return rows
 
     def _outlier_forward(self, x, *args, **kwargs):
         """LLM.int8-style: features with |x| > threshold anywhere in the batch stay float."""

@@ -24,7 +24,7 @@ from qlab.numerics.packing import (
 )
 from qlab.numerics.metrics import quant_error, sqnr_db
 from qlab.numerics.qtensor import QTensor
-from qlab.numerics.quantize import dequantize, fake_quant, fake_quant_range, quantize
+from qlab.numerics.quantize import dequantize, dequantize_rows, fake_quant, fake_quant_range, quantize
 from qlab.numerics.spec import MSE, PRESETS, Absmax, Fixed, MinMax, Percentile, QuantSpec, as_spec, bit_width_family, parse_spec
 
 __all__ = [
@@ -62,6 +62,7 @@ __all__ = [
     "unpack_qtensor",
     "QTensor",
     "dequantize",
+    "dequantize_rows",
     "fake_quant",
     "fake_quant_range",
     "quant_error",

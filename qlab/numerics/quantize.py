@@ -34,7 +34,7 @@ import numpy as np
 
 from qlab.numerics import native
 from qlab.numerics.formats import IntFormat
-from qlab.numerics.granularity import from_view, to_view
+from qlab.numerics.granularity import PerChannel, PerGroup, PerTensor, from_view, to_view
 from qlab.numerics.qtensor import QTensor
 from qlab.numerics.ranges import (
     clip_range,
@@ -47,7 +47,7 @@ from qlab.numerics.ranges import (
 )
 from qlab.numerics.spec import Absmax, MinMax, QuantSpec, as_spec
 
-__all__ = ["QTensor", "quantize", "dequantize", "fake_quant", "fake_quant_range", "quantize_xla",
+__all__ = ["QTensor", "quantize", "dequantize", "dequantize_rows", "fake_quant", "fake_quant_range", "quantize_xla",
            "fake_quant_xla", "check_overrides", "TracedIntFormat"]
 
 _F32 = jnp.float32
@@ -185,6 +185,37 @@ def dequantize(q: QTensor):
         dtype('float32')
     """
     return _dequantize(q)
+
+
+def dequantize_rows(q: QTensor, ids):
+    """``dequantize(q)[ids]`` for a 2-D QTensor (an embedding table), dequantizing only the gathered rows
+    when each scale covers part of one row or is shared by all rows (per tensor, per row ``ch0``, per
+    column ``ch1``, groups along the row ``g<G>a1``): the codes and their scales are gathered first. Other
+    layouts (groups or blocks spanning rows) dequantize the whole table, then gather.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> q = quantize(jnp.arange(32.0).reshape(4, 8), "int4/g4a1")
+        >>> ids = jnp.array([[3, 0]])
+        >>> bool((dequantize_rows(q, ids) == dequantize(q)[ids]).all()), dequantize_rows(q, ids).shape
+        (True, (1, 2, 8))
+    """
+    if len(q.shape) != 2:
+        raise ValueError(f"dequantize_rows: needs a 2-D QTensor (rows x features), got shape {q.shape}")
+    ids = jnp.asarray(ids)
+    g = q.spec.granularity
+    n_rows = q.shape[0]
+
+    def take(a):  # a per-row array (leading dim = rows) is gathered; a shared one is kept
+        return a if a is None or a.shape[0] == 1 else jnp.take(a, ids.reshape(-1), axis=0)
+
+    separable = (isinstance(g, PerTensor) or isinstance(g, PerChannel)
+                 or (isinstance(g, PerGroup) and g.axis == 1))
+    if not separable or n_rows == 1:
+        return jnp.take(dequantize(q), ids, axis=0)
+    rows = QTensor(take(q.codes), take(q.scale), take(q.zero_point), q.tensor_scale, q.spec,
+                   (int(ids.size), q.shape[1]), q.dtype)
+    return dequantize(rows).reshape(ids.shape + (q.shape[1],))
 
 
 @jax.jit

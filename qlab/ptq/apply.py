@@ -43,6 +43,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Callable, Iterable
 
@@ -54,6 +55,8 @@ from flax import nnx
 
 from qlab import nn as qnn
 from qlab.nn.convert import default_forward
+from qlab.numerics.granularity import PerChannel, PerGroup, PerTensor
+from qlab.numerics.qtensor import QTensor
 from qlab.ptq.awq import awq as _awq_weight
 from qlab.ptq.gptq import gptq as _gptq_weight
 from qlab.ptq.hqq import hqq as _hqq_weight
@@ -69,15 +72,58 @@ def weight_layers(qmodel) -> dict:
     return {p: L for p, L in qnn.quantized_layers(qmodel).items() if L.weight_quant is not None}
 
 
+#: layers with an input scale (AWQ, SmoothQuant) must divide their input along its last axis
+_SCALED_KINDS = ("linear", "embed")
+
+
+def _is_call_site(L) -> bool:
+    return getattr(L, "call_site", None) is not None
+
+
 def _kernel(L, method: str):
-    """The float kernel of ``L`` in ``(in, out)`` layout (calibrated algorithms need it)."""
+    """``(kernel, spec, to_layer)``: the float weight of ``L`` in ``(in, out)`` layout (what the calibrated
+    algorithms take), its weight spec in that layout, and the map of a QTensor in that layout back to the
+    layer's own layout. nnx.Linear kernels are ``(in, out)`` already; an nnx.Embed table ``(vocab, d)`` is
+    the tied output head's ``(d, vocab)`` kernel transposed (per-token scales = per output channel, groups
+    along d = groups along the head's input); a 2-D weight used by ``jnp.einsum`` / ``dot`` / ``matmul`` in a
+    user module is read from its contraction and channel axes."""
     w = jnp.asarray(L.weight[...], jnp.float32)
-    if L.kind != "linear" or w.ndim != 2 or (L.contract_axis, L.channel_axis) != (0, 1):
+    spec = L.weight_quant.spec
+    ok_kind = L.kind in ("linear", "embed") or _is_call_site(L)
+    axes = (L.contract_axis, L.channel_axis)
+    if not ok_kind or w.ndim != 2 or axes not in ((0, 1), (1, 0)):
         raise ValueError(
-            f"{L.path}: {method} handles 2-D (in, out) kernels of nnx.Linear layers; this is a {L.kind} layer "
-            f"with weight shape {tuple(w.shape)}. Keep it float or give it its own rule and use qlab.ptq.rtn"
+            f"{L.path}: {method} handles 2-D weights of nnx.Linear and nnx.Embed layers and of call sites "
+            f"(jnp.einsum ... in a user module); this is a {L.kind} layer with weight shape {tuple(w.shape)}. "
+            "Keep it float or give it its own rule and use qlab.ptq.rtn"
         )
-    return w
+    if method in ("awq", "smoothquant") and (L.kind not in _SCALED_KINDS or _is_call_site(L)):
+        raise ValueError(f"{L.path}: {method} stores an input scale, which call sites (jnp.einsum ... in a user "
+                         "module) cannot apply; use qlab.ptq.gptq or qlab.ptq.rtn for them")
+    if axes == (0, 1):
+        return w, spec, lambda q: q
+    return w.T, _transposed_spec(spec, L.path), lambda q: _transposed_qtensor(q, spec)
+
+
+def _transposed_spec(spec, path: str = ""):
+    """``spec`` for the transpose of a 2-D weight (scale axes swapped)."""
+    g = spec.granularity
+    if isinstance(g, PerTensor):
+        return spec
+    if isinstance(g, (PerChannel, PerGroup)):
+        return dataclasses.replace(spec, granularity=dataclasses.replace(g, axis=1 - g.axis % 2))
+    raise ValueError(f"{path}: calibrated PTQ of a transposed weight (embedding / call site) needs a per-tensor, "
+                     f"per-channel or per-group spec, got {str(spec)!r}")
+
+
+def _transposed_qtensor(q, spec):
+    """A QTensor of a 2-D ``(in, out)`` kernel as the QTensor of its transpose, with ``spec`` (the layer's)."""
+    def t(a):
+        if a is None:
+            return None
+        return jnp.transpose(a, (2, 0, 1)) if a.ndim == 3 else a.T  # groups (in/G, 1, out) -> (out, in/G, 1)
+
+    return QTensor(q.codes.T, t(q.scale), t(q.zero_point), q.tensor_scale, spec, tuple(q.shape[::-1]), q.dtype)
 
 
 def _start(model, rules):
@@ -99,13 +145,30 @@ def _calibrate(qmodel, layers, batches, forward, stats, max_input_rows, given=No
         if batches is None:
             raise ValueError("PTQ: calibration_batches is None; this method needs calibration data")
         st = qnn.capture(qmodel, batches, forward=forward, stats=stats, max_input_rows=max_input_rows)
-    missing = [p for p in layers if p not in st or st[p].get("count", 0) == 0]
-    if missing:
-        raise ValueError(
-            f"PTQ: calibration saw no input for layers {missing[:10]}{' ...' if len(missing) > 10 else ''}: "
-            "check calibration_batches and forward (no fallback to RTN)"
-        )
+    _check_seen(st, list(layers), layers)
     return st
+
+
+def _check_seen(st, paths, layers):
+    """ValueError naming the weight layers of ``paths`` that saw no calibration input (no fallback to RTN)."""
+    missing = [p for p in paths if p not in st or st[p].get("count", 0) == 0]
+    if not missing:
+        return
+    embeds = [p for p in missing if layers[p].kind == "embed"]
+    hint = (f" Embedding layers {embeds} are calibrated on the inputs of their tied output head "
+            "(embed.attend(h)): a forward that only looks tokens up (or stops before the head) gives them none; "
+            "run the head in forward, or quantize the embedding with its own rule and qlab.ptq.rtn / hqq.") if embeds else ""
+    raise ValueError(
+        f"PTQ: calibration saw no input for layers {missing[:10]}{' ...' if len(missing) > 10 else ''}: "
+        "check calibration_batches and forward (no fallback to RTN)." + hint
+    )
+
+
+def _calibration_input(L) -> str:
+    """What a calibrated layer's statistics are of (the ``calibration_input`` column of :func:`ptq_info`)."""
+    if L.kind == "embed":
+        return "tied head input (attend)"
+    return "call-site activation" if _is_call_site(L) else "layer input"
 
 
 def _finish(qmodel, info: list, method: str, calibration: str | None = None):
@@ -243,7 +306,8 @@ def _quantize_layers(paths, layers, stats_of, quantize_layer):
         if s is not None:
             scales[path] = s
         info.append(dict(layer=path, spec=str(layers[path].weight_quant.spec), seconds=time.perf_counter() - t,
-                         rows=stats_of[path]["count"], outlier_features=_outlier_count(stats_of[path]), **extra))
+                         rows=stats_of[path]["count"], outlier_features=_outlier_count(stats_of[path]),
+                         calibration_input=_calibration_input(layers[path]), **extra))
     return qts, scales, info
 
 
@@ -280,9 +344,7 @@ def _calibrated(model, rules, method, batches, forward, stats, max_rows, given, 
     def quantize_part(paths, module, data, fwd, prefix="", **kw):
         st = qnn.capture(module, data, forward=fwd, stats=stats, max_input_rows=max_rows, **kw)
         st = {prefix + p: v for p, v in st.items()}
-        missing = [p for p in paths if p not in st or st[p].get("count", 0) == 0]
-        if missing:
-            raise ValueError(f"PTQ: calibration saw no input for layers {missing} (no fallback to RTN)")
+        _check_seen(st, paths, layers)
         qts, scales, info = _quantize_layers(paths, layers, st, quantize_layer)
         _load(qmodel, qts, scales)
         return info
@@ -352,9 +414,10 @@ def gptq(model, rules, calibration_batches: Iterable, forward: Callable | None =
         'sequential over blocks'
     """
     def layer(path, L, s):
-        q = _gptq_weight(_kernel(L, "gptq"), s["hessian"], L.weight_quant.spec, damp=damp, block_size=block_size,
-                         act_order=act_order, static_groups=static_groups)
-        return q, None, dict(act_order=act_order)
+        w, spec, to_layer = _kernel(L, "gptq")
+        q = _gptq_weight(w, s["hessian"], spec, damp=damp, block_size=block_size, act_order=act_order,
+                         static_groups=static_groups)
+        return to_layer(q), None, dict(act_order=act_order)
 
     return _calibrated(model, rules, "gptq", calibration_batches, forward, ("hessian", "absmax"), 1,
                        calibration_stats, sequential, layer)
@@ -381,10 +444,11 @@ def awq(model, rules, calibration_batches: Iterable, forward: Callable | None = 
     def layer(path, L, s):
         if "inputs" not in s:
             raise ValueError(f"PTQ: awq needs captured 'inputs' for {path!r} (clip search)")
-        q, scale, extra = _awq_weight(_kernel(L, "awq"), s["inputs"], L.weight_quant.spec, n_grid=n_grid,
+        w, spec, to_layer = _kernel(L, "awq")
+        q, scale, extra = _awq_weight(w, s["inputs"], spec, n_grid=n_grid,
                                       clip_search=clip_search, max_shrink=max_shrink, H=s["hessian"],
                                       x_mean_abs=s["mean_abs"], return_info=True)
-        return q, scale, dict(alpha=extra["alpha"])
+        return to_layer(q), scale, dict(alpha=extra["alpha"])
 
     return _calibrated(model, rules, "awq", calibration_batches, forward, ("hessian", "mean_abs", "absmax", "inputs"),
                        max_input_rows, calibration_stats, sequential, layer)
@@ -406,8 +470,9 @@ def hqq(model, rules, *, iters: int = 20, lp_norm: float = 0.7, beta: float = 10
     qts, info = {}, []
     for path, L in layers.items():
         t = time.perf_counter()
-        qts[path] = _hqq_weight(_kernel(L, "hqq"), L.weight_quant.spec, iters=iters, lp_norm=lp_norm, beta=beta,
-                                kappa=kappa, optimize_scale=optimize_scale)
+        w, spec, to_layer = _kernel(L, "hqq")
+        qts[path] = to_layer(_hqq_weight(w, spec, iters=iters, lp_norm=lp_norm, beta=beta, kappa=kappa,
+                                         optimize_scale=optimize_scale))
         info.append(dict(layer=path, spec=str(L.weight_quant.spec), seconds=time.perf_counter() - t))
     _load(qmodel, qts, {})
     return _finish(qmodel, info, "hqq")
@@ -431,9 +496,9 @@ def smoothquant(model, rules, calibration_batches: Iterable, forward: Callable |
     """
     def layer(path, L, s):
         a = s["absmax"]
-        w = _kernel(L, "smoothquant")
+        w, spec, to_layer = _kernel(L, "smoothquant")
         sc = smoothquant_scales(a, w, alpha)
-        q = _rtn_weight(w * sc[:, None], L.weight_quant.spec)
+        q = to_layer(_rtn_weight(w * sc[:, None], spec))
         return q, sc, dict(act_absmax=float(np.max(a)), act_absmax_smoothed=float(np.max(np.asarray(a) / np.asarray(sc))))
 
     return _calibrated(model, rules, "smoothquant", calibration_batches, forward, ("absmax",), 1, calibration_stats,
