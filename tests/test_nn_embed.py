@@ -151,3 +151,9 @@ def test_analysis_sees_the_embedding():
     loss = lambda model, b: jnp.mean(model(b))
     meas = sensitivity(m, ["int2/ch"], "measured", data=(loss, _tokens(1)))
     assert meas.set_index("layer").loc["embed", "score"] != 0
+
+
+def test_calibrated_ptq_refuses_weights_it_cannot_read_as_a_kernel():
+    conv = nnx.Conv(2, 4, (3, 3), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="nnx.Linear and nnx.Embed"):
+        ptq.gptq(conv, [qnn.Rule(".*", weight="int8/ch")], [jnp.ones((1, 5, 5, 2))])

@@ -97,10 +97,9 @@ def test_drivers_refuse_no_data_and_unmatched_rules(setup):
     with pytest.raises(ValueError, match="no input"):
         ptq.gptq(model, [Rule("emb"), Rule("fc1", weight="int4/g32"), Rule("fc2", weight="int4/g16")], calib,
                  forward=lambda m, x: m.fc1(x))
-    # GPTQ needs (in, out) Linear kernels
-    with pytest.raises(ValueError, match="nnx.Linear"):
-        ptq.gptq(model, [Rule("emb", weight="int8/ch"), Rule("fc.")], calib,
-                 forward=lambda m, x: m.emb.attend(x))
+    # an embedding is calibrated as its tied head, on the inputs of attend (tests/test_nn_embed.py)
+    qe = ptq.gptq(model, [Rule("emb", weight="int8/ch"), Rule("fc.")], calib, forward=lambda m, x: m.emb.attend(x))
+    assert ptq.ptq_info(qe)["calibration_input"].tolist() == ["tied head input (attend)"]
 
 
 # --------------------------------------------------------------------------- sequential (block by block)

@@ -1,8 +1,13 @@
 """The language-model family: Gemma 3 (``model = "gemma3"``: Gemma 3 270M; ``"gemma3_tiny"``: a random toy for
 tests) and its methods ``float``, ``ptq_rtn``, ``ptq_gptq`` (``act_order``), ``ptq_awq`` and ``ptq_hqq``.
 
-The model is loaded once per process. The study's rules apply to the attention and MLP projections; the
-tied embedding and the attention's own products (q.k^T, p.v) stay float. Each run reports ``perplexity``
+The model is loaded once per process. The built-in rule sets (``all``, ``first_last_*``: ``@first`` / ``@last``
+are projections) apply to the attention and MLP projections, and the tied embedding stays float; a study's own
+``[rule_sets]`` are matched against the embedding too (path ``embed``, first match wins as in Python, so a ``.*``
+rule quantizes it; ``{pattern = "embed", weight = "int8/ch"}`` names it), and what no rule matches stays float.
+An embedding's spec resolves per token row (``int8/ch`` = one scale per row, ``int4/g32`` = groups along the row);
+GPTQ / AWQ calibrate it as the tied output head, on the final hidden states. The attention's own products
+(q.k^T, p.v) stay float. Each run reports ``perplexity``
 on the first ``eval_tokens`` tokens of the ``data`` text with its standard error over tokens (``perplexity_se``),
 ``float_perplexity`` (and ``float_perplexity_se``), ``perplexity_increase`` and the size metrics. GPTQ / AWQ calibrate on ``calibration_seqs`` x ``calibration_len`` tokens of the
 ``calibration`` text: block by block on the already-quantized predecessors (``sequential = true``; ``quant_s``
@@ -38,13 +43,14 @@ from qlab.models import gemma3 as G
 
 from . import methods
 from .methods import SPEC_KEYS, Family, layer_table, register, register_family, size_metrics
+from .study import BUILTIN_RULE_SETS
 
 __all__ = ["lm_model", "lm_linears", "layer_shapes", "TINY_TEXT"]
 
 #: A short text for ``data`` / ``calibration`` = "tiny_text" (tests).
 TINY_TEXT = ("the cat sat at the inn. the heat in the attic was a trial, and the cat ran. "
              "then the tenant came in. a cat, the cat, at that hour: there it sat, content. ") * 6
-#: Projection layers (quantized by the study's rules); the tied embedding always stays float.
+#: Projection layers (quantized by the study's rules; the tied embedding by a study's own rule sets only).
 _PROJ = (("attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", ("gate_proj", "up_proj", "down_proj")))
 #: Call sites (jnp.einsum / dot / matmul inside the attention) of a language model: always float.
 _CALL_SITES = r"(.*/)?(einsum|dot|matmul|dot_general)_\d+"
@@ -110,7 +116,35 @@ def lm_linears(model) -> dict[str, nnx.Linear]:
 
 
 def _check(run) -> None:
-    methods.check_rules(run.rules, layer_shapes(run), run.method.name)
+    rules = qnn.resolve_positions(run.rules, [p for p, _ in layer_shapes(run)])
+    shapes = layer_shapes(run) + ((_embed_shape(run),) if _rules_see_embed(run) else ())
+    methods.check_rules(rules, shapes, run.method.name)
+
+
+def _embed_shape(run) -> tuple[str, tuple[int, int]]:
+    """The tied embedding as its output head's ``(d_model, vocab)`` kernel: groups run along d_model, as they do
+    in the ``(vocab, d_model)`` table's rows."""
+    c = G.Gemma3Config() if run["model"] == "gemma3" else G.Gemma3Config.tiny()
+    return "embed", (c.d_model, c.vocab_size)
+
+
+def _rules_see_embed(run) -> bool:
+    """True when the run's rules are matched against the embedding (a study's own rule set, not a built-in one)."""
+    return run.rule_set not in BUILTIN_RULE_SETS
+
+
+def _run_rules(run, order) -> tuple:
+    """The rules a run quantizes with: call sites float, the study's rules (``@first`` / ``@last`` resolved over
+    the projections), the embedding float unless the study's own rule set matched it first."""
+    rules = qnn.resolve_positions(run.rules, order)
+    if _rules_see_embed(run):
+        return (qnn.Rule(_CALL_SITES),) + rules + (qnn.Rule("embed"),)
+    return (qnn.Rule("embed"), qnn.Rule(_CALL_SITES)) + rules
+
+
+def _quantizes_embed(rules) -> bool:
+    r = qnn.first_match(rules, "embed")
+    return r is not None and r.weight is not None
 
 
 def _text(name: str) -> str:
@@ -143,17 +177,24 @@ def _calibration(model: str, calibration: str, seqs: int, length: int) -> np.nda
 _stats_cache: dict[tuple, Any] = {}
 
 
-def _float_pass_stats(model_name: str, calibration: str, seqs: int, length: int):
-    """Calibration statistics of every projection's input, captured once (one float pass) per process."""
-    key = (model_name, calibration, seqs, length)
+def _calibration_forward(with_head: bool):
+    """The calibration forward: hidden states only, or the logits too when the embedding (the tied head) is
+    calibrated (its statistics are those of the head's input)."""
+    return (lambda m, b: m(b)) if with_head else (lambda m, b: m.features(b))
+
+
+def _float_pass_stats(model_name: str, calibration: str, seqs: int, length: int, with_head: bool = False):
+    """Calibration statistics of every projection's input (and of the tied head's, ``with_head``), captured once
+    (one float pass) per process."""
+    key = (model_name, calibration, seqs, length, with_head)
     if key not in _stats_cache:
         _stats_cache.clear()  # large (Hessians): keep one set
         model = lm_model(model_name)[0]
-        calib = _calibration(*key)
-        proj = "|".join(map(re.escape, lm_linears(model)))
-        qm0 = qnn.quantize_model(model, (qnn.Rule("embed"), qnn.Rule(proj, weight="int8/ch")), allow_unmatched=True)
+        calib = _calibration(*key[:4])
+        proj = "|".join(map(re.escape, lm_linears(model))) + ("|embed" if with_head else "")
+        qm0 = qnn.quantize_model(model, (qnn.Rule(proj, weight="int8/ch"),), allow_unmatched=True)
         _stats_cache[key] = qnn.capture(qm0, [jnp.asarray(calib[i:i + 4]) for i in range(0, len(calib), 4)],
-                                        forward=lambda m, b: m.features(b),
+                                        forward=_calibration_forward(with_head),
                                         stats=("hessian", "mean_abs", "absmax", "inputs"), max_input_rows=512)
     return _stats_cache[key]
 
@@ -163,23 +204,26 @@ def _effective_kernels(qmodel) -> dict[str, jax.Array]:
     out = {}
     for path, layer in qnn.quantized_layers(qmodel).items():
         w = jnp.asarray(layer.weight_value())
-        if getattr(layer, "input_scale", None) is not None:
-            w = w / jnp.asarray(layer.input_scale[...]).reshape(-1, 1)
+        if getattr(layer, "input_scale", None) is not None:  # along the contraction axis (rows of a table)
+            shape = [1, 1]
+            shape[layer.contract_axis] = -1
+            w = w / jnp.asarray(layer.input_scale[...]).reshape(shape)
         out[path] = w
     return out
 
 
-def _calibration_args(run) -> tuple[dict, dict]:
+def _calibration_args(run, rules) -> tuple[dict, dict]:
     """GPTQ / AWQ calibration arguments, and the metrics they add: ``calib_tokens`` and ``shared_s`` (the time
     of a one-pass capture shared by the runs, which ``quant_s`` leaves out)."""
     key = (run["model"], run["calibration"], int(run["calibration_seqs"]), int(run["calibration_len"]))
     extra = {"calib_tokens": key[2] * key[3], "shared_s": 0.0}
+    with_head = _quantizes_embed(rules)
     if run["sequential"]:  # block by block: statistics depend on the run's own quantization
         calib = _calibration(*key)
         return dict(calibration_batches=[jnp.asarray(calib[i:i + 4]) for i in range(0, len(calib), 4)],
-                    forward=lambda m, b: m.features(b), sequential=True), extra
+                    forward=_calibration_forward(with_head), sequential=True), extra
     t = time.perf_counter()
-    stats = _float_pass_stats(*key)
+    stats = _float_pass_stats(*key, with_head)
     extra["shared_s"] = time.perf_counter() - t
     return dict(calibration_batches=None, calibration_stats=stats), extra
 
@@ -194,20 +238,21 @@ def _evaluate(run, quantize) -> tuple[dict, Any]:
     fppl, fse, _ = _float_ppl(*key)
     linears = lm_linears(model)
     order = list(linears)
-    rules = (qnn.Rule("embed"), qnn.Rule(_CALL_SITES)) + qnn.resolve_positions(run.rules, order)
+    rules = _run_rules(run, order)
     tq = time.perf_counter()
     qm, extra = quantize(model, rules)
     quant_s = time.perf_counter() - tq - extra.pop("shared_s", 0.0)
     kernels = _effective_kernels(qm)
-    originals = {p: linears[p].kernel[...] for p in kernels}
+    weights = {**{p: lin.kernel for p, lin in linears.items()}, "embed": model.embed.embedding}
+    originals = {p: weights[p][...] for p in kernels}
     te = time.perf_counter()
     try:
         for p, w in kernels.items():
-            linears[p].kernel.value = w
+            weights[p].value = w
         ppl, se = perplexity_with_error(model, _eval_ids(*key))
     finally:
         for p, w in originals.items():
-            linears[p].kernel.value = w
+            weights[p].value = w
     metrics = {"perplexity": ppl, "perplexity_se": se, "float_perplexity": fppl, "float_perplexity_se": fse,
                "perplexity_increase": ppl - fppl, **size_metrics(qm),
                "quant_s": quant_s, "eval_s": time.perf_counter() - te, **extra}
@@ -245,7 +290,7 @@ def run_ptq_gptq(run, progress=False):
     """GPTQ of the projections (``act_order``), calibrated on the ``calibration`` text."""
 
     def quantize(model, rules):
-        cal, extra = _calibration_args(run)
+        cal, extra = _calibration_args(run, rules)
         return ptq.gptq(model, rules, act_order=bool(run["act_order"]), **cal), extra
 
     return _evaluate(run, quantize)
@@ -256,7 +301,7 @@ def run_ptq_awq(run, progress=False):
     """AWQ of the projections, calibrated on the ``calibration`` text."""
 
     def quantize(model, rules):
-        cal, extra = _calibration_args(run)
+        cal, extra = _calibration_args(run, rules)
         return ptq.awq(model, rules, max_input_rows=512, **cal), extra
 
     return _evaluate(run, quantize)
