@@ -39,8 +39,11 @@ import types
 import jax
 import jax.numpy as jnp
 
+from flax import nnx
+
 from qlab.numerics.quantize import fake_quant
 from qlab.nn.axes import dot_general_axes, einsum_axes, matmul_axes
+from qlab.nn.quantizers import QuantParam
 from qlab.nn.rules import first_match
 
 __all__ = [
@@ -48,7 +51,10 @@ __all__ = [
     "SITES_PER_OP",
     "ORIGINAL_OPS",
     "SEEN_CALL_SITES",
+    "SITES_ATTR",
     "call_scope",
+    "direct_params",
+    "recording_site_weights",
     "candidate_sites",
     "intercept_call_sites",
     "is_intercepting",
@@ -99,12 +105,68 @@ def _from_library(depth=2) -> bool:
     return name == "jax" or name.startswith(_LIB_PREFIXES)
 
 
+#: the attribute of an intercepted module that holds the QuantizedLayers of its call-site weights
+SITES_ATTR = "qlab_sites"
+_recorders: list = []
+
+
+@contextlib.contextmanager
+def recording_site_weights():
+    """Within this context, traced call sites whose weight operand IS an ``nnx.Param`` of the calling module
+    (``self.w[...]`` passed as is) are recorded: the yielded dict gets ``{(module path, "<op>_<k>"): (param
+    attribute, weight equation)}``, the equation an einsum string whose second operand has the weight's
+    channel and contraction axes (:class:`qlab.nn.layer.SiteWeight`). ``quantize_model`` uses it."""
+    rec: dict = {}
+    _recorders.append(rec)
+    try:
+        yield rec
+    finally:
+        _recorders.remove(rec)
+
+
+def direct_params(module) -> dict:
+    """``{attribute: nnx.Param}`` of the weights (2 or more dims) a module holds itself, not inside a sub-layer
+    (quantizer parameters left out): what its call sites may use as weights.
+
+    Example:
+        >>> from flax import nnx
+        >>> class Mix(nnx.Module):
+        ...     def __init__(self):
+        ...         self.w = nnx.Param(jnp.ones((4, 2)))
+        ...         self.b = nnx.Param(jnp.ones((2,)))
+        >>> list(direct_params(Mix()))
+        ['w']
+    """
+    return {k: v for k, v in vars(module).items()
+            if isinstance(v, nnx.Param) and not isinstance(v, QuantParam) and jnp.ndim(v.get_value()) >= 2}
+
+
+def _param_of(module, x):
+    """The attribute name of the Param of ``module`` whose value IS ``x``, else None."""
+    if module is None:
+        return None
+    for name, v in direct_params(module).items():
+        if v.get_value() is x:
+            return name
+    return None
+
+
+def _weight_equation(op, eq, dims, ndim) -> str:
+    """An einsum equation whose operand 1 has the weight's (channel, contraction) axes of this call."""
+    if op == "einsum":
+        return eq
+    ch, ct = dot_general_axes(dims, 1, ndim) if op == "dot_general" else matmul_axes(1, ndim)
+    letters = "abcdefghijklmnopqrstuvwxyz"[:ndim]
+    return f"{letters[ct]},{letters}->{letters[ch]}"
+
+
 def _site_quant(op, a, b, eq=None, dims=None):
     """Fake-quantized operands ``(a', b')`` for the innermost scope's next ``op`` site, or None."""
     scope = _stack()[-1]
     k = scope["counts"].get(op, 0)
     scope["counts"][op] = k + 1
-    path = f"{scope['path']}/{op}_{k}" if scope["path"] else f"{op}_{k}"
+    local = f"{op}_{k}"
+    path = f"{scope['path']}/{local}" if scope["path"] else local
     rule = first_match(scope["rules"], path)
     if rule is None or rule.is_float:
         return None
@@ -114,6 +176,13 @@ def _site_quant(op, a, b, eq=None, dims=None):
             "own modules) support weight_quantizer='ste' and act_quantizer='ste' with act_range='dynamic' "
             "only; use a separate rule for them"
         )
+    module = scope.get("module")
+    pname = _param_of(module, b) if rule.weight is not None else None
+    sites = getattr(module, SITES_ATTR, None)
+    layer = sites[local] if sites is not None and local in sites else None
+    if layer is not None and pname is None:
+        raise ValueError(f"call site {path!r}: quantize_model bound it to a Param of its module, but this call "
+                         "passes another operand; pass the Param itself (self.w[...]) as the second operand")
     SEEN_CALL_SITES.setdefault(scope["rules"], {})[path] = rule.pattern
     a, b = jnp.asarray(a), jnp.asarray(b)
 
@@ -124,9 +193,22 @@ def _site_quant(op, a, b, eq=None, dims=None):
             return dot_general_axes(dims, operand, x.ndim)
         return matmul_axes(operand, x.ndim)
 
-    if rule.act is not None and jnp.issubdtype(a.dtype, jnp.floating) and a.ndim:
+    if pname is not None and layer is None:
+        if not _recorders:
+            raise ValueError(
+                f"call site {path!r} multiplies Param {pname!r} of its module, which quantize_model did not bind "
+                "(its example never reached this call): pass an example batch that runs it to quantize_model")
+        for rec in _recorders:
+            rec[(scope["path"], local)] = (pname, _weight_equation(op, eq, dims, b.ndim))
+    if layer is not None and layer.capture_stats is not None and jnp.issubdtype(a.dtype, jnp.floating):
+        ct = axes(a, 0)[1]
+        layer.capture_stats(jnp.moveaxis(a, ct, -1).reshape(-1, a.shape[ct]))
+    capturing = layer is not None and layer.capture_float
+    if rule.act is not None and jnp.issubdtype(a.dtype, jnp.floating) and a.ndim and not capturing:
         a = fake_quant(a, rule.act.resolve(*axes(a, 0)))
-    if rule.weight is not None and jnp.issubdtype(b.dtype, jnp.floating) and b.ndim:
+    if layer is not None:
+        b = b if capturing else layer.weight_value().astype(b.dtype)
+    elif rule.weight is not None and jnp.issubdtype(b.dtype, jnp.floating) and b.ndim:
         b = fake_quant(b, rule.weight.resolve(*axes(b, 1)))
     return a, b
 
@@ -176,11 +258,12 @@ def _patched():
 
 
 @contextlib.contextmanager
-def call_scope(path: str, rules):
+def call_scope(path: str, rules, module=None):
     """Run a module's code with its call sites named ``path/<op>_<k>`` and quantized by ``rules``
-    (a tuple of :class:`~qlab.nn.Rule`; see the module example)."""
+    (a tuple of :class:`~qlab.nn.Rule`; see the module example); ``module``: the module whose code runs
+    (its Params passed as weights are found, and quantized by its bound call-site layers)."""
     st = _stack()
-    st.append({"path": path, "rules": rules, "counts": {}})
+    st.append({"path": path, "rules": rules, "counts": {}, "module": module})
     try:
         with _patched():
             yield
@@ -195,7 +278,7 @@ def _intercepting_class(cls):
     sub = _INTERCEPT_CLASSES.get(cls)
     if sub is None:
         def __call__(self, *args, **kwargs):
-            with call_scope(self._qlab_path, self._qlab_rules):
+            with call_scope(self._qlab_path, self._qlab_rules, self):
                 return cls.__call__(self, *args, **kwargs)
 
         sub = type(cls.__name__, (cls,), {

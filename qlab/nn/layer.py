@@ -34,7 +34,7 @@ from qlab.nn.call_sites import ORIGINAL_OPS
 from qlab.nn.quantizers import ActQuantizer, QuantStat, WeightQuantizer, traced_overrides
 from qlab.nn.rules import Rule
 
-__all__ = ["QuantizedLayer", "LAYER_KINDS", "WEIGHT_NAMES", "layer_kind"]
+__all__ = ["QuantizedLayer", "SiteWeight", "LAYER_KINDS", "WEIGHT_NAMES", "layer_kind"]
 
 #: the Flax layers qlab wraps, and their kind names
 LAYER_KINDS = {nnx.Linear: "linear", nnx.Conv: "conv", nnx.Einsum: "einsum", nnx.Embed: "embed"}
@@ -84,6 +84,25 @@ def _with_weight(layer, name: str, value):
     d[name] = _Const(value)
     object.__setattr__(view, "__dict__", d)
     return view
+
+
+class SiteWeight(nnx.Module):
+    """A weight that a user module passes to ``jnp.einsum`` / ``dot`` / ``matmul`` / ``lax.dot_general`` itself
+    (a call site, :mod:`qlab.nn.call_sites`), seen as an ``nnx.Einsum``-like layer so a
+    :class:`QuantizedLayer` can hold it: ``kernel`` IS the module's own ``nnx.Param`` (shared, not copied)
+    and ``einsum_str`` an equation whose second operand has the weight's channel and contraction axes.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> w = nnx.Param(jnp.ones((8, 4)))
+        >>> sw = SiteWeight(w, "bd,dh->bh")
+        >>> sw.kernel is w, weight_axes("einsum", sw, (8, 4))
+        (True, (1, 0))
+    """
+
+    def __init__(self, kernel: nnx.Param, einsum_str: str):
+        self.kernel = kernel
+        self.einsum_str = einsum_str
 
 
 class QuantizedLayer(nnx.Module):
@@ -139,6 +158,7 @@ class QuantizedLayer(nnx.Module):
         self.q_meta = None  # (spec, shape, dtype name) once converted
         self.capture_stats = nnx.data(None)
         self.capture_float = False
+        self.call_site = None  # the op ("einsum", "dot", ...) when this is a call site's weight (SiteWeight)
 
     # ---- weights ---------------------------------------------------------------------
     @property

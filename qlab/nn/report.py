@@ -31,7 +31,9 @@ __all__ = ["layer_report", "model_size", "unmatched_rules"]  # unmatched_rules: 
 
 
 def layer_report(qmodel, *, sqnr: bool = True, warn: bool = True):
-    """One row per weight layer (quantized or left in float) and per call site seen so far.
+    """One row per weight layer (quantized or left in float; a user module's Param that a weight rule
+    quantizes at a ``jnp.einsum`` ... call site is a layer, listed from ``quantize_model`` on) and per
+    other call site seen so far (operands that are not Params: 0 bytes, NaN bits).
 
     Columns: ``layer`` (path), ``kind`` (linear/conv/einsum/embed/call site op), ``rule``
     (pattern or ``"<float>"``), ``weight_spec``, ``act_spec``, ``weight_quantizer``,
@@ -93,8 +95,8 @@ def layer_report(qmodel, *, sqnr: bool = True, warn: bool = True):
     users = layers.user
     for site, pat in SEEN_CALL_SITES.get(rules, {}).items() if rules else ():
         owner = site.rsplit("/", 1)[0] if "/" in site else ""
-        if owner not in users:
-            continue  # a call site of another model quantized with the same rules
+        if owner not in users or site in wrappers:
+            continue  # a call site of another model quantized with the same rules, or a layer listed above
         r = first_match(rules, site)
         rows.append(dict(
             layer=site, kind="call:" + site.rsplit("/", 1)[-1].rsplit("_", 1)[0], rule=pat,
@@ -132,10 +134,10 @@ def model_size(qmodel) -> dict:
         1072
     """
     wrappers = walk_layers(qmodel).quantized
-    skip = set()
+    skip = set()  # the wrapped weights (by identity: a call site's weight is also its module's own Param)
     params = packed = 0
     for path, L in wrappers.items():
-        skip.add("/".join(x for x in (path, "layer", L.weight_name) if x))
+        skip.add(id(L.weight))
         q = L.qtensor()
         shape = tuple(q.shape) if q is not None else tuple(L.weight[...].shape)
         n = math.prod(shape)
@@ -143,7 +145,7 @@ def model_size(qmodel) -> dict:
         params += n
         packed += packed_nbytes(spec, shape) if spec is not None else 4 * n
     for p, var in nnx.to_flat_state(nnx.state(qmodel, nnx.Param)):
-        if isinstance(var, QuantParam) or "/".join(map(str, p)) in skip:
+        if isinstance(var, QuantParam) or id(var) in skip:
             continue
         n = int(np.size(var[...]))
         params += n

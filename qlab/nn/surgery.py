@@ -95,6 +95,8 @@ def walk_layers(model) -> ModelLayers:
             continue
         s = path_str(p)
         if isinstance(m, QuantizedLayer):
+            if m.call_site is not None:  # a call site's weight, kept in <module>/qlab_sites/<op>_<k>
+                s = path_str(p[:-2] + p[-1:])
             wrappers[s] = m
             inside.append(p)
         elif layer_kind(m) is not None:
@@ -242,8 +244,9 @@ def effective_model(qmodel: nnx.Module, template: nnx.Module) -> nnx.Module | No
     position tables...) is taken from ``qmodel`` at the same path. Models of one structure share one
     compiled evaluation, whatever their specs, so evaluating many specs this way is cheap.
 
-    None when some layer quantizes its input, splits outliers, or folds an ``input_scale`` into a
-    non-Linear weight, or when a template layer has no counterpart in ``qmodel``. Call sites
+    None when some layer quantizes its input, splits outliers, folds an ``input_scale`` into a
+    non-Linear weight or is a call site's Param weight, or when a template layer has no counterpart in
+    ``qmodel``. Call sites
     (``jnp.einsum`` ... written in user modules, :mod:`qlab.nn.call_sites`) are not layers: the
     effective model computes them in float, so it equals ``qmodel`` only where they are kept float
     (a float rule such as ``Rule(".*/einsum_.*")`` before the others; ``layer_report`` lists the
@@ -263,7 +266,7 @@ def effective_model(qmodel: nnx.Module, template: nnx.Module) -> nnx.Module | No
     """
     layers = walk_layers(qmodel)
     qls, fls = layers.quantized, layers.floating
-    if any(L.act_quant is not None or L.outlier_threshold is not None for L in qls.values()):
+    if any(L.act_quant is not None or L.outlier_threshold is not None or L.call_site is not None for L in qls.values()):
         return None
     out = copy_model(template)
     targets = quantizable_layers(out, kinds=tuple(LAYER_KINDS.values()))

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import warnings
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from qlab.nn.call_sites import candidate_sites, intercept_call_sites
-from qlab.nn.layer import QuantizedLayer, layer_kind
+from qlab.nn.call_sites import SITES_ATTR, candidate_sites, direct_params, intercept_call_sites, recording_site_weights
+from qlab.nn.layer import QuantizedLayer, SiteWeight, layer_kind
 from qlab.nn.quantizers import QuantStat
 from qlab.nn.rules import Rule, as_rules, first_match, resolve_positions
 from qlab.nn.surgery import copy_model, find_layer, path_str, quantizable_layers, set_submodule
@@ -36,16 +37,22 @@ __all__ = ["quantize_model", "set_input_scale", "applied_rules", "unmatched_rule
 _RULES_ATTR, _UNMATCHED_ATTR = "_qlab_rules", "_qlab_unmatched"
 
 
-def quantize_model(model: nnx.Module, rules, *, example=None, allow_unmatched: bool = False) -> nnx.Module:
+def quantize_model(model: nnx.Module, rules, *, example=None, forward=None, allow_unmatched: bool = False) -> nnx.Module:
     """A quantization-aware copy of an NNX ``model`` (``model`` itself is not changed).
 
     Args:
         model: any NNX module.
         rules: a :class:`~qlab.nn.Rule` or a sequence of them, tried in order on each layer path
             (see :mod:`qlab.nn.rules` for paths and matching).
-        example: an input batch. Only read when a rule uses ``@first`` / ``@last``: those then
+        example: an input batch. Read when a rule uses ``@first`` / ``@last``: those then
             name the first / last :func:`~qlab.nn.quantizable_layers` in the order ``model(example)``
             calls them (traced with ``jax.eval_shape``, nothing computed); without it, in graph order.
+            Required when a weight rule matches a call site of a user module that holds its own
+            ``nnx.Param`` weights (2+ dims): the traced example finds which call site multiplies which
+            Param (passed as is, ``self.w[...]``), and each becomes a layer (:class:`QuantizedLayer`
+            of a :class:`~qlab.nn.layer.SiteWeight`, path ``<module>/<op>_<k>``) that ``model_size``,
+            ``layer_report`` and PTQ (RTN, GPTQ, HQQ) see like any other.
+        forward: ``forward(model, example)`` for that trace; default ``model(example)``.
         allow_unmatched: by default a quantizing rule that matches no layer (nor a possible call
             site ``<module>/<op>_<k>``, k < 8, of a user module) raises ValueError; with True it
             is only warned about and listed by :func:`~qlab.nn.layer_report`.
@@ -114,6 +121,7 @@ def quantize_model(model: nnx.Module, rules, *, example=None, allow_unmatched: b
         matched |= hits
         if any(not r.is_float for r in hits):
             intercept_call_sites(m, s, rules)
+    _bind_site_weights(qmodel, rules, [(path_str(p), m) for p, m in user_paths], example, forward)
     unmatched = tuple(r for r in rules if r not in matched)
     bad = [r for r in unmatched if not r.is_float]
     if bad:
@@ -126,6 +134,40 @@ def quantize_model(model: nnx.Module, rules, *, example=None, allow_unmatched: b
     setattr(root, _RULES_ATTR, rules)
     setattr(root, _UNMATCHED_ATTR, tuple(r.pattern for r in unmatched))
     return root
+
+
+def _bind_site_weights(qmodel, rules, user_paths, example, forward) -> None:
+    """Give each user module's call sites that multiply one of its own Params by a weight rule a
+    QuantizedLayer (in ``module.qlab_sites``, sharing the Param), found by tracing ``example``."""
+    owners = {}
+    for s, m in user_paths:
+        weighted = [first_match(rules, site) for site in candidate_sites(s)]
+        if direct_params(m) and any(r is not None and r.weight is not None for r in weighted):
+            owners[s] = m
+    if not owners:
+        return
+    if example is None:
+        shown = {s or "<root>": list(direct_params(m)) for s, m in owners.items()}
+        raise ValueError(
+            f"quantize_model: weight rules match call sites (jnp.einsum/dot/matmul/dot_general) of modules that hold "
+            f"their own Params {shown}; pass example= (an input batch; forward= if the model is not called as "
+            "model(example)) so quantize_model can trace which call site multiplies which Param and count it as a layer")
+    run = forward if forward is not None else (lambda m, x: m(x))
+    graphdef, state = nnx.split(qmodel)
+    with recording_site_weights() as found:
+        jax.eval_shape(lambda st, x: run(nnx.merge(graphdef, st), x), state, example)
+    for (s, local), (pname, eq) in sorted(found.items()):
+        m = owners.get(s)
+        if m is None:
+            continue
+        site = f"{s}/{local}" if s else local
+        sites = getattr(m, SITES_ATTR, None)
+        if sites is None:
+            setattr(m, SITES_ATTR, nnx.Dict())
+            sites = getattr(m, SITES_ATTR)
+        L = QuantizedLayer(SiteWeight(getattr(m, pname), eq), "einsum", site, first_match(rules, site))
+        L.call_site = local.rsplit("_", 1)[0]
+        sites[local] = L
 
 
 def applied_rules(qmodel) -> tuple[Rule, ...]:

@@ -126,8 +126,9 @@ def _transposed_qtensor(q, spec):
     return QTensor(q.codes.T, t(q.scale), t(q.zero_point), q.tensor_scale, spec, tuple(q.shape[::-1]), q.dtype)
 
 
-def _start(model, rules):
-    qmodel = qnn.quantize_model(model, rules)  # raises for rules that match no layer
+def _start(model, rules, example=None, forward=None):
+    # raises for rules that match no layer; example: finds the Params multiplied at call sites (jnp.einsum ...)
+    qmodel = qnn.quantize_model(model, rules, example=example, forward=forward)
     layers = weight_layers(qmodel)
     if not layers:
         raise ValueError("PTQ: no layer has a weight spec under these rules (nothing to quantize)")
@@ -317,10 +318,11 @@ def _load(qmodel, qts, scales):
     qnn.load_quantized_weights(qmodel, qts)
 
 
-def _calibrated(model, rules, method, batches, forward, stats, max_rows, given, sequential, quantize_layer):
+def _calibrated(model, rules, method, batches, forward, stats, max_rows, given, sequential, quantize_layer,
+                example=None):
     """Quantize every weight layer with ``quantize_layer(path, layer, stats) -> (QTensor, input scale or None,
     info)`` on statistics of its calibration inputs (see the module docstring for ``sequential``)."""
-    qmodel, layers = _start(model, rules)
+    qmodel, layers = _start(model, rules, example, forward)
     for L in layers.values():
         _kernel(L, method)  # fail before calibrating
     if not sequential:
@@ -368,8 +370,10 @@ def _calibrated(model, rules, method, batches, forward, stats, max_rows, given, 
 # ----------------------------------------------------------------------------------------------------------
 
 
-def rtn(model, rules):
+def rtn(model, rules, *, example=None):
     """Round-to-nearest every weight-quantized layer (any layer kind): codes + scales via ``qlab.quantize``.
+    ``example``: an input batch, needed when weight rules match call sites that multiply a user module's own
+    Params (:func:`qlab.nn.quantize_model`).
 
     Example:
         >>> from flax import nnx
@@ -378,7 +382,7 @@ def rtn(model, rules):
         >>> bool(layer_report(qm)["converted"].all())
         True
     """
-    qmodel, layers = _start(model, rules)
+    qmodel, layers = _start(model, rules, example)
     qts, info = {}, []
     for path, L in layers.items():
         t = time.perf_counter()
@@ -394,8 +398,10 @@ def rtn(model, rules):
 
 def gptq(model, rules, calibration_batches: Iterable, forward: Callable | None = None, *, act_order: bool = False,
          damp: float = 0.01, block_size: int = 128, static_groups: bool | None = None, calibration_stats=None,
-         sequential: bool | str = False):
-    """GPTQ every weight-quantized Linear layer with Hessians ``X^T X`` of its inputs over
+         sequential: bool | str = False, example=None):
+    """GPTQ every weight-quantized Linear layer, embedding (as its tied head, on the inputs of ``attend``) and
+    call-site Param (``example``: a batch, to find them, see :func:`qlab.nn.quantize_model`) with Hessians
+    ``X^T X`` of its inputs over
     ``calibration_batches`` (``forward(model, batch)``, default ``model(batch)``): captured in one float
     pass, or block by block on the partially quantized model with ``sequential`` (module docstring).
     See :func:`qlab.ptq.gptq.gptq` for the per-layer algorithm and its arguments.
@@ -420,12 +426,12 @@ def gptq(model, rules, calibration_batches: Iterable, forward: Callable | None =
         return to_layer(q), None, dict(act_order=act_order)
 
     return _calibrated(model, rules, "gptq", calibration_batches, forward, ("hessian", "absmax"), 1,
-                       calibration_stats, sequential, layer)
+                       calibration_stats, sequential, layer, example)
 
 
 def awq(model, rules, calibration_batches: Iterable, forward: Callable | None = None, *, n_grid: int = 20,
         clip_search: bool = True, max_shrink: float = 0.5, max_input_rows: int = 4096, calibration_stats=None,
-        sequential: bool | str = False):
+        sequential: bool | str = False, example=None):
     """AWQ every weight-quantized Linear layer: per-layer input scales ``s`` (searched on the captured
     Hessian and mean |x|; clip search on up to 512 of the first ``max_input_rows`` captured input rows),
     weights quantized as ``W * s`` and ``qlab.nn.set_input_scale(path, s)`` so the layer computes
@@ -451,11 +457,11 @@ def awq(model, rules, calibration_batches: Iterable, forward: Callable | None = 
         return to_layer(q), scale, dict(alpha=extra["alpha"])
 
     return _calibrated(model, rules, "awq", calibration_batches, forward, ("hessian", "mean_abs", "absmax", "inputs"),
-                       max_input_rows, calibration_stats, sequential, layer)
+                       max_input_rows, calibration_stats, sequential, layer, example)
 
 
 def hqq(model, rules, *, iters: int = 20, lp_norm: float = 0.7, beta: float = 10.0, kappa: float = 1.01,
-        optimize_scale: bool = False):
+        optimize_scale: bool = False, example=None):
     """HQQ (calibration-free) every weight-quantized Linear layer; the rules' weight specs must be asymmetric
     integer ones, e.g. ``"int4/g64/asym/zp=float"``. See :mod:`qlab.ptq.hqq`.
 
@@ -466,7 +472,7 @@ def hqq(model, rules, *, iters: int = 20, lp_norm: float = 0.7, beta: float = 10
         >>> ptq_info(qm)["method"].tolist()
         ['hqq']
     """
-    qmodel, layers = _start(model, rules)
+    qmodel, layers = _start(model, rules, example)
     qts, info = {}, []
     for path, L in layers.items():
         t = time.perf_counter()
@@ -479,7 +485,7 @@ def hqq(model, rules, *, iters: int = 20, lp_norm: float = 0.7, beta: float = 10
 
 
 def smoothquant(model, rules, calibration_batches: Iterable, forward: Callable | None = None, *,
-                alpha: float = 0.5, calibration_stats=None, sequential: bool | str = False):
+                alpha: float = 0.5, calibration_stats=None, sequential: bool | str = False, example=None):
     """SmoothQuant: per-layer smoothing ``s = max|X|^alpha / max|W|^(1-alpha)`` from captured activation
     absmax, weights quantized (RTN) as ``W * s``, and ``set_input_scale(path, s)``; the rules' ``act`` specs
     (e.g. ``Rule(".*", weight="int8/ch", act="int8")`` for W8A8) then quantize the smoothed activations.
@@ -502,4 +508,4 @@ def smoothquant(model, rules, calibration_batches: Iterable, forward: Callable |
         return q, sc, dict(act_absmax=float(np.max(a)), act_absmax_smoothed=float(np.max(np.asarray(a) / np.asarray(sc))))
 
     return _calibrated(model, rules, "smoothquant", calibration_batches, forward, ("absmax",), 1, calibration_stats,
-                       sequential, layer)
+                       sequential, layer, example)
