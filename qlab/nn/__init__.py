@@ -4,6 +4,10 @@ Layer paths are module attribute paths joined by ``"/"`` (``"layers/0"``, ``"blo
 call sites of ``jnp.einsum``/``dot``/``matmul``/``lax.dot_general`` inside a user module are
 ``"<module path>/einsum_0"`` etc. Rules use ``re.fullmatch``; the first match wins; a rule with
 no specs keeps the layer float; ``@first`` / ``@last`` name the first / last weight layer in call order.
+An ``nnx.Embed`` is a layer like any other: specs resolve per token row (``int8/ch`` one scale per row,
+``int4/g32`` groups along the row), lookups dequantize only the gathered rows, ``attend`` (a tied head)
+uses the same codes. A call site that multiplies a user module's own ``nnx.Param`` under a weight rule
+becomes a layer too (found by tracing ``quantize_model(..., example=...)``), counted and PTQ-quantized.
 
 Modules (each imports only those listed before it):
     rules       Rule, first_match, @first/@last tokens (resolve_positions)
