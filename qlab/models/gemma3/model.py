@@ -70,6 +70,9 @@ class Gemma3Config:
     bos_id: int = 2
     eos_id: int = 1
     pad_id: int = 0
+    # the dtype the weights were released in (qlab computes in float32): what qlab.nn.model_size counts the
+    # float baseline in beside float32; Gemma 3 is released in bfloat16
+    native_dtype: str = "bfloat16"
 
     def __post_init__(self):
         if self.n_heads % self.n_kv_heads:
@@ -308,6 +311,11 @@ class Gemma3(nnx.Module):
         for layer in self.layers:
             x = layer(x, positions, local_mask, global_mask)
         return self.final_norm(x)
+
+    @property
+    def native_dtype(self) -> str:
+        """The dtype the weights were released in (``config.native_dtype``), e.g. ``"bfloat16"``."""
+        return self.config.native_dtype
 
     def unembed(self, h):
         """Logits [..., vocab] of hidden states ``h`` through the tied embedding."""
