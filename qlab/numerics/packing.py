@@ -256,9 +256,9 @@ def _pack_stream(u, bits: int):
 
 def _unpack_stream(data, bits: int, count: int):
     """Inverse of :func:`_pack_stream`: the first ``count`` codes (uint8 bit patterns), flat."""
+    if 8 % bits == 0:
+        return _unpack_rows(data.reshape(-1), bits).reshape(-1)[:count]
     flat = data.reshape(-1).astype(jnp.uint32)
-    if bits == 8:
-        return flat[:count].astype(jnp.uint8)
     pad = -flat.size % bits
     if pad:
         flat = jnp.concatenate([flat, jnp.zeros((pad,), jnp.uint32)])
@@ -272,6 +272,17 @@ def _unpack_stream(data, bits: int, count: int):
         out.append(c & (2**bits - 1))
     codes = jnp.stack(out, axis=1).reshape(-1)
     return (codes if codes.size == count else codes[:count]).astype(jnp.uint8)
+
+
+def _unpack_rows(data, bits: int):
+    """Codes of ``bits`` in {1, 2, 4, 8} from bytes along the last axis, by one shift per position in the
+    byte: an elementwise op that XLA fuses into its consumer (several times faster than the general path)."""
+    if bits == 8:
+        return data
+    per = 8 // bits
+    shifts = jnp.arange(per, dtype=jnp.uint8) * bits
+    c = (data[..., None] >> shifts) & (2**bits - 1)
+    return c.reshape(data.shape[:-1] + (data.shape[-1] * per,))
 
 
 def _codes_layout(shape, bits: int) -> tuple:
@@ -328,7 +339,11 @@ def from_packed(p: PackedQTensor) -> QTensor:
     """
     spec = p.spec
     fmt, bits = spec.fmt, spec.bits
-    codes = fmt.from_code_bits(_unpack_stream(p.codes, bits, math.prod(p.shape))).reshape(p.shape)
+    if 8 % bits == 0 and len(p.shape) > 0 and p.shape[-1] * bits % 8 == 0:
+        raw = _unpack_rows(p.codes, bits)  # rows of whole bytes: no flattening
+    else:
+        raw = _unpack_stream(p.codes, bits, math.prod(p.shape)).reshape(p.shape)
+    codes = fmt.from_code_bits(raw)
     scale = p.scale.astype(jnp.float32)
     zp = p.zero_point
     if zp is not None:
@@ -362,3 +377,4 @@ def check_packable(q: QTensor, where: str = "QTensor") -> None:
             raise ValueError(
                 f"{where}: {bad} of {a.size} {name} are not representable in the spec's scale_dtype "
                 f"{q.spec.scale_dtype!r} ({q.spec}); requantize with a spec whose scale_dtype holds them (e.g. s=f32)")
+
