@@ -11,8 +11,9 @@ and page-fault them in on every token. This script starts JAX with
 
 Part 1, per weight spec on every linear layer (``.*_proj``; the tied embedding stays float32):
 ``qlab.nn.convert`` the model, then compare ``qlab.nn.resident_bytes`` (the bytes of the JAX arrays it holds)
-with ``qlab.nn.model_size`` (the accounting): ``resident/accounted`` should be 1.00. ``unpacked`` is what the
-same layers would take with one byte a code and float32 scales (qlab's layout before codes were packed).
+with ``qlab.nn.model_size`` (the accounting): ``resident/accounted`` should be 1.00; the linear layers alone
+are compared too. ``unpacked`` is what those layers would take with one byte a code and float32 scales (and
+zero points): qlab's layout before codes were packed.
 The float rows give the baseline in float32 (what qlab computes in) and in the model's own dtype (bf16).
 
 Part 2: ``qlab.models.gemma3.decode_greedy`` (KV cache) continues one prompt by ``--tokens`` tokens, float32
@@ -36,9 +37,11 @@ if "--xla-default-scheduler" not in sys.argv:  # before JAX starts (module docst
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
 
 from qlab import nn as qnn  # noqa: E402
 from qlab.models import gemma3  # noqa: E402
+from qlab.numerics import packed_nbytes  # noqa: E402
 
 MiB = 2**20
 PROMPT = "It is a truth universally acknowledged, that a single man in possession of a good fortune"
@@ -69,10 +72,13 @@ def main() -> None:
     print(f"Gemma 3 270M: {size['params']:,} params; float32 {size['float_mib']:.1f} MiB, "
           f"{size['native_dtype']} {size['float_native_mib']:.1f} MiB; resident {qnn.resident_bytes(model) / MiB:.1f} MiB")
     print()
-    print("| weights (linear layers) | accounted MiB | resident MiB | resident/accounted | unpacked MiB |")
-    print("|---|---|---|---|---|")
+    print("| weights (linear layers) | model: accounted MiB | resident MiB | resident/accounted "
+          "| linear layers: accounted MiB | resident MiB | unpacked MiB |")
+    print("|---|---|---|---|---|---|---|")
+    linear_f32 = sum(m.kernel[...].nbytes for _, m in nnx.iter_modules(model) if isinstance(m, nnx.Linear))
     print(f"| float32 | {size['float_mib']:.1f} | {qnn.resident_bytes(model) / MiB:.1f} | "
-          f"{qnn.resident_bytes(model) / size['float_bytes']:.3f} | - |")
+          f"{qnn.resident_bytes(model) / size['float_bytes']:.3f} | {linear_f32 / MiB:.1f} | "
+          f"{linear_f32 / MiB:.1f} | - |")
     ratios, int4 = {}, None
     for spec in args.specs.split(","):
         qm = qnn.quantize_model(model, [qnn.Rule(".*_proj", weight=spec)])
@@ -81,11 +87,14 @@ def main() -> None:
         gc.collect()
         acct = qnn.model_size(cm)["packed_bytes"]
         live = qnn.resident_bytes(cm)
-        layers = qnn.quantized_layers(cm).values()
-        unpacked = acct - sum(L.packed().nbytes for L in layers) + sum(
-            int(np.prod(L.packed().shape)) + 4 * int(L.packed().scale.size) for L in layers)
+        layers = [L.packed() for L in qnn.quantized_layers(cm).values()]
+        q_acct = sum(packed_nbytes(p.spec, p.shape) for p in layers)
+        q_live = sum(p.nbytes for p in layers)
+        unpacked = sum(int(np.prod(p.shape)) + 4 * int(p.scale.size) * (2 if p.zero_point is not None else 1)
+                       for p in layers)
         ratios[spec] = live / acct
-        print(f"| {spec} | {acct / MiB:.1f} | {live / MiB:.1f} | {live / acct:.3f} | {unpacked / MiB:.1f} |")
+        print(f"| {spec} | {acct / MiB:.1f} | {live / MiB:.1f} | {live / acct:.3f} | {q_acct / MiB:.1f} | "
+              f"{q_live / MiB:.1f} | {unpacked / MiB:.1f} |")
         if spec == "int4/g128":
             int4 = cm
         else:
