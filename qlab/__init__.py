@@ -25,6 +25,7 @@ _LAZY_NAMES = {
     "quantize_linen": "qlab.nn",
     "layer_report": "qlab.nn",
     "model_size": "qlab.nn",
+    "resident_bytes": "qlab.nn",
     "convert": "qlab.nn",
     "capture": "qlab.nn",
     "QuantParam": "qlab.nn",

@@ -332,6 +332,36 @@ def test_greedy_generate_matches_argmax_loop():
     assert G.generate(model, tok, "the cat", max_new_tokens=4) == want
 
 
+def _argmax_loop(model, ids, n):
+    ids = list(ids)
+    for _ in range(n):
+        ids.append(int(np.argmax(np.asarray(_fwd(model, jnp.asarray([ids])))[0, -1])))
+    return ids
+
+
+def test_kv_cache_decode_matches_full_forward():
+    cfg = G.Gemma3Config.tiny()  # window 4: the 5-token prompt + 8 new tokens cross it; layer 5 is global
+    model = _random_model(cfg, seed=9)
+    prompt = [2, 17, 40, 41, 299]
+    want = _argmax_loop(model, prompt, 8)
+    assert G.decode_greedy(model, prompt, 8) == want[5:]
+    # every cached step's hidden state is the full forward's at that position
+    h_full = np.asarray(model.features(jnp.asarray([want])))[0]
+    h, cache = model.features_cached(jnp.asarray([want[:5]]), 0, model.init_kv_cache(1, 32))
+    np.testing.assert_allclose(np.asarray(h)[0], h_full[:5], rtol=1e-5, atol=1e-5)
+    for i in range(5, len(want)):
+        h, cache = model.features_cached(jnp.asarray([[want[i]]]), i, cache)
+        np.testing.assert_allclose(np.asarray(h)[0, 0], h_full[i], rtol=1e-5, atol=1e-5)
+    # a converted (packed int4) model decodes through the same path
+    from qlab import nn as qnn  # deferred: only this test needs the quantization layer
+    cm = qnn.convert(qnn.quantize_model(model, [qnn.Rule(".*_proj", weight="int4/g16")]))
+    assert G.decode_greedy(cm, prompt, 8) == _argmax_loop(cm, prompt, 8)[5:]
+    with pytest.raises(ValueError, match="prompt_ids is empty"):
+        G.decode_greedy(model, [], 4)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+        G.decode_greedy(model, prompt, 0)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # missing package
 

@@ -83,7 +83,9 @@ def _fwd(model, tokens):
 
 def test_config_fields_from_config_json():
     cfg = G.checkpoint_config(HF_CONFIG)
-    assert cfg == G.Gemma3Config.tiny(sliding_window_pattern=3, rope_base_local=500.0, rope_base_global=20000.0)
+    assert cfg == G.Gemma3Config.tiny(sliding_window_pattern=3, rope_base_local=500.0, rope_base_global=20000.0,
+                                      native_dtype="float32")  # config.json's torch_dtype
+    assert G.checkpoint_config({**HF_CONFIG, "torch_dtype": "bfloat16"}).native_dtype == "bfloat16"
     # older configs carry sliding_window_pattern instead of layer_types
     legacy = {k: v for k, v in HF_CONFIG.items() if k != "layer_types"}
     assert G.checkpoint_config({**legacy, "sliding_window_pattern": 3}) == cfg

@@ -89,7 +89,14 @@ def test_convert_bit_identical_cnn_and_transformer():
     assert (df.weight_quantizer == "converted").all()
     assert df.set_index("layer").loc["dense/0", "packed_bytes"] == qlab.packed_nbytes(
         qlab.parse_spec("int4/g16").resolve(1, 0), (128, 64))
-    assert cm.convs[0].q_codes[...].dtype == jnp.int8
+    # held packed: 3-bit codes as one bit stream (8 codes in 3 bytes); unpacked to int8 codes on demand
+    conv0 = cm.convs[0]
+    kshape = conv0.qtensor().shape
+    assert conv0.q_codes[...].dtype == jnp.uint8 and conv0.q_codes[...].shape == (-(-np.prod(kshape) * 3 // 8),)
+    assert conv0.qtensor().codes.dtype == jnp.int8
+    assert conv0.q_scale[...].dtype == {"f32": jnp.float32, "f16": jnp.float16}[conv0.qtensor().spec.scale_dtype]
+    dense0 = qnn.quantized_layers(cm)["dense/0"]
+    assert dense0.q_scale[...].dtype == jnp.float16 and dense0.q_codes[...].shape == (64, 64)  # int4: 2 rows a byte
 
     cfg = TransformerConfig(vocab_size=20, d_model=16, n_layers=1, n_heads=2, d_ff=32, max_len=8)
     t = Transformer(cfg, rngs=nnx.Rngs(1))

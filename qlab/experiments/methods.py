@@ -199,7 +199,8 @@ def check_rules(rules, shapes, method: str) -> None:
 def size_metrics(qmodel: nnx.Module, report=None) -> dict:
     """Parameter counts and packed size of a ``qlab.nn`` model (or a float model): params,
     quantized_params, bits_per_weight (over quantized weights, scales included), model_bytes,
-    model_mib, float_mib, compression.
+    model_mib, float_mib (the float baseline in float32), native_dtype and float_native_mib (the float
+    baseline in the model's own dtype: bfloat16 for Gemma 3, see ``qlab.nn.model_size``), compression.
 
     Example:
         >>> from qlab.models import MLP
@@ -220,6 +221,8 @@ def size_metrics(qmodel: nnx.Module, report=None) -> dict:
         "model_bytes": size["packed_bytes"],
         "model_mib": size["packed_bytes"] / MiB,
         "float_mib": size["float_bytes"] / MiB,
+        "native_dtype": size["native_dtype"],
+        "float_native_mib": size["float_native_bytes"] / MiB,
         "compression": size["float_bytes"] / size["packed_bytes"],
     }
 

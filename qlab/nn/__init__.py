@@ -18,7 +18,7 @@ Modules (each imports only those listed before it):
     surgery     finding, copying, replacing layers; effective_model, traced_variant
     transform   quantize_model, set_input_scale
     convert     convert, load_quantized_weights, capture (calibration statistics)
-    report      layer_report, model_size
+    report      layer_report, model_size, resident_bytes
     linen_quant quantize_linen (Flax Linen)
 
 Example:
@@ -37,7 +37,7 @@ from qlab.nn.convert import CAPTURE_STATS, capture, convert, load_quantized_weig
 from qlab.nn.layer import LAYER_KINDS, QuantizedLayer
 from qlab.nn.linen_quant import quantize_linen
 from qlab.nn.quantizers import ActQuantizer, QuantOverride, QuantParam, QuantStat, WeightQuantizer
-from qlab.nn.report import layer_report, model_size
+from qlab.nn.report import layer_report, model_size, resident_bytes
 from qlab.nn.rules import Rule, as_rules, first_match, resolve_positions
 from qlab.nn.surgery import (
     copy_model,
@@ -71,6 +71,7 @@ __all__ = [
     "CAPTURE_STATS",
     "layer_report",
     "model_size",
+    "resident_bytes",
     "unmatched_rules",
     "applied_rules",
     "quantized_layers",

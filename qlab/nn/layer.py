@@ -28,6 +28,7 @@ from flax import nnx
 
 from qlab.numerics.granularity import PerChannel, PerGroup
 from qlab.numerics.matmul import int_matmul_supported, quantized_matmul, quantized_matmul_codes
+from qlab.numerics.packing import PackedQTensor, check_packable, from_packed, to_packed
 from qlab.numerics.quantize import QTensor, dequantize, dequantize_rows
 from qlab.nn.axes import weight_axes
 from qlab.nn.call_sites import ORIGINAL_OPS
@@ -118,7 +119,9 @@ class QuantizedLayer(nnx.Module):
         input_scale: None, or a per-input-feature Variable: the forward computes
             ``act_quant(x / input_scale) @ weight`` (PTQ smoothing stores weight * input_scale).
         q_codes, q_scale, q_zero, q_tscale: the weight as real codes + scales once converted
-            (:func:`~qlab.nn.convert`, :func:`~qlab.nn.load_quantized_weights`); None before.
+            (:func:`~qlab.nn.convert`, :func:`~qlab.nn.load_quantized_weights`), held packed
+            (:class:`~qlab.numerics.packing.PackedQTensor`: uint8 code bytes, scales in their stored
+            dtype) and unpacked inside the forward; None before.
     """
 
     def __init__(self, layer, kind: str, path: str, rule: Rule):
@@ -178,12 +181,12 @@ class QuantizedLayer(nnx.Module):
         """True once the layer uses real codes + scales (convert / load_quantized_weights)."""
         return self.q_meta is not None
 
-    def qtensor(self) -> QTensor | None:
-        """The stored QTensor (converted layers), else None."""
+    def packed(self) -> PackedQTensor | None:
+        """The weight as held in memory (converted layers): packed codes, scales in their stored dtype."""
         if self.q_meta is None:
             return None
         spec, shape, dtype = self.q_meta
-        return QTensor(
+        return PackedQTensor(
             self.q_codes[...],
             self.q_scale[...],
             None if self.q_zero is None else self.q_zero[...],
@@ -193,15 +196,25 @@ class QuantizedLayer(nnx.Module):
             np.dtype(dtype),
         )
 
+    def qtensor(self) -> QTensor | None:
+        """The stored QTensor (converted layers), unpacked from :meth:`packed`; else None."""
+        p = self.packed()
+        return None if p is None else from_packed(p)
+
     def set_qtensor(self, q: QTensor, *, keep_float: bool = True):
-        """Use ``dequantize(q)`` as this layer's weight from now on."""
+        """Use ``dequantize(q)`` as this layer's weight from now on. The codes are kept packed
+        (``qlab.numerics.packing.to_packed``: two 4-bit codes a byte, scales in their stored dtype);
+        a ``q`` that packing would change (a scale its ``scale_dtype`` cannot hold) is an error."""
         shape = tuple(self.q_meta[1]) if (self.q_meta is not None and self.weight[...].size == 0) else tuple(self.weight[...].shape)
         if tuple(q.shape) != shape:
             raise ValueError(f"{self.path}: QTensor shape {q.shape} != weight shape {shape}")
-        self.q_codes = QuantStat(q.codes)
-        self.q_scale = QuantStat(q.scale)
-        self.q_zero = None if q.zero_point is None else QuantStat(q.zero_point)
-        self.q_tscale = None if q.tensor_scale is None else QuantStat(q.tensor_scale)
+        if not isinstance(q.scale, jax.core.Tracer):
+            check_packable(q, f"layer {self.path!r}")
+        p = to_packed(q)
+        self.q_codes = QuantStat(p.codes)
+        self.q_scale = QuantStat(p.scale)
+        self.q_zero = None if p.zero_point is None else QuantStat(p.zero_point)
+        self.q_tscale = None if p.tensor_scale is None else QuantStat(p.tensor_scale)
         self.q_meta = (q.spec, tuple(q.shape), np.dtype(q.dtype).name)
         if not keep_float:
             self.weight.set_raw_value(jnp.zeros((0,), self.weight[...].dtype))

@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 import warnings
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 from flax import nnx
@@ -27,7 +29,7 @@ from qlab.nn.rules import first_match
 from qlab.nn.surgery import walk_layers
 from qlab.nn.transform import applied_rules, unmatched_rules
 
-__all__ = ["layer_report", "model_size", "unmatched_rules"]  # unmatched_rules: re-exported from qlab.nn.transform
+__all__ = ["layer_report", "model_size", "resident_bytes", "unmatched_rules"]  # unmatched_rules: re-exported from qlab.nn.transform
 
 
 def layer_report(qmodel, *, sqnr: bool = True, warn: bool = True):
@@ -118,13 +120,17 @@ def layer_report(qmodel, *, sqnr: bool = True, warn: bool = True):
     return df
 
 
-def model_size(qmodel) -> dict:
-    """``{"params", "packed_bytes", "float_bytes", "packed_mib", "float_mib"}`` over ALL parameters.
+def model_size(qmodel, native_dtype=None) -> dict:
+    """``{"params", "packed_bytes", "float_bytes", "packed_mib", "float_mib", "native_dtype",
+    "float_native_bytes", "float_native_mib"}`` over ALL parameters.
 
     Quantized weights count at their packed size (codes + scales); every other ``nnx.Param``
     (biases, norms, float layers) counts at 32 bits. Quantizer parameters (``QuantParam``) and
     statistics are not model weights and are not counted; a converted layer's kept float copy
-    is not counted either.
+    is not counted either. ``float_bytes`` is the float baseline in float32; ``float_native_bytes``
+    the same parameters in the model's own dtype: ``native_dtype`` if given, else the model's
+    ``native_dtype`` attribute (e.g. ``"bfloat16"`` for Gemma 3, whose released weights are bf16),
+    else float32.
 
     Example:
         >>> from flax import nnx
@@ -132,13 +138,24 @@ def model_size(qmodel) -> dict:
         >>> qm = quantize_model(nnx.Linear(128, 8, rngs=nnx.Rngs(0)), [Rule(".*", weight="int8/ch")])
         >>> model_size(qm)["packed_bytes"]   # 1024 int8 codes + 8 f16 scales + 8 f32 biases
         1072
+        >>> size = model_size(qm, native_dtype="bfloat16")
+        >>> size["float_bytes"], size["float_native_bytes"]   # 1032 params at 4 and at 2 bytes
+        (4128, 2064)
     """
+    dtype = native_dtype if native_dtype is not None else getattr(qmodel, "native_dtype", None) or "float32"
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt is None or not jnp.issubdtype(dt, jnp.floating):
+        raise ValueError(f"model_size: native_dtype={dtype!r} is not a float dtype; use e.g. 'float32', "
+                         "'bfloat16', 'float16'")
     wrappers = walk_layers(qmodel).quantized
     skip = set()  # the wrapped weights (by identity: a call site's weight is also its module's own Param)
     params = packed = 0
     for path, L in wrappers.items():
         skip.add(id(L.weight))
-        q = L.qtensor()
+        q = L.packed()
         shape = tuple(q.shape) if q is not None else tuple(L.weight[...].shape)
         n = math.prod(shape)
         spec = q.spec if q is not None else (L.weight_quant.spec if L.weight_quant is not None else None)
@@ -156,4 +173,24 @@ def model_size(qmodel) -> dict:
         "float_bytes": int(4 * params),
         "packed_mib": packed / 2**20,
         "float_mib": 4 * params / 2**20,
+        "native_dtype": dt.name,
+        "float_native_bytes": int(dt.itemsize * params),
+        "float_native_mib": dt.itemsize * params / 2**20,
     }
+
+
+def resident_bytes(model) -> int:
+    """Bytes of the JAX arrays a model holds (every Variable in ``nnx.state(model)``): what its weights
+    occupy in memory. A converted layer holds its codes packed (``qlab.numerics.packing.PackedQTensor``),
+    so this is within a few bytes per layer of :func:`model_size`'s ``packed_bytes`` (plus quantizer
+    statistics, and any float copy kept by ``convert(..., keep_float=True)``).
+
+    Example:
+        >>> from flax import nnx
+        >>> from qlab.nn import Rule, convert, quantize_model
+        >>> qm = quantize_model(nnx.Linear(256, 8, use_bias=False, rngs=nnx.Rngs(0)), [Rule(".*", weight="int4/g128")])
+        >>> resident_bytes(qm), resident_bytes(convert(qm)), model_size(convert(qm))["packed_bytes"]
+        (8192, 1056, 1056)
+    """
+    return int(sum(np.dtype(a.dtype).itemsize * int(np.size(a))
+                   for a in jax.tree_util.tree_leaves(nnx.state(model)) if hasattr(a, "dtype")))

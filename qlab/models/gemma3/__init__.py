@@ -19,7 +19,7 @@ Modules::
     gguf_file   GGUF config, weights (dequantized, cached) and tokenizer; writer of tiny GGUFs
     checkpoint  the official Hugging Face checkpoint directory
     load        the sources above behind load_gemma3 / gemma3_tokenizer
-    generation  generate (greedy or sampled continuation)
+    generation  generate (greedy or sampled continuation), decode_greedy (with a KV cache)
 
 Perplexity and per-token NLL live in :mod:`qlab.evaluate` (one implementation for every language model);
 ``perplexity`` and ``token_nll`` are re-exported here.
@@ -46,7 +46,7 @@ from qlab.evaluate import perplexity, token_nll
 
 from ..cache import MissingModelPackageError
 from .checkpoint import checkpoint_config, checkpoint_weights, load_gemma3_checkpoint
-from .generation import generate
+from .generation import decode_greedy, generate
 from .gguf_file import load_gguf_weights, read_gguf_config, write_gguf
 from .load import gemma3_gguf_path, gemma3_tokenizer, load_gemma3
 from .model import MLP, Attention, Block, Gemma3, Gemma3Config, RMSNorm, apply_rope, attention_mask
@@ -87,6 +87,7 @@ __all__ = [
     "token_nll",
     "perplexity",
     "generate",
+    "decode_greedy",
     "MissingModelPackageError",
     "TOKEN_NORMAL",
     "TOKEN_UNKNOWN",

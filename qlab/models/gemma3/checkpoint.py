@@ -166,7 +166,17 @@ def checkpoint_config(config: dict) -> Gemma3Config:
         bos_id=int(c["bos_token_id"]),
         eos_id=int(eos[0] if isinstance(eos, list) else eos),  # generation stops at the first listed one
         pad_id=int(c["pad_token_id"]),
+        native_dtype=_checkpoint_dtype(config, c),
     )
+
+
+def _checkpoint_dtype(config: dict, text_config: dict) -> str:
+    """The release dtype config.json names (``torch_dtype``, or ``dtype`` in newer files), else bfloat16."""
+    for c in (text_config, config):
+        for key in ("dtype", "torch_dtype"):
+            if isinstance(c.get(key), str) and c[key] in ("bfloat16", "float16", "float32"):
+                return c[key]
+    return Gemma3Config.native_dtype
 
 
 def hf_weight_names(cfg: Gemma3Config) -> list[str]:

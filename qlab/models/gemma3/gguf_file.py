@@ -72,6 +72,14 @@ def _f32(v) -> float:
     return float(str(np.float32(v)))
 
 
+def _native_dtype(reader) -> str:
+    """The release dtype a GGUF records: its embedding in BF16 or F16 says so; an F32 or quantized file
+    (Q4_K_M) does not record what it came from, and gemma3 is released in bfloat16."""
+    t = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    types = {gguf.GGMLQuantizationType.BF16: "bfloat16", gguf.GGMLQuantizationType.F16: "float16"}
+    return types.get(None if t is None else t.tensor_type, Gemma3Config.native_dtype)
+
+
 def read_gguf_config(reader) -> Gemma3Config:
     """Gemma3Config from GGUF metadata (``reader``: a ``gguf.GGUFReader`` or a path), with consistency checks.
 
@@ -111,6 +119,7 @@ def read_gguf_config(reader) -> Gemma3Config:
         bos_id=int(gguf_field(reader, "tokenizer.ggml.bos_token_id", 2)),
         eos_id=int(gguf_field(reader, "tokenizer.ggml.eos_token_id", 1)),
         pad_id=int(gguf_field(reader, "tokenizer.ggml.padding_token_id", 0)),
+        native_dtype=_native_dtype(reader),
     )
     for key in ("final_logit_softcapping", "attn_logit_softcapping", "rope.scaling.type"):
         if g(key) is not None:

@@ -70,6 +70,9 @@ class Gemma3Config:
     bos_id: int = 2
     eos_id: int = 1
     pad_id: int = 0
+    # the dtype the weights were released in (qlab computes in float32): what qlab.nn.model_size counts the
+    # float baseline in beside float32; Gemma 3 is released in bfloat16
+    native_dtype: str = "bfloat16"
 
     def __post_init__(self):
         if self.n_heads % self.n_kv_heads:
@@ -212,20 +215,27 @@ class Attention(nnx.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_eps)
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_eps)
 
-    def __call__(self, x, positions, mask, rope_base: float):
+    def __call__(self, x, positions, mask, rope_base: float, kv=None):
+        """Attention output [B, T, d_model]. With ``kv = (k_cache, v_cache, index)`` (caches [B, S, n_kv_heads,
+        head_dim]), this call's keys and values are written at slots ``index .. index + T - 1`` first, the
+        queries attend over all S slots (``mask``: [B, T, S]), and ``(output, (k_cache, v_cache))`` is returned."""
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.n_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, t, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(b, t, self.n_kv_heads, self.head_dim)
         q = apply_rope(self.q_norm(q), positions, rope_base) * self.scale
         k = apply_rope(self.k_norm(k), positions, rope_base)
+        if kv is not None:
+            k_cache, v_cache, index = kv
+            k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=1)
         g = self.n_heads // self.n_kv_heads  # query heads per KV head (GQA); head h uses KV head h // g
         q = q.reshape(b, t, self.n_kv_heads, g, self.head_dim)
         scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32)
         scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, self.n_heads * self.head_dim)
-        return self.o_proj(out)
+        return self.o_proj(out) if kv is None else (self.o_proj(out), (k, v))
 
 
 class MLP(nnx.Module):
@@ -267,10 +277,14 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, rngs=rngs)
         self.post_ffn_norm = RMSNorm(cfg.d_model, cfg.rms_eps)
 
-    def __call__(self, x, positions, local_mask, global_mask):
+    def __call__(self, x, positions, local_mask, global_mask, kv=None):
+        """The block's output; with ``kv`` (see :meth:`Attention.__call__`), ``(output, (k_cache, v_cache))``."""
         mask = local_mask if self.is_local else global_mask
-        x = x + self.post_attn_norm(self.attn(self.pre_attn_norm(x), positions, mask, self.rope_base))
-        return x + self.post_ffn_norm(self.mlp(self.pre_ffn_norm(x)))
+        a = self.attn(self.pre_attn_norm(x), positions, mask, self.rope_base, kv)
+        a, new_kv = (a, None) if kv is None else a
+        x = x + self.post_attn_norm(a)
+        x = x + self.post_ffn_norm(self.mlp(self.pre_ffn_norm(x)))
+        return x if kv is None else (x, new_kv)
 
 
 class Gemma3(nnx.Module):
@@ -297,17 +311,66 @@ class Gemma3(nnx.Module):
 
     def features(self, tokens, positions=None):
         """Final-normed hidden states [B, T, d_model] of ``tokens`` [B, T] (positions default to 0..T-1)."""
-        cfg = self.config
         tokens = jnp.asarray(tokens, jnp.int32)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-        x = self.embed(tokens)
-        x = x * jnp.asarray(math.sqrt(cfg.d_model), dtype=x.dtype)  # Gemma casts the normalizer to x.dtype
+        x = self._embed(tokens)
         global_mask = attention_mask(positions, positions, None)
-        local_mask = attention_mask(positions, positions, cfg.sliding_window)
+        local_mask = attention_mask(positions, positions, self.config.sliding_window)
         for layer in self.layers:
             x = layer(x, positions, local_mask, global_mask)
         return self.final_norm(x)
+
+    def init_kv_cache(self, batch: int, length: int, dtype=jnp.float32) -> tuple:
+        """Zeroed key/value caches for :meth:`features_cached`: one ``(k, v)`` pair per layer, each
+        [batch, length, n_kv_heads, head_dim].
+
+        Example:
+            >>> from flax import nnx
+            >>> cache = Gemma3(Gemma3Config.tiny(), rngs=nnx.Rngs(0)).init_kv_cache(1, 8)
+            >>> len(cache), cache[0][0].shape
+            (6, (1, 8, 2, 16))
+        """
+        cfg = self.config
+        shape = (batch, length, cfg.n_kv_heads, cfg.head_dim)
+        return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.n_layers))
+
+    def features_cached(self, tokens, index, cache):
+        """Hidden states of ``tokens`` [B, T] at positions ``index .. index + T - 1``, attending to the
+        cached keys and values of the earlier positions: ``(h [B, T, d_model], new_cache)``. Slots after
+        the last written position are masked (causal), so a cache may be longer than what it holds.
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> from flax import nnx
+            >>> model = Gemma3(Gemma3Config.tiny(), rngs=nnx.Rngs(0))
+            >>> ids = jnp.asarray([[2, 40, 41, 42]])
+            >>> h0, cache = model.features_cached(ids[:, :3], 0, model.init_kv_cache(1, 8))
+            >>> h1, cache = model.features_cached(ids[:, 3:], 3, cache)
+            >>> bool(jnp.allclose(h1[0, 0], model.features(ids)[0, 3], atol=1e-5))
+            True
+        """
+        tokens = jnp.asarray(tokens, jnp.int32)
+        b, t = tokens.shape
+        positions = jnp.broadcast_to(index + jnp.arange(t, dtype=jnp.int32), (b, t))
+        slots = jnp.broadcast_to(jnp.arange(cache[0][0].shape[1], dtype=jnp.int32), (b, cache[0][0].shape[1]))
+        global_mask = attention_mask(positions, slots, None)
+        local_mask = attention_mask(positions, slots, self.config.sliding_window)
+        x = self._embed(tokens)
+        new_cache = []
+        for layer, (k, v) in zip(self.layers, cache):
+            x, kv = layer(x, positions, local_mask, global_mask, (k, v, index))
+            new_cache.append(kv)
+        return self.final_norm(x), tuple(new_cache)
+
+    def _embed(self, tokens):
+        x = self.embed(tokens)
+        return x * jnp.asarray(math.sqrt(self.config.d_model), dtype=x.dtype)  # Gemma casts the normalizer to x.dtype
+
+    @property
+    def native_dtype(self) -> str:
+        """The dtype the weights were released in (``config.native_dtype``), e.g. ``"bfloat16"``."""
+        return self.config.native_dtype
 
     def unembed(self, h):
         """Logits [..., vocab] of hidden states ``h`` through the tied embedding."""
