@@ -61,6 +61,7 @@ bench: install
 	$(PY) benchmarks/qat_overhead.py
 	$(PY) benchmarks/sweep_batching.py
 	$(PY) benchmarks/gptq.py
+	$(PY) benchmarks/allocation.py
 
 notebooks: install
 	$(PY) -m pytest -q tests/test_notebooks.py

@@ -37,7 +37,7 @@ _SHOW = ("method", "weight", "seed", "accuracy", "perplexity", "bits_per_weight"
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qlab", description="qlab: a quantization research workbench for JAX")
     p.add_argument("--version", action="version", version=f"qlab {qlab.__version__}", help="print the version and exit")
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND", help="one of the commands below")
     s = sub.add_parser("sweep", help="run a study (resumable); writes runs.csv, layers.csv, study.json and plots")
     s.add_argument("study", help="a study TOML file (experiments/<name>.toml)")
     s.add_argument("--out", metavar="DIR", help="results folder (default results/<name>)")
@@ -135,6 +135,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"\nqlab {args.cmd}: interrupted; rerun to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-__all__ = ["predict", "accuracy", "token_nll", "nll", "perplexity", "lm_windows"]
+__all__ = ["perplexity_with_error", "predict", "accuracy", "token_nll", "nll", "perplexity", "lm_windows"]
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -214,3 +214,25 @@ def perplexity(model: nnx.Module, tokens, seq_len: int | None = None, batch_size
     if seq_len is None:
         return float(np.exp(token_nll(model, tokens, chunk).mean()))
     return math.exp(nll(model, tokens, seq_len, batch_size, chunk=chunk))
+
+
+def perplexity_with_error(model: nnx.Module, tokens, *, chunk: int = 256) -> tuple[float, float]:
+    """``(perplexity, standard error)`` over whole sequences: the perplexity is exactly
+    :func:`perplexity`'s (``seq_len=None``); its standard error comes from the per-token NLLs by the delta
+    method, ``ppl * std(nll) / sqrt(n)``, as llama.cpp reports it. Tokens are treated as independent, so on
+    running text (whose NLLs are correlated) it is a lower bound on the true uncertainty.
+
+    Example:
+        >>> import numpy as np
+        >>> from flax import nnx
+        >>> from qlab.models import Transformer, TransformerConfig
+        >>> cfg = TransformerConfig(vocab_size=5, d_model=16, n_layers=1, n_heads=2, d_ff=32, max_len=8)
+        >>> m = Transformer(cfg, rngs=nnx.Rngs(0))
+        >>> ppl, se = perplexity_with_error(m, np.arange(8) % 5)
+        >>> ppl == perplexity(m, np.arange(8) % 5), 0 < se < ppl
+        (True, True)
+    """
+    nlls = token_nll(model, tokens, chunk).ravel()
+    ppl = float(np.exp(nlls.mean()))
+    se = ppl * float(nlls.std(ddof=1)) / math.sqrt(len(nlls)) if len(nlls) > 1 else math.nan
+    return ppl, se

@@ -182,3 +182,34 @@ def test_reference_comparison(tmp_path, capsys):
     assert main(["sweep", p, "--out", str(tmp_path / "b"), "--no-progress", "--no-plots",
                  "--reference", str(tmp_path / "a")]) == 1
     assert "DIFFERS FROM the reference" in capsys.readouterr().out
+
+
+def test_three_workers_one_killed_give_the_single_worker_table(tmp_path):
+    """Workers sharing a folder (a job array): one is SIGKILLed mid-run; its claim is taken over and the
+    table equals a single worker's, every run done once."""
+    import signal
+    import time
+
+    import pandas as pd
+
+    p = _toml(tmp_path, TINY_TOML.format(name="w3"))
+    cmd = [sys.executable, "-m", "qlab.cli", "sweep", p, "--no-progress", "--no-plots", "--out"]
+    single = subprocess.run(cmd + [str(tmp_path / "one")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    out = tmp_path / "three"
+    procs = [subprocess.Popen(cmd + [str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    deadline = time.time() + 120
+    victim = procs[0]
+    while time.time() < deadline and victim.poll() is None:  # kill it while it holds a claim
+        if (out / "runs").is_dir() and list((out / "runs").glob("*.claim")) and list((out / "runs").glob("*.json")):
+            break
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    outs = [pr.communicate(timeout=300) for pr in procs[1:]]
+    assert all(pr.returncode == 0 for pr in procs[1:]), [e for _, e in outs]
+    a, b = pd.read_csv(tmp_path / "one" / "runs.csv"), pd.read_csv(out / "runs.csv")
+    cols = ["config_hash", "weight", "accuracy", "bits_per_weight", "model_bytes"]
+    pd.testing.assert_frame_equal(a[cols], b[cols])
+    assert not list((out / "runs").glob("*.claim"))

@@ -127,3 +127,10 @@ def test_lm_rules_keep_attention_call_sites_float(tmp_path):
     assert np.isfinite(tab["perplexity"]).all()
     quantized_sites = [p for sites in call_sites.SEEN_CALL_SITES.values() for p in sites]
     assert quantized_sites == []
+
+
+def test_lm_rows_carry_a_perplexity_standard_error(tmp_path):
+    study = {"name": "se", "base": {**LM, "weight": "int4/g16"}, "sweep": {"method": ["float", "ptq_rtn"]}}
+    t = sweep(study, out=tmp_path, progress=False)
+    assert (t["perplexity_se"] > 0).all() and (t["perplexity_se"] < t["perplexity"]).all()
+    assert t["float_perplexity_se"].nunique() == 1

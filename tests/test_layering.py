@@ -19,6 +19,7 @@ FORBIDDEN = {
     "evaluate": {"nn", "ptq", "experiments", "plot", "cli"},
     "nn": {"ptq", "experiments", "plot", "cli"},
     "ptq": {"experiments", "plot", "cli"},
+    "analysis": {"experiments", "plot", "cli"},
     "experiments": {"plot", "cli"},
 }
 

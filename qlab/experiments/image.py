@@ -41,7 +41,8 @@ from qlab.models import CNN, MLP, CNNConfig
 from qlab.numerics import IntFormat, bit_width_family
 from qlab.train import train, train_variants
 
-from .methods import SPEC_KEYS, Family, check_layer_shapes, layer_table, register, register_family, size_metrics
+from . import methods
+from .methods import SPEC_KEYS, Family, layer_table, register, register_family, size_metrics
 
 __all__ = ["dataset", "build_model", "float_model", "layer_shapes", "batch_signature", "run_batched", "BATCHABLE",
            "clear_caches"]
@@ -129,26 +130,7 @@ def check_rules(run) -> None:
         ...
         qlab.experiments.study.ConfigError: run 1 (base) (method='ptq_rtn', weight='int4/g32'): weight spec 'int4/g32' does not fit layer 'head' (kernel 16x10): per_group.size: 32 does not divide ...
     """
-    shapes = layer_shapes(run)
-    check_rules_match(run.rules, shapes)
-
-
-def check_rules_match(rules, shapes) -> None:
-    """Every rule must match some layer of ``shapes`` (``@first`` / ``@last`` resolved in that order), and
-    every weight spec must fit the layers it quantizes.
-
-    Example:
-        >>> check_rules_match([qnn.Rule("decoder/.*", weight="int4/ch")], [("head", (16, 10))])
-        Traceback (most recent call last):
-        ...
-        ValueError: rule 'decoder/.*' matches no layer; layers: head
-    """
-    paths = [p for p, _ in shapes]
-    rules = qnn.resolve_positions(rules, paths)
-    for r in rules:
-        if not any(r.matches(p) for p in paths):
-            raise ValueError(f"rule {r.pattern!r} matches no layer; layers: {', '.join(paths)}")
-    check_layer_shapes(shapes, rules)
+    methods.check_rules(run.rules, layer_shapes(run), run.method.name)
 
 
 def _check_lsq(run) -> None:
@@ -160,13 +142,8 @@ def _check_lsq(run) -> None:
                                  "integer format (allowed: int2..int8, uint*)")
 
 
-def _check_ptq(run) -> None:
-    check_rules(run)
-    if run.method.name == "ptq_hqq":
-        for r in run.rules:
-            if r.weight is not None and r.weight.symmetric:
-                raise ValueError(f"method 'ptq_hqq' needs asymmetric integer weight specs; weight {str(r.weight)!r} "
-                                 "is symmetric: set symmetric = false (e.g. int4/g32/asym)")
+def _float_key(run) -> tuple:
+    return tuple(_hashable(run.get(k)) for k in _FLOAT_KEYS)
 
 
 def float_model(run, progress: bool = False):
@@ -179,7 +156,7 @@ def float_model(run, progress: bool = False):
         >>> sorted(info)
         ['float_accuracy', 'train_s']
     """
-    key = tuple(_hashable(run.get(k)) for k in _FLOAT_KEYS)
+    key = _float_key(run)
     if key not in _float_cache:
         ds = dataset(run)
         model = build_model(run, int(run["seed"]))
@@ -336,7 +313,7 @@ def _make_ptq(algo: str, calibrated: bool):
 
 for _algo, _calibrated in (("gptq", True), ("awq", True), ("hqq", False), ("smoothquant", True)):
     register(f"ptq_{_algo}", family="image", reads=SPEC_KEYS + (("calibration_size",) if _calibrated else ()),
-             check=_check_ptq)(_make_ptq(_algo, _calibrated))
+             check=check_rules)(_make_ptq(_algo, _calibrated))
 
 
 # --------------------------------------------------------------------------- batched variants
@@ -377,7 +354,7 @@ def _ensure_floats_batched(runs) -> None:
     """Train the float models the runs need and the cache lacks, all together (same structure)."""
     todo, seen = [], set()
     for r in runs:
-        k = tuple(_hashable(r.get(k)) for k in _FLOAT_KEYS)
+        k = _float_key(r)
         if k not in _float_cache and k not in seen:
             seen.add(k)
             todo.append((k, r))

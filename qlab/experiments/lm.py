@@ -3,8 +3,8 @@ tests) and its methods ``float``, ``ptq_rtn``, ``ptq_gptq`` (``act_order``), ``p
 
 The model is loaded once per process. The study's rules apply to the attention and MLP projections; the
 tied embedding and the attention's own products (q.k^T, p.v) stay float. Each run reports ``perplexity``
-on the first ``eval_tokens`` tokens of the ``data`` text, ``float_perplexity``, ``perplexity_increase`` and
-the size metrics. GPTQ / AWQ calibrate on ``calibration_seqs`` x ``calibration_len`` tokens of the
+on the first ``eval_tokens`` tokens of the ``data`` text with its standard error over tokens (``perplexity_se``),
+``float_perplexity`` (and ``float_perplexity_se``), ``perplexity_increase`` and the size metrics. GPTQ / AWQ calibrate on ``calibration_seqs`` x ``calibration_len`` tokens of the
 ``calibration`` text: block by block on the already-quantized predecessors (``sequential = true``; ``quant_s``
 includes the captures), or with ``sequential = false`` on statistics of one float pass, captured once per
 process and shared by the runs.
@@ -33,10 +33,11 @@ from flax import nnx
 from qlab import nn as qnn
 from qlab import ptq
 from qlab.data.text import AUSTEN_NOVELS, load_austen
-from qlab.evaluate import perplexity
+from qlab.evaluate import perplexity_with_error
 from qlab.models import gemma3 as G
 
-from .methods import SPEC_KEYS, Family, check_layer_shapes, layer_table, register, register_family, size_metrics
+from . import methods
+from .methods import SPEC_KEYS, Family, layer_table, register, register_family, size_metrics
 
 __all__ = ["lm_model", "lm_linears", "layer_shapes", "TINY_TEXT"]
 
@@ -109,18 +110,7 @@ def lm_linears(model) -> dict[str, nnx.Linear]:
 
 
 def _check(run) -> None:
-    shapes = layer_shapes(run)
-    paths = [p for p, _ in shapes]
-    rules = qnn.resolve_positions(run.rules, paths)
-    for r in rules:
-        if not any(r.matches(p) for p in paths):
-            raise ValueError(f"rule {r.pattern!r} matches no projection; e.g. {', '.join(paths[:7])}")
-    check_layer_shapes(shapes, rules)
-    if run.method.name == "ptq_hqq":
-        for r in rules:
-            if r.weight is not None and r.weight.symmetric:
-                raise ValueError(f"method 'ptq_hqq' needs asymmetric integer weight specs; weight {str(r.weight)!r} "
-                                 "is symmetric: e.g. int4/g128/asym/zp=float")
+    methods.check_rules(run.rules, layer_shapes(run), run.method.name)
 
 
 def _text(name: str) -> str:
@@ -134,10 +124,10 @@ def _eval_ids(model: str, data: str, eval_tokens: int):
 
 
 @functools.lru_cache(maxsize=8)
-def _float_ppl(model: str, data: str, eval_tokens: int) -> tuple[float, float]:
+def _float_ppl(model: str, data: str, eval_tokens: int) -> tuple[float, float, float]:
     t = time.perf_counter()
-    ppl = perplexity(lm_model(model)[0], _eval_ids(model, data, eval_tokens))
-    return ppl, time.perf_counter() - t
+    ppl, se = perplexity_with_error(lm_model(model)[0], _eval_ids(model, data, eval_tokens))
+    return ppl, se, time.perf_counter() - t
 
 
 def _calibration(model: str, calibration: str, seqs: int, length: int) -> np.ndarray:
@@ -179,13 +169,19 @@ def _effective_kernels(qmodel) -> dict[str, jax.Array]:
     return out
 
 
-def _calibration_args(run) -> tuple[dict, int]:
+def _calibration_args(run) -> tuple[dict, dict]:
+    """GPTQ / AWQ calibration arguments, and the metrics they add: ``calib_tokens`` and ``shared_s`` (the time
+    of a one-pass capture shared by the runs, which ``quant_s`` leaves out)."""
     key = (run["model"], run["calibration"], int(run["calibration_seqs"]), int(run["calibration_len"]))
+    extra = {"calib_tokens": key[2] * key[3], "shared_s": 0.0}
     if run["sequential"]:  # block by block: statistics depend on the run's own quantization
         calib = _calibration(*key)
         return dict(calibration_batches=[jnp.asarray(calib[i:i + 4]) for i in range(0, len(calib), 4)],
-                    forward=lambda m, b: m.features(b), sequential=True), key[2] * key[3]
-    return dict(calibration_batches=None, calibration_stats=_float_pass_stats(*key)), key[2] * key[3]
+                    forward=lambda m, b: m.features(b), sequential=True), extra
+    t = time.perf_counter()
+    stats = _float_pass_stats(*key)
+    extra["shared_s"] = time.perf_counter() - t
+    return dict(calibration_batches=None, calibration_stats=stats), extra
 
 
 def _evaluate(run, quantize) -> tuple[dict, Any]:
@@ -195,7 +191,7 @@ def _evaluate(run, quantize) -> tuple[dict, Any]:
     t0 = time.perf_counter()
     model, _ = lm_model(run["model"])
     key = (run["model"], run["data"], int(run["eval_tokens"]))
-    fppl, _ = _float_ppl(*key)
+    fppl, fse, _ = _float_ppl(*key)
     linears = lm_linears(model)
     order = list(linears)
     rules = (qnn.Rule("embed"), qnn.Rule(_CALL_SITES)) + qnn.resolve_positions(run.rules, order)
@@ -208,11 +204,12 @@ def _evaluate(run, quantize) -> tuple[dict, Any]:
     try:
         for p, w in kernels.items():
             linears[p].kernel.value = w
-        ppl = perplexity(model, _eval_ids(*key))
+        ppl, se = perplexity_with_error(model, _eval_ids(*key))
     finally:
         for p, w in originals.items():
             linears[p].kernel.value = w
-    metrics = {"perplexity": ppl, "float_perplexity": fppl, "perplexity_increase": ppl - fppl, **size_metrics(qm),
+    metrics = {"perplexity": ppl, "perplexity_se": se, "float_perplexity": fppl, "float_perplexity_se": fse,
+               "perplexity_increase": ppl - fppl, **size_metrics(qm),
                "quant_s": quant_s, "eval_s": time.perf_counter() - te, **extra}
     metrics["method_s"] = time.perf_counter() - t0
     return metrics, layer_table(qm, order)
@@ -222,8 +219,9 @@ def _evaluate(run, quantize) -> tuple[dict, Any]:
 def run_float(run, progress=False):
     """The float model's perplexity on the evaluation text."""
     model, _ = lm_model(run["model"])
-    fppl, eval_s = _float_ppl(run["model"], run["data"], int(run["eval_tokens"]))
-    return {"perplexity": fppl, "float_perplexity": fppl, "perplexity_increase": 0.0,
+    fppl, fse, eval_s = _float_ppl(run["model"], run["data"], int(run["eval_tokens"]))
+    return {"perplexity": fppl, "perplexity_se": fse, "float_perplexity": fppl, "float_perplexity_se": fse,
+            "perplexity_increase": 0.0,
             **size_metrics(qnn.quantize_model(model, (), allow_unmatched=True)), "eval_s": eval_s}, None
 
 
@@ -247,11 +245,8 @@ def run_ptq_gptq(run, progress=False):
     """GPTQ of the projections (``act_order``), calibrated on the ``calibration`` text."""
 
     def quantize(model, rules):
-        t = time.perf_counter()
-        cal, tokens = _calibration_args(run)
-        shared = 0.0 if run["sequential"] else time.perf_counter() - t
-        return ptq.gptq(model, rules, act_order=bool(run["act_order"]), **cal), {"calib_tokens": tokens,
-                                                                                  "shared_s": shared}
+        cal, extra = _calibration_args(run)
+        return ptq.gptq(model, rules, act_order=bool(run["act_order"]), **cal), extra
 
     return _evaluate(run, quantize)
 
@@ -261,9 +256,7 @@ def run_ptq_awq(run, progress=False):
     """AWQ of the projections, calibrated on the ``calibration`` text."""
 
     def quantize(model, rules):
-        t = time.perf_counter()
-        cal, tokens = _calibration_args(run)
-        shared = 0.0 if run["sequential"] else time.perf_counter() - t
-        return ptq.awq(model, rules, max_input_rows=512, **cal), {"calib_tokens": tokens, "shared_s": shared}
+        cal, extra = _calibration_args(run)
+        return ptq.awq(model, rules, max_input_rows=512, **cal), extra
 
     return _evaluate(run, quantize)

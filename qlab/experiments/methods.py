@@ -34,7 +34,7 @@ from qlab import nn as qnn
 from qlab.numerics import bits_per_weight
 
 __all__ = ["Family", "Method", "FAMILIES", "REGISTRY", "SPEC_KEYS", "register", "register_family", "method_for",
-           "family_of", "check_layer_shapes", "size_metrics", "layer_table", "MiB"]
+           "family_of", "check_layer_shapes", "check_rules", "size_metrics", "layer_table", "MiB"]
 
 MiB = 2**20
 
@@ -169,6 +169,31 @@ def check_layer_shapes(shapes, rules) -> None:
         except ValueError as e:
             raise ValueError(f"weight spec {str(rule.weight)!r} does not fit layer {path!r} "
                              f"(kernel {'x'.join(map(str, shape))}): {e}") from None
+
+
+def check_rules(rules, shapes, method: str) -> None:
+    """The checks every quantizing method makes when a study is loaded: each rule matches some layer of
+    ``shapes`` (``@first`` / ``@last`` resolved in that order), each weight spec fits the layers it quantizes
+    (:func:`check_layer_shapes`), and ``ptq_hqq`` gets asymmetric weight specs.
+
+    Example:
+        >>> check_rules([qnn.Rule("decoder/.*", weight="int4/ch")], [("head", (16, 10))], "ptq_rtn")
+        Traceback (most recent call last):
+        ...
+        ValueError: rule 'decoder/.*' matches no layer; layers: head
+    """
+    paths = [p for p, _ in shapes]
+    rules = qnn.resolve_positions(rules, paths)
+    for r in rules:
+        if not any(r.matches(p) for p in paths):
+            shown = ", ".join(paths[:8]) + (f", ... ({len(paths)} layers)" if len(paths) > 8 else "")
+            raise ValueError(f"rule {r.pattern!r} matches no layer; layers: {shown}")
+    check_layer_shapes(shapes, rules)
+    if method == "ptq_hqq":
+        for r in rules:
+            if r.weight is not None and r.weight.symmetric:
+                raise ValueError(f"method 'ptq_hqq' needs asymmetric integer weight specs; weight {str(r.weight)!r} "
+                                 "is symmetric: set symmetric = false (e.g. int4/g32/asym, int4/g128/asym/zp=float)")
 
 
 def size_metrics(qmodel: nnx.Module, report=None) -> dict:

@@ -114,6 +114,9 @@ def _meta() -> dict:
     }
 
 
+_POLL_S = 0.5  # how often a sweep looks at runs another sweep holds
+
+
 def _finished(out_dir: pathlib.Path, run: Run) -> bool:
     return (out_dir / "runs" / f"{run.config_hash}.json").is_file()
 
@@ -156,7 +159,9 @@ def sweep(study, *, force: bool = False, only: str | None = None, out=None, prog
 
     Each finished run is saved at once (``runs/<hash>.json``, atomic) and ``runs.csv`` / ``layers.csv`` are
     rebuilt, so a sweep killed at any point resumes where it stopped. Runs another live sweep has claimed
-    are left to it. Failed runs are reported after the others finished; they are not saved. The table's
+    are left to it, and waited for at the end; if that sweep dies its claims are taken over (same host: its
+    process is gone; other hosts: the claim is older than ``QLAB_CLAIM_TTL`` seconds), so any number of
+    workers started on one folder (a job array, a loop) end with every run done exactly once. Failed runs are reported after the others finished; they are not saved. The table's
     ``attrs["computed"]`` counts the runs this call did.
     """
     st, out_dir, todo = plan(study, force=force, only=only, out=out)
@@ -173,48 +178,59 @@ def sweep(study, *, force: bool = False, only: str | None = None, out=None, prog
     }, indent=1, default=str))
     meta = _meta()
     failures: dict[str, str] = {}
-    skipped = computed = 0
+    computed = 0
     bar = None
     if progress and todo:
         from tqdm.auto import tqdm  # noqa: PLC0415 -- picks the notebook or terminal bar when first used
 
         bar = tqdm(total=len(todo), desc=f"sweep {st.name}", unit="run", dynamic_ncols=True)
+
+    def do(group: list[Run]) -> list[Run]:
+        """Claim, run and save a group; returns the runs another live sweep holds."""
+        nonlocal computed
+        claimed = [r for r in group if claim_run(out_dir, r.config_hash)]
+        for r in [r for r in claimed if r.config_hash not in done_before and _finished(out_dir, r)]:
+            release_run(out_dir, r.config_hash)  # another sweep finished it after we planned
+            claimed.remove(r)
+        held = [r for r in group if r not in claimed and not _finished(out_dir, r)]
+        if not claimed:
+            return held
+        if bar is not None:
+            bar.set_postfix_str(f"{claimed[0].method.name} {claimed[0].label}" +
+                                (f" x{len(claimed)}" if len(claimed) > 1 else ""))
+        t0 = time.perf_counter()
+        try:
+            results = _run_group(claimed, progress)
+            wall = (time.perf_counter() - t0) / len(claimed)
+            for run, (metrics, layers) in zip(claimed, results):
+                write_run(out_dir, result_row(st.name, run, metrics, meta, wall),
+                          None if layers is None else layers.to_dict("records"))
+            rebuild_tables(out_dir, order)
+            computed += len(claimed)
+        except Exception:  # noqa: BLE001 -- recorded, reported at the end
+            for run in claimed:
+                failures[run.config_hash] = traceback.format_exc()
+            print(f"run {claimed[0].config_hash} failed:\n{failures[claimed[0].config_hash]}", file=sys.stderr)
+        finally:
+            for run in claimed:
+                release_run(out_dir, run.config_hash)
+        return held
+
     try:
+        held = []
         for group in _groups(todo, st.batch if batch is None else batch):
-            claimed = [r for r in group if claim_run(out_dir, r.config_hash)]
-            for r in [r for r in claimed if r.config_hash not in done_before and _finished(out_dir, r)]:
-                release_run(out_dir, r.config_hash)  # another sweep finished it after we planned
-                claimed.remove(r)
-            skipped += len(group) - len(claimed)
-            if not claimed:
-                continue
-            if bar is not None:
-                bar.set_postfix_str(f"{claimed[0].method.name} {claimed[0].label}" +
-                                    (f" x{len(claimed)}" if len(claimed) > 1 else ""))
-            t0 = time.perf_counter()
-            try:
-                results = _run_group(claimed, progress)
-                wall = (time.perf_counter() - t0) / len(claimed)
-                for run, (metrics, layers) in zip(claimed, results):
-                    row = result_row(st.name, run, metrics, meta, wall)
-                    write_layers = None if layers is None else layers.to_dict("records")
-                    write_run(out_dir, row, write_layers)
-                rebuild_tables(out_dir, order)
-                computed += len(claimed)
-            except Exception:  # noqa: BLE001 -- recorded, reported at the end
-                for run in claimed:
-                    failures[run.config_hash] = traceback.format_exc()
-                print(f"run {claimed[0].config_hash} failed:\n{failures[claimed[0].config_hash]}", file=sys.stderr)
-            finally:
-                for run in claimed:
-                    release_run(out_dir, run.config_hash)
+            held += do(group)
             if bar is not None:
                 bar.update(len(group))
+        if held:
+            print(f"{len(held)} run(s) are claimed by another sweep working on {out_dir}: waiting for them "
+                  "(a claim whose sweep died is taken over)", file=sys.stderr)
+        while held:  # another sweep's runs: wait until they are saved, or redo them if that sweep died
+            time.sleep(_POLL_S)
+            held = [h for r in held for h in do([r])]
     finally:
         if bar is not None:
             bar.close()
-    if skipped:
-        print(f"{skipped} run(s) were claimed by another sweep working on {out_dir}; left to it", file=sys.stderr)
     table, _ = rebuild_tables(out_dir, order)
     table.attrs["computed"] = computed  # runs this call did (the rest were done before, or by another sweep)
     if failures and raise_on_error:

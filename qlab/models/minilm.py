@@ -37,6 +37,7 @@ from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
 from qlab.models.cache import MissingModelPackageError, package_dir
+from qlab.models.weight_map import assign_weights, read_weights
 
 __all__ = [
     "MiniLMConfig",
@@ -247,13 +248,6 @@ def _weight_map(cfg: MiniLMConfig):
     return items
 
 
-def _get_module(model, path):
-    m = model
-    for p in path:
-        m = m[p] if isinstance(p, int) else getattr(m, p)
-    return m
-
-
 def model_from_state_dict(cfg: MiniLMConfig, weights: dict[str, np.ndarray]) -> MiniLM:
     """Build a MiniLM from a HF ``BertModel`` state dict (numpy arrays; extra keys such as the pooler ignored).
 
@@ -263,17 +257,11 @@ def model_from_state_dict(cfg: MiniLMConfig, weights: dict[str, np.ndarray]) -> 
         (16, 16)
     """
     model = nnx.eval_shape(lambda: MiniLM(cfg, rngs=nnx.Rngs(0)))
-    for path, attr, name, transpose in _weight_map(cfg):
+    weight_map = _weight_map(cfg)
+    for _, _, name, _ in weight_map:
         if name not in weights:
             raise KeyError(f"state dict is missing {name!r}")
-        w = np.asarray(weights[name], np.float32)
-        w = w.T if transpose else w
-        var = getattr(_get_module(model, path), attr)
-        if tuple(w.shape) != tuple(var.shape):
-            raise ValueError(f"{name}: shape {w.shape} does not fit {'.'.join(map(str, path))}.{attr} "
-                             f"{tuple(var.shape)}")
-        var.value = jnp.asarray(w)
-    return model
+    return assign_weights(model, weight_map, weights)
 
 
 def model_state_dict(model: MiniLM) -> dict[str, np.ndarray]:
@@ -283,11 +271,7 @@ def model_state_dict(model: MiniLM) -> dict[str, np.ndarray]:
         >>> model_state_dict(MiniLM(MiniLMConfig.tiny(), rngs=nnx.Rngs(0)))["encoder.layer.0.intermediate.dense.weight"].shape
         (32, 16)
     """
-    out = {}
-    for path, attr, name, transpose in _weight_map(model.config):
-        w = np.asarray(getattr(_get_module(model, path), attr)[...], np.float32)
-        out[name] = np.ascontiguousarray(w.T if transpose else w)
-    return out
+    return read_weights(model, _weight_map(model.config))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -171,7 +171,9 @@ def gptq(W, H, spec, *, damp: float = 0.01, block_size: int = 128, act_order: bo
             ``act_order`` and groups (required then), False otherwise.
 
     Returns:
-        A QTensor with the resolved spec; ``qlab.dequantize`` of it is the GPTQ weight.
+        A QTensor with the resolved spec; ``qlab.dequantize`` of it is the GPTQ weight. Traceable: under
+        ``jax.jit`` / ``jax.export`` the host-side checks (finite Hessian, a Cholesky that succeeded, the
+        warning about a raised dampening) are skipped.
     """
     spec = resolve_weight_spec(spec, require_rows=True)
     W = jnp.asarray(W, _F32)
@@ -181,7 +183,8 @@ def gptq(W, H, spec, *, damp: float = 0.01, block_size: int = 128, act_order: bo
     n_in, n_out = W.shape
     if H.shape != (n_in, n_in):
         raise ValueError(f"gptq: H must be ({n_in}, {n_in}) for W of shape {W.shape}, got {H.shape}")
-    if not bool(jnp.all(jnp.isfinite(H))):
+    traced = isinstance(H, jax.core.Tracer) or isinstance(W, jax.core.Tracer)  # inside jit / export: no host checks
+    if not traced and not bool(jnp.all(jnp.isfinite(H))):
         raise ValueError("gptq: the Hessian has non-finite entries")
     grouped = isinstance(spec.granularity, PerGroup)
     per_tensor = isinstance(spec.granularity, PerTensor)
@@ -199,6 +202,8 @@ def gptq(W, H, spec, *, damp: float = 0.01, block_size: int = 128, act_order: bo
     R, S, Z, tscale, d_used = _gptq_core(W, H, jnp.float32(damp), spec=spec, G=G, B=B, grouped=grouped,
                                          static_groups=bool(static_groups), act_order=bool(act_order),
                                          per_tensor=per_tensor)
+    if traced:
+        return qtensor_from_grid(R, S, Z, tscale, spec)
     if not bool(jnp.all(jnp.isfinite(R))):
         raise FloatingPointError(f"gptq: Cholesky of the damped Hessian failed even with damp={float(d_used):g}")
     if float(d_used) != float(jnp.float32(damp)):

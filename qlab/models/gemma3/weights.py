@@ -16,9 +16,10 @@ Example:
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from qlab.models.weight_map import assign_weights, read_weights
 
 from .model import Gemma3, Gemma3Config
 
@@ -52,13 +53,6 @@ def _weight_map(cfg: Gemma3Config):
     return items
 
 
-def _get_module(model, path):
-    m = model
-    for p in path:
-        m = m[p] if isinstance(p, int) else getattr(m, p)
-    return m
-
-
 def weight_names(cfg: Gemma3Config) -> list[str]:
     """Every tensor name a model of ``cfg`` needs, embedding and final norm first, then block by block.
 
@@ -86,16 +80,7 @@ def model_from_weights(cfg: Gemma3Config, weights: dict[str, np.ndarray]) -> Gem
     missing = [name for name in weight_names(cfg) if name not in weights]
     if missing:
         raise KeyError(f"weights are missing tensors (GGUF names): {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    for path, attr, name, transpose in _weight_map(cfg):
-        var = getattr(_get_module(model, path), attr)
-        w = np.asarray(weights[name], dtype=np.float32)
-        if transpose:
-            w = w.T
-        if tuple(w.shape) != tuple(var.shape):
-            raise ValueError(f"{name}: shape {w.shape} does not fit {'.'.join(map(str, path))}.{attr} "
-                             f"{tuple(var.shape)}")
-        var.value = jnp.asarray(w)
-    return model
+    return assign_weights(model, _weight_map(cfg), weights)
 
 
 def model_weights(model: Gemma3) -> dict[str, np.ndarray]:
@@ -107,8 +92,4 @@ def model_weights(model: Gemma3) -> dict[str, np.ndarray]:
         >>> model_weights(model)["blk.1.ffn_down.weight"].shape  # [out, in]
         (32, 64)
     """
-    out = {}
-    for path, attr, name, transpose in _weight_map(model.config):
-        w = np.asarray(getattr(_get_module(model, path), attr)[...], dtype=np.float32)
-        out[name] = np.ascontiguousarray(w.T if transpose else w)
-    return out
+    return read_weights(model, _weight_map(model.config))
