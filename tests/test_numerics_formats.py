@@ -179,11 +179,16 @@ def test_nvfp4_dequantizes_with_one_rounding_per_product():
     """(code * block scale) * tensor scale, each product correctly rounded, as a float64 reference."""
     rng = np.random.default_rng(1)
     x = (rng.standard_normal((16, 256)) * rng.uniform(0.01, 50, (16, 1))).astype(np.float32)
+    x[0, 0] = 157.3  # a tensor scale amax / 2688 with a full mantissa (this seed's has 9 trailing zeros)
     q = qlab.quantize(x, "nvfp4")
     code_vals = np.asarray(q.spec.fmt.decode(q.codes), np.float64).reshape(16, 16, 16)
     s = np.asarray(q.scale, np.float64).reshape(16, 16, 1)
     ts = np.float64(q.tensor_scale)
     ref = ((code_vals * s).astype(np.float32).astype(np.float64) * ts).astype(np.float32).reshape(x.shape)
+    # the old double rounding, code * f32(block scale * tensor scale), differs on these data (so
+    # the assertion below would fail on it)
+    twice = (code_vals * (s * ts).astype(np.float32).astype(np.float64)).astype(np.float32).reshape(x.shape)
+    assert (twice.view(np.uint32) != ref.view(np.uint32)).mean() > 0.03
     y = np.asarray(qlab.dequantize(q))
     np.testing.assert_array_equal(y.view(np.uint32), ref.view(np.uint32))
     np.testing.assert_array_equal(np.asarray(qlab.fake_quant(x, "nvfp4")).view(np.uint32), ref.view(np.uint32))
