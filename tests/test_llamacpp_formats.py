@@ -215,3 +215,11 @@ def test_qmax_plus_half_scale_grid():
         np.testing.assert_array_equal(np.asarray(q.codes, np.float32)[0], expect[0])
         assert int(q.codes[0, 0]) == qmax and abs(float(v[0, 0]) - (qmax + 0.5)) < 1e-4  # lands on a half, clips
         np.testing.assert_array_equal(np.asarray(qlab.dequantize(q)), expect.astype(np.float32) * step)
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q5_0", "q4_1", "q5_1"])
+def test_near_tie_not_fused_into_fma(name):
+    """x * (1/d) = 2.4999995 in float32 (so 11 after + 8.5 and trunc); one FMA would give 10."""
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((48, 256)) * rng.uniform(1e-3, 20.0, (48, 1))).astype(np.float32)
+    _check(w, name)

@@ -18,6 +18,7 @@ MXFP4     fp4_e2m1, e8m0 scale                                             ``mxf
 Layers kept float go out in their own dtype (F32, F16 or BF16). A spec with no exact type is an error
 naming the nearest exportable specs. The ``q*`` presets also compute codes as llama.cpp does, so an
 RTN export of them is byte for byte what llama.cpp's own quantizer makes of the same float weights.
+(One exception to "bit for bit": GGML's MXFP4 table has no -0, so an e2m1 -0 code reads back as +0.)
 
 Example:
     >>> import numpy as np, qlab
@@ -172,9 +173,10 @@ def ggml_blocks(q: QTensor):
         parts = [_f16_bytes(d), _f16_bytes(m), _nibbles(c)]
     elif t == T.Q5_1:
         parts = [_f16_bytes(d), _f16_bytes(m), _high_bits(c), _nibbles(c)]
-    else:  # MXFP4: the e8m0 byte is the scale's biased exponent; codes are e2m1 bit patterns
+    else:  # MXFP4: the e8m0 byte is the scale's biased exponent; codes are e2m1 bit patterns, except
+        # that GGML's table reads pattern 8 as +0 (it has no -0): -0 goes out as the +0 pattern
         e = (np.frexp(d)[1] - 1 + 127).astype(np.uint8).reshape(-1, 1)
-        parts = [e, _nibbles(c)]
+        parts = [e, _nibbles(np.where(c == 8, 0, c))]
     return t, np.ascontiguousarray(np.concatenate(parts, axis=1).reshape(rows, -1))
 
 

@@ -501,6 +501,11 @@ def round_codes(v, spec: QuantSpec, noise=None):
         f = jnp.floor(a)
         r = jnp.sign(v) * (f + (a - f >= 0.5))  # a - f is exact: no rounding at the half
     else:
+        # v rounded to float32 before the addition, as llama.cpp's reference: LLVM would otherwise
+        # contract x * (1 / d) + 8.5 into one FMA, which rounds once and differs at near-ties. A
+        # division by 1 (a divisor it cannot see is 1; XLA drops optimization barriers here) is no
+        # multiply-add operand.
+        v = v / jnp.where(jnp.isnan(v), 2.0, 1.0)
         r = jnp.trunc(v + (0.5 - qmin)) + qmin
     r = jnp.clip(r, qmin, qmax)
     return jnp.where(r == 0, 0.0, r)
