@@ -158,3 +158,76 @@ def test_read_truncated_or_foreign(tiny, tmp_path):
         read_gguf(foreign)
     got = read_gguf(out)
     assert isinstance(got["blk.0.ffn_up.weight"], qlab.QTensor)
+
+
+# ---- safetensors ------------------------------------------------------------------------------------
+
+from qlab.export.safetensors import export_safetensors, load_safetensors, read_safetensors_metadata  # noqa: E402
+from qlab.models import MLP  # noqa: E402
+
+
+def _mlp(seed=0):
+    return MLP(64, hidden=(64, 32), out=8, rngs=nnx.Rngs(seed))
+
+
+MLP_RULES = [Rule("layers/0", weight="int4/g32"), Rule("layers/1", weight="nf4/g32"), Rule("head", weight="int8/ch")]
+
+
+def _data_bytes(path):
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    return len(raw) - 8 - n, n
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq", "hqq"])
+def test_safetensors_round_trip_bit_identical(tmp_path, method):
+    x = np.asarray(np.random.default_rng(0).standard_normal((16, 64)), np.float32)
+    batches = [x]
+    if method == "rtn":
+        qm = ptq.rtn(_mlp(), MLP_RULES)
+    elif method == "gptq":
+        qm = ptq.gptq(_mlp(), MLP_RULES, batches)
+    elif method == "awq":
+        qm = ptq.awq(_mlp(), [Rule("layers/[01]", weight="q4_1")], batches)
+    else:
+        qm = ptq.hqq(_mlp(), [Rule("layers/.*", weight="int4/g32/asym/zp=float")])
+    p = export_safetensors(qm, tmp_path / "m.safetensors")
+    back = load_safetensors(_mlp(seed=5), p)  # other random weights: all replaced from the file
+    np.testing.assert_array_equal(_bits(back(x)), _bits(qm(x)))
+    data, _ = _data_bytes(p)
+    size = qlab.nn.model_size(qm)["packed_bytes"]
+    extra = sum(4 * L.in_features for L in qlab.nn.quantized_layers(qm).values() if L.input_scale is not None)
+    assert data == size + extra  # the accounting (+ AWQ's f32 input scales), plus the header
+    meta = read_safetensors_metadata(p)
+    assert meta["qlab_version"] == qlab.__version__ and set(meta["layers"]) <= {"layers/0", "layers/1", "head"}
+
+
+def test_safetensors_tiny_gemma_awq(tiny, tmp_path):
+    _, model, _ = tiny
+    batches = [np.random.default_rng(i).integers(0, 256, (2, 16)) for i in range(2)]
+    qm = ptq.awq(model, [Rule(r".*mlp.*", weight="q4_0"), Rule(r".*attn/.*_proj", weight="int4/g16")], batches,
+                 forward=lambda m, b: m(b))
+    p = export_safetensors(qm, tmp_path / "g.safetensors")
+    back = load_safetensors(Gemma3(Gemma3Config.tiny(), rngs=nnx.Rngs(3)), p)
+    ids = np.arange(16)[None] % 256
+    np.testing.assert_array_equal(_bits(back(ids)), _bits(qm(ids)))
+    with pytest.raises(ValueError, match="input scale .* not folded"):
+        export_gguf(qm, tmp_path / "g.gguf", source=tiny[2])
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["g.safetensors"]
+
+
+def test_safetensors_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="no quantized layers"):
+        export_safetensors(_mlp(), tmp_path / "m.safetensors")
+    with pytest.raises(OSError, match="does not exist"):
+        export_safetensors(ptq.rtn(_mlp(), MLP_RULES), tmp_path / "no" / "m.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\xff" * 16)
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        load_safetensors(_mlp(), bad)
+    p = export_safetensors(ptq.rtn(_mlp(), MLP_RULES), tmp_path / "m.safetensors")
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(p.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        load_safetensors(_mlp(), cut)
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["bad.safetensors", "cut.safetensors", "m.safetensors"]
