@@ -7,9 +7,9 @@ DEB_DIR := $(CACHE)/debian
 APT_DATA := dataset-fashion-mnist bible-kjv fortunes
 PYTEST_ARGS ?= -q -n 2
 
-.PHONY: install venv kernel data models demo test bench notebooks notebook clean
+.PHONY: install llama venv kernel data models demo test bench notebooks notebook clean
 
-install: venv kernel data models
+install: venv kernel data models llama
 
 venv: .venv/.installed
 .venv/.installed: pyproject.toml
@@ -17,6 +17,12 @@ venv: .venv/.installed
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -e ".[test]"
 	touch $@
+
+# llama.cpp (llama-cpp-python, built from source once; pip caches the wheel). A native build crashed in
+# its first decode on this machine: a fixed x86-64 AVX2/AVX512 build works.
+llama: .venv/.installed
+	$(PY) -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON \
+	  -DGGML_F16C=ON -DGGML_AVX512=ON" $(PIP) install -q -e ".[llama]"
 
 # qlab's CPU fake-quant kernel (qlab/numerics/native.py), compiled once into ~/.cache/qlab/kernels;
 # without it fake_quant still runs (the XLA path, same values) and says so.

@@ -154,10 +154,44 @@ def test_mxfp4_by_hand():
 def test_mxint8_by_hand():
     # MXINT8: int8 read as fixed point 1.6 (emax 0); amax 1.9 -> X = 2^0, step 2^-6
     q = qlab.quantize(_block([1.9, -1.9, 0.3, 1.0]), "mxint8")
-    assert float(q.scale.reshape(())) == 2.0**-6
+    assert float(q.scale.reshape(())) == 1.0  # the OCP scale X itself
     np.testing.assert_array_equal(np.asarray(q.codes)[0, :4], [122, -122, 19, 64])
     y = np.asarray(qlab.dequantize(q))[0, :4]
     np.testing.assert_array_equal(y, np.array([122, -122, 19, 64]) / 64)
+
+
+def test_mxint8_packs_the_ocp_scale_byte_and_decodes_as_an_ocp_reader_does():
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((4, 64)) * np.array([[1e-3], [0.7], [3.0], [900.0]])).astype(np.float32)
+    q = qlab.quantize(x, "mxint8")
+    raw = np.frombuffer(qlab.pack_qtensor(q), np.uint8)
+    codes, xbytes = raw[: x.size].view(np.int8).reshape(4, 2, 32), raw[x.size :].reshape(4, 2)
+    amax = np.abs(x).reshape(4, 2, 32).max(-1)
+    np.testing.assert_array_equal(xbytes.astype(int) - 127, np.floor(np.log2(amax)).astype(int))  # emax(INT8) = 0
+    ocp = codes.astype(np.float64) * 2.0**-6 * np.exp2(xbytes.astype(np.float64) - 127)[..., None]
+    np.testing.assert_array_equal(np.asarray(qlab.dequantize(q)).reshape(4, 2, 32), ocp.astype(np.float32))
+    # -2.0 (code -128) is used: a value just under -127/64 * X rounds to it
+    q = qlab.quantize(_block([1.0, -1.995]), "mxint8")
+    assert np.asarray(q.codes)[0, 1] == -128 and float(q.scale.reshape(())) == 1.0
+
+
+def test_nvfp4_dequantizes_with_one_rounding_per_product():
+    """(code * block scale) * tensor scale, each product correctly rounded, as a float64 reference."""
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((16, 256)) * rng.uniform(0.01, 50, (16, 1))).astype(np.float32)
+    x[0, 0] = 157.3  # a tensor scale amax / 2688 with a full mantissa (this seed's has 9 trailing zeros)
+    q = qlab.quantize(x, "nvfp4")
+    code_vals = np.asarray(q.spec.fmt.decode(q.codes), np.float64).reshape(16, 16, 16)
+    s = np.asarray(q.scale, np.float64).reshape(16, 16, 1)
+    ts = np.float64(q.tensor_scale)
+    ref = ((code_vals * s).astype(np.float32).astype(np.float64) * ts).astype(np.float32).reshape(x.shape)
+    # the old double rounding, code * f32(block scale * tensor scale), differs on these data (so
+    # the assertion below would fail on it)
+    twice = (code_vals * (s * ts).astype(np.float32).astype(np.float64)).astype(np.float32).reshape(x.shape)
+    assert (twice.view(np.uint32) != ref.view(np.uint32)).mean() > 0.03
+    y = np.asarray(qlab.dequantize(q))
+    np.testing.assert_array_equal(y.view(np.uint32), ref.view(np.uint32))
+    np.testing.assert_array_equal(np.asarray(qlab.fake_quant(x, "nvfp4")).view(np.uint32), ref.view(np.uint32))
 
 
 def test_mxfp8_by_hand():

@@ -158,3 +158,46 @@ def test_outlier_columns():
     assert ptq.outlier_columns(a).tolist() == [1, 3]
     assert ptq.outlier_columns(a, threshold=2.0).tolist() == [1, 2, 3, 4]
     assert ptq.outlier_fraction(a) == pytest.approx(0.4)
+
+
+# ---- llama.cpp presets (code_scale="f32", zero_point="min", half_away / biased_trunc) -------------
+
+
+@pytest.mark.parametrize("name", ["q8_0", "q4_0", "q4_1", "q5_1"])
+def test_rtn_helpers_reproduce_quantize_for_llamacpp_presets(layer, name):
+    """group_params + group_code_params + grid_round (GPTQ's pieces) give quantize's codes and values."""
+    from qlab.ptq.rtn import grid_round, group_code_params, group_params, resolve_weight_spec
+
+    _, W, _ = layer
+    spec = resolve_weight_spec(name, require_rows=True)
+    q = ptq.rtn_weight(W, spec)
+    ng = N_IN // 32
+    rows = W.reshape(ng, 32, N_OUT)
+    s, z = jax.vmap(lambda r: group_params(r, spec))(rows)
+    code = jax.vmap(lambda r: group_code_params(r, spec))(rows)
+    r, y = grid_round(rows, s, z, None, spec, code=code)
+    np.testing.assert_array_equal(np.asarray(spec.fmt.encode(r)).reshape(N_IN, N_OUT), np.asarray(q.codes))
+    np.testing.assert_array_equal(np.asarray(y).reshape(N_IN, N_OUT), np.asarray(qlab.dequantize(q)))
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q4_1", "q8_0"])
+def test_gptq_and_awq_with_llamacpp_presets(layer, name):
+    """GPTQ and AWQ honour zp=min and the presets' rounding: each beats RTN on the output error."""
+    X, W, H = layer
+    e_rtn = out_err(X, W, qlab.dequantize(ptq.rtn_weight(W, name)))
+    q = ptq.gptq_weight(W, H, name)
+    assert q.spec.rounding == qlab.parse_spec(name).rounding
+    assert out_err(X, W, qlab.dequantize(q)) < e_rtn
+    qa, s = ptq.awq_weight(W, X, name)
+    assert out_err(X, W, qlab.dequantize(qa) / s[:, None]) < e_rtn
+
+
+def test_stochastic_rounding_rejected_by_row_algorithms(layer):
+    _, W, H = layer
+    with pytest.raises(ValueError, match="stochastic"):
+        ptq.gptq_weight(W, H, "int4/g32/sr")
+
+
+def test_hqq_rejects_zero_point_min():
+    with pytest.raises(ValueError, match="zero_point='min'"):
+        ptq.hqq_weight(jnp.ones((64, 4)), "q4_1")

@@ -28,6 +28,7 @@ import numpy as np
 
 __all__ = [
     "IntFormat",
+    "FixedPointFormat",
     "FloatFormat",
     "CodebookFormat",
     "Format",
@@ -120,6 +121,79 @@ class IntFormat:
         if self.signed:
             b = jnp.where(b >= 2 ** (self.bits - 1), b - 2**self.bits, b)
         return self.encode(b)
+
+
+@dataclasses.dataclass(frozen=True)
+class FixedPointFormat:
+    """Two's complement ``bits``-bit integer codes read with ``frac`` fraction bits: a code ``c``
+    means ``c * 2**-frac``. OCP MX v1.0's MXINT8 element is ``FixedPointFormat(8, 6)`` (name
+    ``int8f6``): 8-bit two's complement with an implicit scale of 2^-6, values
+    ``[-2, 127/64]``. The code -128 (-2.0) is used, as two's complement allows: a value that
+    rounds below -127/64 gets it, while the positive end saturates at 127/64.
+
+    Example:
+        >>> f = FixedPointFormat(8, 6)
+        >>> f.name, f.max_abs, f.qmin
+        ('int8f6', 1.984375, -2.0)
+        >>> import jax.numpy as jnp
+        >>> f.encode(f.round(jnp.array([0.3, -1.999, 5.0]))).tolist()
+        [19, -128, 127]
+    """
+
+    bits: int = 8
+    frac: int = 6
+
+    def __post_init__(self):
+        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise ValueError(f"FixedPointFormat.bits must be an integer in 2..8, got {self.bits!r}")
+        if not isinstance(self.frac, int) or not 0 <= self.frac < self.bits:
+            raise ValueError(f"FixedPointFormat.frac must be an integer in 0..bits-1, got {self.frac!r}")
+
+    @property
+    def name(self) -> str:
+        return f"int{self.bits}f{self.frac}"
+
+    @property
+    def is_int(self) -> bool:
+        return False
+
+    @property
+    def _unit(self) -> float:
+        return 2.0**-self.frac
+
+    @property
+    def qmin(self) -> float:
+        return -(2 ** (self.bits - 1)) * self._unit
+
+    @property
+    def qmax(self) -> float:
+        return (2 ** (self.bits - 1) - 1) * self._unit
+
+    @property
+    def max_abs(self) -> float:
+        return self.qmax
+
+    def grid(self) -> np.ndarray:
+        return np.arange(-(2 ** (self.bits - 1)), 2 ** (self.bits - 1), dtype=np.float32) * np.float32(self._unit)
+
+    def round(self, v, stochastic_noise=None):
+        c = v * (2.0**self.frac)  # exact: a power of two
+        c = jnp.floor(c + stochastic_noise) if stochastic_noise is not None else _round_half_even(c)
+        c = jnp.clip(c, -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1)
+        return jnp.where(c == 0, 0.0, c) * self._unit
+
+    def encode(self, v):
+        return (v * (2.0**self.frac)).astype(jnp.int8)
+
+    def decode(self, codes):
+        return codes.astype(jnp.float32) * self._unit
+
+    def code_bits(self, codes):
+        return (codes.astype(jnp.int32) & (2**self.bits - 1)).astype(jnp.uint8)
+
+    def from_code_bits(self, bits):
+        b = bits.astype(jnp.int32)
+        return jnp.where(b >= 2 ** (self.bits - 1), b - 2**self.bits, b).astype(jnp.int8)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -365,7 +439,7 @@ class CodebookFormat:
         return bits.astype(jnp.uint8)
 
 
-Format = Union[IntFormat, FloatFormat, CodebookFormat]
+Format = Union[IntFormat, FixedPointFormat, FloatFormat, CodebookFormat]
 
 # bitsandbytes' NF4 table (QLoRA), in code order.
 NF4_VALUES = (
@@ -410,6 +484,7 @@ FORMAT_NAMES = (
     [f"int{b}" for b in range(1, 9)]
     + [f"uint{b}" for b in range(1, 9)]
     + [f"int{b}n" for b in range(2, 9)]
+    + ["int<b>f<frac> (fixed point, e.g. int8f6)"]
     + list(_FLOAT_ALIASES)
     + ["eXmY (e.g. e3m4)"]
     + list(_NAMED_CODEBOOKS)
@@ -420,14 +495,14 @@ def get_format(name) -> Format:
     """Look up a format by name (or pass a format through).
 
     Names: ``int1``..``int8``, ``uint1``..``uint8``, ``int2n``..``int8n`` (narrow),
-    ``fp8_e4m3``, ``fp8_e5m2``, ``fp6_e3m2``, ``fp6_e2m3``, ``fp4_e2m1``, any ``eXmY``
+    ``int8f6`` (fixed point: int8 codes times 2^-6, the MXINT8 element), ``fp8_e4m3``, ``fp8_e5m2``, ``fp6_e3m2``, ``fp6_e2m3``, ``fp4_e2m1``, any ``eXmY``
     (saturating, no reserved codes), ``nf4``, ``fp4_bnb``.
 
     Example:
         >>> get_format("int4n").qmin
         -7
     """
-    if isinstance(name, (IntFormat, FloatFormat, CodebookFormat)):
+    if isinstance(name, (IntFormat, FixedPointFormat, FloatFormat, CodebookFormat)):
         return name
     if not isinstance(name, str):
         raise TypeError(f"format must be a name or a format object, got {type(name).__name__}")
@@ -444,6 +519,9 @@ def get_format(name) -> Format:
     m = re.fullmatch(r"(u?)int([1-8])(n?)", key)
     if m:
         return IntFormat(int(m.group(2)), signed=not m.group(1), narrow=bool(m.group(3)))
+    m = re.fullmatch(r"int([2-8])f([0-7])", key)
+    if m:
+        return FixedPointFormat(int(m.group(1)), int(m.group(2)))
     m = re.fullmatch(r"e([1-8])m([0-7])", key)
     if m:
         return FloatFormat(int(m.group(1)), int(m.group(2)), no_specials=True)

@@ -38,12 +38,14 @@ from qlab.numerics.granularity import PerChannel, PerGroup, PerTensor, from_view
 from qlab.numerics.qtensor import QTensor
 from qlab.numerics.ranges import (
     clip_range,
+    code_params,
     effective_scale,
     grid_values,
     reciprocal,
     reconstruct,
     scale_and_zero_point,
     tensor_scale,
+    widen_range,
 )
 from qlab.numerics.spec import Absmax, MinMax, QuantSpec, as_spec
 
@@ -58,7 +60,8 @@ _F32 = jnp.float32
 
 
 def _qparams(xv, axes, spec: QuantSpec, noise, given_range=None, clip_ratio=None):
-    """(scale, zero_point, tensor_scale, clip range) for the grouped view ``xv``.
+    """(scale, zero_point, tensor_scale, clip range, code params) for the grouped view ``xv``;
+    code params are ``ranges.code_params`` for ``code_scale="f32"`` specs, else None.
 
     The clip range ``(lo, hi)`` is where the straight-through gradient passes; an unsigned
     symmetric format clips at 0 from below. ``given_range`` skips the range method;
@@ -69,17 +72,18 @@ def _qparams(xv, axes, spec: QuantSpec, noise, given_range=None, clip_ratio=None
         lo, hi = clip_range(xv, axes, spec, tscale)
     else:
         lo, hi = (jnp.asarray(v, _F32) for v in given_range)
-        if spec.symmetric:
+        if spec.symmetric and spec.absmax_to != "signed_extreme":
             a = jnp.maximum(-lo, hi)
             lo, hi = -a, a
-        else:
-            lo, hi = jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
+        elif not spec.symmetric:
+            lo, hi = widen_range(lo, hi, spec)
     if clip_ratio is not None:
         lo, hi = lo * clip_ratio, hi * clip_ratio
     scale, zp = scale_and_zero_point(lo, hi, spec, tscale)
+    code = code_params(lo, hi, spec) if spec.code_scale == "f32" else None
     if spec.symmetric and isinstance(spec.fmt, IntFormat) and not spec.fmt.signed:
         lo = jnp.zeros_like(lo)
-    return scale, zp, tscale, (lo, hi)
+    return scale, zp, tscale, (lo, hi), code
 
 
 def _materialize(v):
@@ -91,26 +95,36 @@ def _materialize(v):
     return v / jnp.where(jnp.isnan(v), 2.0, 1.0)
 
 
-def _in_input_shape(x32, xv, spec, scale, zp, tscale, noise):
+def _in_input_shape(x32, xv, spec, scale, zp, tscale, noise, code=None):
     """Broadcast the scale, its reciprocal (and zero point, noise) back to the input's own shape
     when no padding is involved, so the elementwise pass reads ``x`` without a reshaped view:
     XLA:CPU then writes the result in place of a donated input instead of copying it. The
     arithmetic is unchanged, so values are bit-identical to the grouped-view path.
 
-    Returns ``(x, scale, 1 / scale, zero_point, noise, back)`` where ``back`` maps results to ``x``'s shape.
+    ``code``: ``(1 / scale, zero point)`` that codes are computed with, when they are not the
+    stored ones (``code_scale="f32"``).
+
+    Returns ``(x, scale, 1 / effective scale for codes, zero point for codes, zero point, noise,
+    back)`` where ``back`` maps results to ``x``'s shape; values are ``reconstruct(codes, scale,
+    zero point, tscale)`` (the tensor scale multiplies last).
     """
     eff = effective_scale(scale, tscale)
     padded = spec.granularity.view(x32.shape)[2]
     if padded != tuple(x32.shape):
-        return xv, eff, reciprocal(eff), zp, noise, lambda v: from_view(v, spec.granularity, x32.shape)
+        inv, czp = (reciprocal(eff), zp) if code is None else code
+        return xv, scale, inv, czp, zp, noise, lambda v: from_view(v, spec.granularity, x32.shape)
 
     def expand(v):
         return None if v is None else jnp.broadcast_to(v, xv.shape).reshape(x32.shape)
 
     m = _materialize(eff)
+    s = m if tscale is None else _materialize(scale)
     zpe = None if zp is None else expand(_materialize(zp))
     nz = None if noise is None else noise.reshape(x32.shape)
-    return x32, expand(m), expand(reciprocal(m)), zpe, nz, lambda v: v
+    if code is None:
+        return x32, expand(s), expand(reciprocal(m)), zpe, zpe, nz, lambda v: v
+    inv, czp = code
+    return x32, expand(s), expand(_materialize(inv)), expand(czp), zpe, nz, lambda v: v
 
 
 def _noise(key, shape, spec: QuantSpec):
@@ -167,10 +181,10 @@ def _quantize(x, spec: QuantSpec, noise) -> QTensor:
 def _quantize_xla(x, spec: QuantSpec, noise) -> QTensor:
     x32 = x.astype(_F32)
     xv, axes = to_view(x32, spec.granularity)
-    scale, zp, tscale, _ = _qparams(xv, axes, spec, noise)
-    xe, eff, inv, zpe, ne, back = _in_input_shape(x32, xv, spec, scale, zp, tscale, noise)
-    r = grid_values(xe, eff, zpe, None, spec, ne, inv)
-    r = jnp.where(jnp.isnan(r), 0.0 if zpe is None else zpe, r)
+    scale, zp, tscale, _, code = _qparams(xv, axes, spec, noise)
+    xe, _, inv, czp, zpe, ne, back = _in_input_shape(x32, xv, spec, scale, zp, tscale, noise, code)
+    r = grid_values(xe, None, czp, None, spec, ne, inv)
+    r = jnp.where(jnp.isnan(r), 0.0 if zpe is None or spec.zero_point == "min" else zpe, r)
     codes = back(spec.fmt.encode(r))
     return QTensor(codes, scale, zp, tscale, spec, tuple(x.shape), x.dtype)
 
@@ -223,7 +237,7 @@ def _dequantize(q: QTensor):
     spec = q.spec
     cv, _ = to_view(q.codes, spec.granularity)
     r = spec.fmt.decode(cv)
-    y = reconstruct(r, q.scale, q.zero_point, q.tensor_scale)
+    y = reconstruct(r, q.scale, q.zero_point, q.tensor_scale, spec.zero_point)
     return from_view(y, spec.granularity, q.shape).astype(q.dtype)
 
 
@@ -330,10 +344,10 @@ def _fq_xla(x, spec: QuantSpec, noise, given_range=None, ov=None):
         spec = _with_traced_bits(spec, bits)
     x32 = x.astype(_F32)
     xv, axes = to_view(x32, spec.granularity)
-    scale, zp, tscale, clip = _qparams(xv, axes, spec, noise, given_range, clip_ratio)
-    xe, eff, inv, zpe, ne, back = _in_input_shape(x32, xv, spec, scale, zp, tscale, noise)
-    r = grid_values(xe, eff, zpe, None, spec, ne, inv)
-    y = reconstruct(r, eff, zpe, None)
+    scale, zp, tscale, clip, code = _qparams(xv, axes, spec, noise, given_range, clip_ratio)
+    xe, se, inv, czp, zpe, ne, back = _in_input_shape(x32, xv, spec, scale, zp, tscale, noise, code)
+    r = grid_values(xe, None, czp, None, spec, ne, inv)
+    y = reconstruct(r, se, zpe, tscale, spec.zero_point)
     return back(y).astype(x.dtype), clip
 
 

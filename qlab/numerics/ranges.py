@@ -42,7 +42,12 @@ __all__ = [
     "best_clip_ratio",
     "store_scale",
     "reciprocal",
+    "signed_extreme",
+    "raw_scale",
+    "widen_range",
     "scale_and_zero_point",
+    "code_params",
+    "round_codes",
     "effective_scale",
     "tensor_scale",
     "grid_values",
@@ -112,8 +117,48 @@ def minmax(xv, axes):
     return jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
 
 
+def signed_extreme(xv, axes):
+    """The finite value of largest magnitude over ``axes``, with its sign (the first one in
+    row-major order on a tie of magnitudes; 0 where there is none), reduced axes kept.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> signed_extreme(jnp.array([[1.0, -3.0, 3.0], [0.5, jnp.inf, 0.25]]), (1,)).tolist()
+        [[-3.0], [0.5]]
+    """
+    a = jnp.abs(xv)
+    a = jnp.where(a < jnp.inf, a, -1.0)
+    kept = [i for i in range(xv.ndim) if i not in axes]
+    order = kept + list(axes)
+    flat_shape = tuple(xv.shape[i] for i in kept) + (-1,)
+    at = jnp.transpose(a, order).reshape(flat_shape)
+    vt = jnp.transpose(xv, order).reshape(flat_shape)
+    pick = jnp.argmax(at, axis=-1, keepdims=True)  # first maximum
+    e = jnp.take_along_axis(vt, pick, axis=-1)
+    e = jnp.where(jnp.take_along_axis(at, pick, axis=-1) >= 0, e, 0.0)  # a -0.0 extreme stays -0.0
+    out_shape = tuple(1 if i in axes else n for i, n in enumerate(xv.shape))
+    return e.reshape(out_shape)
+
+
 # ---------------------------------------------------------------------------------------
 # Range rules
+
+
+def _finite_minmax(xv, axes):
+    """Min and max of finite values over ``axes`` (0 where there is none), not widened."""
+    fin = jnp.abs(xv) < jnp.inf
+    any_fin = jnp.any(fin, axis=axes, keepdims=True)
+    lo = jnp.min(jnp.where(fin, xv, jnp.inf), axis=axes, keepdims=True)
+    hi = jnp.max(jnp.where(fin, xv, -jnp.inf), axis=axes, keepdims=True)
+    return jnp.where(any_fin, lo, 0.0), jnp.where(any_fin, hi, 0.0)
+
+
+def _extreme_range(e, spec: QuantSpec):
+    """The clip range of ``absmax_to="signed_extreme"``: the grid ``[qmin, qmax] * e / qmin``,
+    sorted; :func:`scale_and_zero_point` recovers ``e`` as its end of larger magnitude."""
+    other = e * (spec.fmt.qmax / spec.fmt.qmin)  # the opposite sign, a smaller magnitude
+    neg = e < 0  # False for -0.0, which stays the upper end (its sign is the scale's)
+    return jnp.where(neg, e, other), jnp.where(neg, other, e)
 
 
 def base_range(xv, axes, spec: QuantSpec):
@@ -144,10 +189,14 @@ def base_range(xv, axes, spec: QuantSpec):
             return -a, a
         lo = jnp.nan_to_num(jnp.nanpercentile(xn, 100 - rng.q, axis=axes, keepdims=True), nan=0.0)
         hi = jnp.nan_to_num(jnp.nanpercentile(xn, rng.q, axis=axes, keepdims=True), nan=0.0)
-        return jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
+        return widen_range(lo, hi, spec)
+    if spec.symmetric and spec.absmax_to == "signed_extreme":
+        return _extreme_range(signed_extreme(xv, axes), spec)
     if spec.symmetric:
         a = absmax(xv, axes)
         return -a, a
+    if spec.zero_point == "min":
+        return _finite_minmax(xv, axes)
     return minmax(xv, axes)
 
 
@@ -191,7 +240,8 @@ def mse_search(xv, axes, spec: QuantSpec, lo, hi, tscale=None):
 
     def err_for(r):
         s, z = scale_and_zero_point(lo * r, hi * r, spec, tscale)
-        y = reconstruct(grid_values(xv, s, z, tscale, spec), s, z, tscale)
+        inv, cz = code_params(lo * r, hi * r, spec) if spec.code_scale == "f32" else (None, z)
+        y = reconstruct(grid_values(xv, s, cz, tscale, spec, inv=inv), s, z, tscale, spec.zero_point)
         d = jnp.where(jnp.isfinite(xv), jnp.abs(y - xv), 0.0)
         return jnp.sum(d**m.norm, axis=axes, keepdims=True)
 
@@ -231,13 +281,16 @@ def store_scale(s, spec: QuantSpec, qmax_abs):
         >>> store_scale(jnp.array([0.1, 0.0, jnp.inf]), parse_spec("int8/s=bf16"), 127.0).tolist()
         [0.10009765625, 1.0, 1.0]
     """
-    ok = (s > 0) & jnp.isfinite(s)
-    s = jnp.where(ok, s, 1.0)
     d = spec.scale_dtype
+    if spec.code_scale == "f32":  # llama.cpp: a plain cast (codes do not depend on it)
+        return s if d == "f32" else s.astype(_STORE[d]).astype(_F32)
+    # a negative scale comes only from absmax_to="signed_extreme" (sign kept, magnitude stored)
+    ok = (s != 0) & jnp.isfinite(s)
+    s = jnp.where(ok, s, 1.0)
     if d == "f32":
         return s
     if d == "f16":
-        return jnp.clip(s, 2.0**-24, 65504.0).astype(jnp.float16).astype(_F32)
+        return jnp.sign(s) * jnp.clip(jnp.abs(s), 2.0**-24, 65504.0).astype(jnp.float16).astype(_F32)
     if d == "bf16":
         return s.astype(jnp.bfloat16).astype(_F32)
     if d == "e4m3":
@@ -252,6 +305,9 @@ def store_scale(s, spec: QuantSpec, qmax_abs):
         qlog = jnp.frexp(qmax_abs)[1] - 1
     exp = jnp.clip(e - 1 - qlog, -127, 127)
     return jnp.where(ok, jnp.ldexp(jnp.ones_like(s), exp.astype(jnp.int32)), 1.0)
+
+
+_STORE = {"f16": jnp.float16, "bf16": jnp.bfloat16}
 
 
 def reciprocal(v):
@@ -274,6 +330,75 @@ def _num(v):
     return float(v) if isinstance(v, (int, float)) else v
 
 
+def widen_range(lo, hi, spec: QuantSpec):
+    """An asymmetric clip range widened to include 0 (so that 0 has an exact code), except for
+    ``zero_point="min"``, which keeps the group's own minimum.
+
+    Example:
+        >>> from qlab.numerics.spec import parse_spec
+        >>> [float(v) for v in widen_range(1.0, 3.0, parse_spec("uint4/asym"))]
+        [0.0, 3.0]
+        >>> [float(v) for v in widen_range(1.0, 3.0, parse_spec("q4_1"))]
+        [1.0, 3.0]
+    """
+    if spec.zero_point == "min":
+        return lo, hi
+    return jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
+
+
+def raw_scale(lo, hi, spec: QuantSpec, tscale=None):
+    """The float32 scale for the clip range ``[lo, hi]`` before storage rounding: ``amax / divisor``
+    (symmetric; as ``amax * (1 / divisor)`` unless ``code_scale="f32"``, which divides as
+    llama.cpp does), ``extreme / qmin`` (``signed_extreme``) or ``(hi - lo) / (qmax - qmin)``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from qlab.numerics.spec import parse_spec
+        >>> float(raw_scale(jnp.array(-7.0), jnp.array(8.0), parse_spec("q4_0")))   # 8 / -8
+        -1.0
+    """
+    fmt = spec.fmt
+    if spec.symmetric:
+        denom = _num(spec.absmax_divisor)
+        if spec.absmax_to == "signed_extreme":
+            e = jnp.where(hi >= -lo, hi, lo)
+            raw = e / _divisor(_num(fmt.qmin), spec, e)
+        elif spec.code_scale == "f32":
+            amax = jnp.maximum(-lo, hi)
+            raw = amax / _divisor(denom, spec, amax)
+        else:
+            raw = jnp.maximum(-lo, hi) * reciprocal(denom)
+        return raw if tscale is None else raw / tscale
+    span = hi - lo
+    return span / _divisor(_num(fmt.qmax) - _num(fmt.qmin), spec, span)
+
+
+def _divisor(d, spec: QuantSpec, like):
+    """``d`` for a division that must stay one: XLA rewrites ``x / constant`` and
+    ``x / broadcast(y)`` as ``x * (1 / ...)``, which ``code_scale="f32"`` (llama.cpp's
+    ``amax / 127``) must not see; a full array behind a barrier is neither."""
+    if spec.code_scale != "f32" or not isinstance(d, float):
+        return d
+    return jax.lax.optimization_barrier(jnp.full(jnp.shape(like), d, _F32))
+
+
+def code_params(lo, hi, spec: QuantSpec):
+    """``(1 / scale, zero point)`` that ``code_scale="f32"`` specs compute codes with: the float32
+    scale before storage rounding (``1 / 0`` taken as 0, as llama.cpp) and, for ``zero_point="min"``,
+    the float32 minimum.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from qlab.numerics.spec import parse_spec
+        >>> inv, zp = code_params(jnp.array(0.0), jnp.array(0.0), parse_spec("q8_0"))
+        >>> float(inv), zp
+        (0.0, None)
+    """
+    raw = raw_scale(lo, hi, spec)
+    inv = jnp.where(raw == 0, 0.0, 1.0 / jnp.where(raw == 0, 1.0, raw))
+    return inv, (lo if spec.zero_point == "min" else None)
+
+
 def scale_and_zero_point(lo, hi, spec: QuantSpec, tscale=None):
     """``(scale, zero_point)`` for the clip range ``[lo, hi]``: the scale rounded to its storage
     dtype (:func:`store_scale`), the zero point None for symmetric specs, else an integer (or, for
@@ -287,16 +412,14 @@ def scale_and_zero_point(lo, hi, spec: QuantSpec, tscale=None):
         (0.2666666805744171, 4.0)
     """
     fmt = spec.fmt
+    raw = raw_scale(lo, hi, spec, tscale)
     if spec.symmetric:
-        amax = jnp.maximum(-lo, hi)
-        denom = _num(spec.absmax_divisor)
-        raw = amax * reciprocal(denom)
-        if tscale is not None:
-            raw = raw / tscale
-        return store_scale(raw, spec, denom), None
+        return store_scale(raw, spec, _num(spec.absmax_divisor)), None
     qmin, qmax = _num(fmt.qmin), _num(fmt.qmax)
-    raw = (hi - lo) / (qmax - qmin)
     scale = store_scale(raw, spec, qmax - qmin)
+    if spec.zero_point == "min":
+        zp = jnp.asarray(lo, _F32)
+        return scale, (zp if spec.scale_dtype == "f32" else zp.astype(_STORE[spec.scale_dtype]).astype(_F32))
     if spec.zero_point == "int":
         zp = jnp.clip(qmin - jnp.round(lo / scale), qmin, qmax)
     else:
@@ -347,20 +470,63 @@ def grid_values(xv, scale, zp, tscale, spec: QuantSpec, noise=None, inv=None):
         >>> grid_values(jnp.array([0.26, -9.0]), 0.5, None, None, parse_spec("int4")).tolist()
         [1.0, -8.0]
     """
-    v = xv * (reciprocal(effective_scale(scale, tscale)) if inv is None else inv)
-    if zp is not None:
-        v = v + zp
-    return spec.fmt.round(v, noise)
+    inv = reciprocal(effective_scale(scale, tscale)) if inv is None else inv
+    if zp is not None and spec.zero_point == "min":
+        v = (xv - zp) * inv
+    else:
+        v = xv * inv
+        if zp is not None:
+            v = v + zp
+    return round_codes(v, spec, noise)
 
 
-def reconstruct(r, scale, zp, tscale):
-    """Values of grid values ``r``: ``(r [- zp]) * scale [* tscale]``.
+def round_codes(v, spec: QuantSpec, noise=None):
+    """Grid values of ``v`` (values already divided by the scale) under ``spec.rounding``:
+    the format's own rounding (to nearest even, or stochastic with ``noise``), or for integer
+    formats ``half_away`` (exactly, as C's ``roundf``) or ``biased_trunc`` (llama.cpp's
+    ``(int)(v - qmin + 0.5f) + qmin``, its addition rounded in float32); saturating.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from qlab.numerics.spec import parse_spec
+        >>> v = jnp.array([2.5, -2.5, 0.49999997])
+        >>> [round_codes(v, parse_spec(s)).tolist() for s in ("int4", "int4/half_away", "int4/biased_trunc")]
+        [[2.0, -2.0, 0.0], [3.0, -3.0, 0.0], [3.0, -2.0, 1.0]]
+    """
+    if spec.rounding not in ("half_away", "biased_trunc"):
+        return spec.fmt.round(v, noise)
+    qmin, qmax = spec.fmt.qmin, spec.fmt.qmax
+    if spec.rounding == "half_away":
+        a = jnp.abs(v)
+        f = jnp.floor(a)
+        r = jnp.sign(v) * (f + (a - f >= 0.5))  # a - f is exact: no rounding at the half
+    else:
+        # v rounded to float32 before the addition, as llama.cpp's reference: LLVM would otherwise
+        # contract x * (1 / d) + 8.5 into one FMA, which rounds once and differs at near-ties. A
+        # division by 1 (a divisor it cannot see is 1; XLA drops optimization barriers here) is no
+        # multiply-add operand.
+        v = v / jnp.where(jnp.isnan(v), 2.0, 1.0)
+        r = jnp.trunc(v + (0.5 - qmin)) + qmin
+    r = jnp.clip(r, qmin, qmax)
+    return jnp.where(r == 0, 0.0, r)
+
+
+def reconstruct(r, scale, zp, tscale, zero_point="int"):
+    """Values of grid values ``r``: ``((r [- zp]) * scale) [* tscale]``; with ``zero_point="min"``
+    (the spec's kind of zero point) ``r * scale + zp``. A second-level ``tscale`` multiplies
+    last, so each product is correctly rounded (as NVFP4 readers compute ``(code * block scale)
+    * tensor scale``; ``code * (block scale * tensor scale)`` would round twice).
 
     Example:
         >>> import jax.numpy as jnp
         >>> reconstruct(jnp.array([1.0, -8.0]), 0.5, None, None).tolist()
         [0.5, -4.0]
+        >>> reconstruct(jnp.array([1.0, 15.0]), 0.5, 1.0, None, "min").tolist()
+        [1.5, 8.5]
     """
+    if zp is not None and zero_point == "min":
+        return r * effective_scale(scale, tscale) + zp
     if zp is not None:
         r = r - zp
-    return r * effective_scale(scale, tscale)
+    y = r * scale
+    return y if tscale is None else y * tscale

@@ -39,7 +39,7 @@ import numpy as np
 
 from qlab.numerics.granularity import PerGroup
 from qlab.numerics.quantize import fake_quant, quantize
-from qlab.numerics.ranges import base_range, best_clip_ratio, grid_values, reconstruct, scale_and_zero_point
+from qlab.numerics.ranges import base_range, best_clip_ratio, code_params, grid_values, reconstruct, scale_and_zero_point
 from qlab.ptq.rtn import group_size, resolve_weight_spec, tensor_scale_of
 
 __all__ = ["awq", "awq_scales", "awq_scale_search", "awq_clip_search"]
@@ -110,7 +110,8 @@ def _clip(Ws, Xs, *, spec, G, n_grid, max_shrink):
 
     def err_for(r):
         s, z = scale_and_zero_point(lo * r, hi * r, spec, tscale)
-        q = reconstruct(grid_values(Wv, s, z, tscale, spec), s, z, tscale)
+        inv, cz = code_params(lo * r, hi * r, spec) if spec.code_scale == "f32" else (None, z)
+        q = reconstruct(grid_values(Wv, s, cz, tscale, spec, inv=inv), s, z, tscale, spec.zero_point)
         d = jnp.einsum("tng,ngo->tno", Xv, q - Wv)
         return jnp.sum(d * d, axis=0)  # (ng, out)
 

@@ -131,6 +131,9 @@ def hqq(W, spec, *, iters: int = 20, lp_norm: float = 0.7, beta: float = 10.0, k
     spec = resolve_weight_spec(spec, require_rows=True)
     if not isinstance(spec.fmt, IntFormat) or spec.symmetric:
         raise ValueError(f"hqq: needs an asymmetric integer spec (e.g. 'int4/g64/asym/zp=float'), got {str(spec)!r}")
+    if spec.zero_point == "min":
+        raise ValueError(f"hqq: spec {str(spec)!r}: zero_point='min' (a minimum in value units, as q4_1/q5_1) is "
+                         "not HQQ's parametrisation; use zp=float or zp=int")
     if spec.tensor_scale:
         raise ValueError("hqq: specs with a second-level tensor scale ('ts') are not supported")
     W = jnp.asarray(W, _F32)

@@ -25,7 +25,7 @@ from qlab.numerics.formats import IntFormat
 from qlab.numerics.granularity import PerChannel, PerGroup, PerTensor
 from qlab.numerics.qtensor import QTensor
 from qlab.numerics.quantize import quantize
-from qlab.numerics.ranges import clip_range, grid_values, reconstruct, scale_and_zero_point, tensor_scale
+from qlab.numerics.ranges import clip_range, code_params, grid_values, reconstruct, scale_and_zero_point, tensor_scale
 from qlab.numerics.spec import QuantSpec, as_spec
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "resolve_weight_spec",
     "group_size",
     "group_params",
+    "group_code_params",
     "grid_round",
     "qtensor_from_grid",
     "tensor_scale_of",
@@ -46,7 +47,7 @@ def resolve_weight_spec(spec, *, require_rows: bool = False) -> QuantSpec:
 
     ``require_rows=True`` (GPTQ, HQQ, AWQ) additionally checks that every scale covers whole input
     rows of one output column or whole columns: per-tensor, per-channel on axis 1, or groups along
-    axis 0 without padding; deterministic rounding only.
+    axis 0 without padding; deterministic rounding only (``nearest``, ``half_away``, ``biased_trunc``).
 
     Example:
         >>> resolve_weight_spec("int4/g64").granularity
@@ -68,8 +69,9 @@ def resolve_weight_spec(spec, *, require_rows: bool = False) -> QuantSpec:
                 f"spec {str(spec)!r}: this algorithm needs per-tensor, per-channel (output axis 1) or "
                 f"per-group along the input axis 0 without padding; got {g!r}"
             )
-        if spec.rounding != "nearest":
-            raise ValueError(f"spec {str(spec)!r}: stochastic rounding is not supported here; use rne")
+        if spec.rounding == "stochastic":
+            raise ValueError(f"spec {str(spec)!r}: rounding='stochastic' is not supported here; use rne, "
+                             "half_away or biased_trunc")
     return spec
 
 
@@ -108,8 +110,31 @@ def group_params(rows, spec: QuantSpec, tscale=None, *, per_tensor: bool = False
     return s, (None if z is None else z.reshape(1, -1))
 
 
-def grid_round(w, scale, zp, tscale, spec: QuantSpec):
-    """(grid values r, dequantized value q) of ``w`` with the given scales (broadcasting).
+def group_code_params(rows, spec: QuantSpec, *, per_tensor: bool = False):
+    """``(1 / scale, zero point)`` that a ``code_scale="f32"`` spec computes the codes of one scale
+    group ``rows (G, out)`` with (``qlab.numerics.ranges.code_params``: the float32 scale before
+    storage rounding and, for ``zero_point="min"``, the float32 minimum), shape ``(1, out)`` each
+    (zero point None without one); None for other specs.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> inv, zp = group_code_params(jnp.array([[1.27, -2.54], [0.5, 0.0]]), resolve_weight_spec("q8_0"))
+        >>> inv.tolist(), zp
+        ([[100.0, 50.0]], None)
+    """
+    if spec.code_scale != "f32":
+        return None
+    xv = rows.astype(_F32)[None]
+    lo, hi = clip_range(xv, (0, 1, 2) if per_tensor else (1,), spec)
+    inv, zp = code_params(lo, hi, spec)
+    return inv.reshape(1, -1), (None if zp is None else zp.reshape(1, -1))
+
+
+def grid_round(w, scale, zp, tscale, spec: QuantSpec, code=None):
+    """(grid values r, dequantized value q) of ``w`` with the given scales (broadcasting), under
+    ``spec``'s rounding and kind of zero point. ``code``: ``(1 / scale, zero point)`` that codes
+    are computed with when they are not the stored ones (``code_scale="f32"``, see
+    :func:`group_code_params`); values always use the stored scale and zero point.
 
     Example:
         >>> import jax.numpy as jnp
@@ -117,8 +142,9 @@ def grid_round(w, scale, zp, tscale, spec: QuantSpec):
         >>> r.tolist(), q.tolist()
         ([[1.0, -8.0]], [[0.5, -4.0]])
     """
-    r = grid_values(w, scale, zp, tscale, spec)
-    return r, reconstruct(r, scale, zp, tscale)
+    inv, czp = (None, zp) if code is None else code
+    r = grid_values(w, scale, czp, tscale, spec, inv=inv)
+    return r, reconstruct(r, scale, zp, tscale, spec.zero_point)
 
 
 def qtensor_from_grid(r, scale_rows, zp_rows, tscale, spec: QuantSpec, dtype=np.float32) -> QTensor:

@@ -23,7 +23,7 @@ from qlab.models.weight_map import assign_weights, read_weights
 
 from .model import Gemma3, Gemma3Config
 
-__all__ = ["weight_names", "model_from_weights", "model_weights"]
+__all__ = ["weight_map", "weight_names", "model_from_weights", "model_weights"]
 
 # (module path inside a block, attribute, GGUF name inside a block, transpose?)
 _BLOCK_WEIGHTS = (
@@ -43,8 +43,13 @@ _BLOCK_WEIGHTS = (
 )
 
 
-def _weight_map(cfg: Gemma3Config):
-    """List of (module path, attribute, GGUF tensor name, transpose?)."""
+def weight_map(cfg: Gemma3Config):
+    """List of (module path, attribute, GGUF tensor name, transpose?), as ``qlab.models.weight_map`` reads it.
+
+    Example:
+        >>> weight_map(Gemma3Config.tiny())[2]
+        (('layers', 0, 'pre_attn_norm'), 'weight', 'blk.0.attn_norm.weight', False)
+    """
     items = [(("embed",), "embedding", "token_embd.weight", False),
              (("final_norm",), "weight", "output_norm.weight", False)]
     for i in range(cfg.n_layers):
@@ -61,7 +66,7 @@ def weight_names(cfg: Gemma3Config) -> list[str]:
         >>> len(names), names[:3]
         (28, ['token_embd.weight', 'output_norm.weight', 'blk.0.attn_norm.weight'])
     """
-    return [name for _, _, name, _ in _weight_map(cfg)]
+    return [name for _, _, name, _ in weight_map(cfg)]
 
 
 def model_from_weights(cfg: Gemma3Config, weights: dict[str, np.ndarray]) -> Gemma3:
@@ -80,7 +85,7 @@ def model_from_weights(cfg: Gemma3Config, weights: dict[str, np.ndarray]) -> Gem
     missing = [name for name in weight_names(cfg) if name not in weights]
     if missing:
         raise KeyError(f"weights are missing tensors (GGUF names): {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    return assign_weights(model, _weight_map(cfg), weights)
+    return assign_weights(model, weight_map(cfg), weights)
 
 
 def model_weights(model: Gemma3) -> dict[str, np.ndarray]:
@@ -92,4 +97,4 @@ def model_weights(model: Gemma3) -> dict[str, np.ndarray]:
         >>> model_weights(model)["blk.1.ffn_down.weight"].shape  # [out, in]
         (32, 64)
     """
-    return read_weights(model, _weight_map(model.config))
+    return read_weights(model, weight_map(model.config))

@@ -1,0 +1,1 @@
+"""Quantized models out of qlab: GGUF (llama.cpp) and safetensors writers and readers."""
