@@ -18,6 +18,8 @@ from qlab.nn import Rule
 
 N_TOKENS = 256
 pytestmark = pytest.mark.slow
+# an optional extra built from source (`make test-llama` builds it and runs this file); `make test` reports the skip
+pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: `make test-llama` builds it and runs these")
 
 
 @pytest.fixture(scope="module")
@@ -28,10 +30,7 @@ def gemma():
 
 
 def _llama_logits(path, ids):
-    try:
-        from llama_cpp import Llama  # an optional extra (make llama): imported where it is used
-    except ImportError as e:
-        pytest.fail(f"llama-cpp-python is not installed ({e}): run `make llama`")
+    from llama_cpp import Llama  # noqa: PLC0415 -- the optional extra, checked by importorskip above
     llm = Llama(str(path), n_ctx=len(ids), n_batch=len(ids), logits_all=True, verbose=False, n_threads=2)
     llm.eval(ids)
     out = np.asarray(llm.scores[: len(ids)], np.float64)
