@@ -637,6 +637,8 @@ def schema_table() -> str:
             return "all"
         if key in SPEC_KEYS:
             return "every method but float"
+        if key in SEARCH_KEYS:
+            return "searched runs of " + ", ".join(names)
         return ", ".join(parts + names)
 
     lines = ["| key | default | meaning | read by |", "|---|---|---|---|"]
@@ -647,7 +649,7 @@ def schema_table() -> str:
 
 def methods_table() -> str:
     """Every registered method as a markdown table: family, name, what it does, the keys it reads beyond
-    its family's (the precision keys are abbreviated as "spec keys").
+    its family's (the precision keys are abbreviated as "spec keys", the budget keys as "search keys").
 
     Example:
         >>> print(methods_table().splitlines()[2])
@@ -655,7 +657,9 @@ def methods_table() -> str:
     """
     lines = ["| family | method | what it does | reads, beyond its family's keys |", "|---|---|---|---|"]
     for (family, name), m in sorted(REGISTRY.items()):
-        keys = [k for k in m.reads if k not in SPEC_KEYS]
-        reads = ", ".join((["spec keys"] if m.quantizes else []) + [f"`{k}`" for k in keys])
+        keys = [k for k in m.reads if k not in SPEC_KEYS and k not in SEARCH_KEYS]
+        searches = set(SEARCH_KEYS) <= set(m.reads)
+        reads = ", ".join((["spec keys"] if m.quantizes else []) + (["search keys"] if searches else [])
+                          + [f"`{k}`" for k in keys])
         lines.append(f"| {family} | `{name}` | {m.doc.replace('``', '`')} | {reads} |".replace("|  |", "| |"))
     return "\n".join(lines)
