@@ -60,6 +60,9 @@ def test_searched_rows_hold_their_choices_and_real_bytes(searched_study):
         # the spec that ran is the one chosen (qlab resolves ch -> ch1 on a Linear kernel)
         assert all(w.startswith(c) for w, c in zip(lay["weight_spec"], lay["candidate"]))
         assert int(lay["packed_bytes"].sum()) == row["searched_bytes"]
+        # the whole sensitivity table rides along: the chosen score is that candidate's column
+        assert all(lay[f"score {c}"].notna().all() for c in CANDS)
+        assert [r[f"score {r['candidate']}"] for _, r in lay.iterrows()] == lay["score"].tolist()
         # model_bytes is the packed model: the chosen weights plus the float biases (16 + 10 f32)
         assert row["model_bytes"] == row["searched_bytes"] + 4 * 26
     uni = table[table["predicted_damage"].isna()].set_index(["method", "weight"])

@@ -222,7 +222,7 @@ def _sensitivity_batches(ds, size: int = 500):
 
 
 def _rules(run, model, ds):
-    """``(rules, extra metrics, allocation or None)``: the run's own rules, or (a searched run) those the search
+    """``(rules, extra metrics, (allocation, sensitivity table) or None)``: the run's own rules, or (a searched run) those the search
     chose for the float ``model`` (its sensitivity computed once per float model and shared by the runs)."""
     if run.search is None:
         return run.rules, {}, None
@@ -236,7 +236,7 @@ def _rules(run, model, ds):
 
     scores, sens_s = search.sensitivity_table((_float_key(run), s.sensitivity, s.candidates), compute)
     rules, alloc, extra = search.searched_rules(s, scores, budget, run.act, run.method.rule_options)
-    return rules, {**extra, "sensitivity_s": sens_s}, alloc
+    return rules, {**extra, "sensitivity_s": sens_s}, (alloc, scores)
 
 
 def with_clip_ratio(qmodel: nnx.Module, run, *, always: bool = False) -> nnx.Module:
@@ -280,7 +280,7 @@ def _finish(ds, qmodel, info, order, t0, extra=None, template=None, alloc=None):
     }
     metrics["method_s"] = time.perf_counter() - t0
     layers = layer_table(qmodel, order)
-    return metrics, layers if alloc is None else search.chosen_columns(layers, alloc)
+    return metrics, layers if alloc is None else search.chosen_columns(layers, *alloc)
 
 
 @register("float", family="image")

@@ -157,7 +157,7 @@ def _check(run) -> None:
 
 
 def _search_rules(run, model):
-    """``(rules, extra metrics, allocation)`` of a searched run: sensitivity of the float projections (once per
+    """``(rules, extra metrics, (allocation, sensitivity table))`` of a searched run: sensitivity of the float projections (once per
     (model, method, candidates, calibration) in a process; data-driven methods use the next-token loss on the
     calibration windows), then the least predicted damage within the budget."""
     s = run.search
@@ -175,7 +175,7 @@ def _search_rules(run, model):
     key = (*cal_key, s.sensitivity, s.candidates) if s.sensitivity != "sqnr" else (run["model"], "sqnr", s.candidates)
     scores, sens_s = search.sensitivity_table(key, compute)
     rules, alloc, extra = search.searched_rules(s, scores, budget, run.act)
-    return rules, {**extra, "sensitivity_s": sens_s}, alloc
+    return rules, {**extra, "sensitivity_s": sens_s}, (alloc, scores)
 
 
 def _text(name: str) -> str:
@@ -280,7 +280,7 @@ def _evaluate(run, quantize) -> tuple[dict, Any]:
                "quant_s": quant_s, "eval_s": time.perf_counter() - te, **extra, **search_metrics}
     metrics["method_s"] = time.perf_counter() - t0
     layers = layer_table(qm, order)
-    return metrics, layers if alloc is None else search.chosen_columns(layers, alloc)
+    return metrics, layers if alloc is None else search.chosen_columns(layers, *alloc)
 
 
 @register("float", family="lm")

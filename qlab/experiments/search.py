@@ -229,19 +229,22 @@ def searched_rules(search: Search, scores: pd.DataFrame, budget: int, act=None,
     return rules, alloc, metrics
 
 
-def chosen_columns(layers: pd.DataFrame, alloc) -> pd.DataFrame:
+def chosen_columns(layers: pd.DataFrame, alloc, scores: pd.DataFrame | None = None) -> pd.DataFrame:
     """``layers`` (a per-layer table with a ``layer`` column) with the search's ``candidate`` and predicted
-    ``score`` of each layer added.
+    ``score`` of each layer added, and (given the sensitivity table ``scores``) every candidate's score as a
+    column ``score <candidate>``, so a study's layers.csv holds the whole sensitivity table (heatmaps).
 
     Example:
-        >>> a = analysis.allocate(pd.DataFrame(dict(layer=["a"], candidate=["int4/ch"], bytes=[4], score=[0.5])),
-        ...                       budget_bytes=4)
-        >>> chosen_columns(pd.DataFrame({"layer": ["a"]}), a).values.tolist()
-        [['a', 'int4/ch', 0.5]]
+        >>> t = pd.DataFrame(dict(layer=["a", "a"], candidate=["int4/ch", "int8/ch"], bytes=[4, 8], score=[0.5, 0.1]))
+        >>> a = analysis.allocate(t, budget_bytes=4)
+        >>> chosen_columns(pd.DataFrame({"layer": ["a"]}), a, t).values.tolist()
+        [['a', 'int4/ch', 0.5, 0.5, 0.1]]
     """
     ch = alloc.choices.set_index("layer")
     out = layers.copy()
     out["candidate"] = out["layer"].map(ch["candidate"])
     out["score"] = out["layer"].map(ch["score"]).astype(float)
+    if scores is not None:
+        for cand, g in scores.groupby("candidate", sort=False):
+            out[f"score {cand}"] = out["layer"].map(g.set_index("layer")["score"]).astype(float)
     return out
-
