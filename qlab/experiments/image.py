@@ -44,7 +44,7 @@ from qlab.train import train, train_variants, xent_loss
 from . import methods, search
 from .methods import SEARCH_KEYS, SPEC_KEYS, Family, layer_table, register, register_family, size_metrics
 
-__all__ = ["dataset", "build_model", "float_model", "layer_shapes", "search_costs", "batch_signature", "run_batched", "BATCHABLE",
+__all__ = ["dataset", "build_model", "float_model", "layer_shapes", "search_costs", "evaluate_rules", "batch_signature", "run_batched", "BATCHABLE",
            "clear_caches"]
 
 
@@ -213,6 +213,24 @@ def clear_caches() -> None:
 
 def _quantize(run, model, ds, rules=None) -> nnx.Module:
     return qnn.quantize_model(model, run.rules if rules is None else rules, example=ds.test.images[:1])
+
+
+def evaluate_rules(run, rules) -> dict:
+    """Round-to-nearest quantization of the run's float model by ``rules`` (e.g. an ``Allocation.rules()``),
+    evaluated: ``{accuracy, model_mib, model_bytes, bits_per_weight, ...}`` (what a ``ptq_rtn`` row reports).
+
+    Example:
+        >>> from qlab.experiments import expand
+        >>> run = expand({"base": {"hidden": [8], "steps": 5, "train_size": 64}})[0]
+        >>> m = evaluate_rules(run, [qnn.Rule(".*", weight="int8/ch")])
+        >>> m["model_bytes"], 0 <= m["accuracy"] <= 1
+        (700, True)
+    """
+    ds = dataset(run)
+    model, info = float_model(run)
+    qmodel = qnn.quantize_model(model, rules, example=ds.test.images[:1])
+    return {"accuracy": evaluate.accuracy(qmodel, *ds.test), "float_accuracy": info["float_accuracy"],
+            **size_metrics(qmodel)}
 
 
 def _sensitivity_batches(ds, size: int = 500):

@@ -42,7 +42,7 @@ from qlab.numerics import parse_spec
 
 __all__ = ["write_run", "read_runs", "atomic_write_text", "rebuild_tables", "load_results", "runs_dir", "setting_label",
            "method_labels", "method_table", "markdown_table", "result_row", "claim_run", "release_run", "compare_tables",
-           "spearman", "predictor_table"]
+           "spearman", "predictor_table", "sensitivity_from_layers"]
 
 
 def runs_dir(out) -> pathlib.Path:
@@ -422,3 +422,28 @@ def predictor_table(table) -> pd.DataFrame:
     rows = [(m, s, len(g), spearman(g["predicted_damage"], g[measured]))
             for (m, s), g in t.groupby(["method", "sensitivity"], sort=False)]
     return pd.DataFrame(rows, columns=cols)
+
+
+def sensitivity_from_layers(layers, config_hash: str) -> pd.DataFrame:
+    """The sensitivity table a searched run used (``layer, candidate, score``, layer order), rebuilt from its
+    rows of ``layers.csv`` (the ``score <candidate>`` columns).
+
+    Example:
+        >>> l = pd.DataFrame({"config_hash": ["h", "h"], "layer": ["a", "b"], "order": [0, 1],
+        ...                   "score int2/ch": [2.0, 1.0], "score int8/ch": [0.1, 0.0]})
+        >>> sensitivity_from_layers(l, "h").values.tolist()
+        [['a', 'int2/ch', 2.0], ['a', 'int8/ch', 0.1], ['b', 'int2/ch', 1.0], ['b', 'int8/ch', 0.0]]
+    """
+    rows = layers[layers["config_hash"] == config_hash]
+    cols = [c for c in rows.columns if c.startswith("score ") and rows[c].notna().any()]
+    if rows.empty or not cols:
+        raise ValueError(f"sensitivity_from_layers: run {config_hash!r} has no per-candidate scores "
+                         "(only searched runs record them)")
+    rows = rows[rows[cols].notna().any(axis=1)]
+    if "order" in rows:
+        rows = rows.sort_values("order")
+    out = rows.melt(id_vars=["layer"], value_vars=cols, var_name="candidate", value_name="score")
+    out["candidate"] = out["candidate"].str[len("score "):]
+    rank = {lay: i for i, lay in enumerate(rows["layer"])}
+    out = out.assign(_r=out["layer"].map(rank)).sort_values(["_r"], kind="stable").drop(columns="_r")
+    return out.reset_index(drop=True)
