@@ -442,7 +442,7 @@ def sensitivity_from_layers(layers, config_hash: str) -> pd.DataFrame:
     rows = rows[rows[cols].notna().any(axis=1)]
     if "order" in rows:
         rows = rows.sort_values("order")
-    out = rows.melt(id_vars=["layer"], value_vars=cols, var_name="candidate", value_name="score")
+    out = rows[["layer", *cols]].melt(id_vars=["layer"], value_vars=cols, var_name="candidate", value_name="score")
     out["candidate"] = out["candidate"].str[len("score "):]
     rank = {lay: i for i, lay in enumerate(rows["layer"])}
     out = out.assign(_r=out["layer"].map(rank)).sort_values(["_r"], kind="stable").drop(columns="_r")
