@@ -141,7 +141,7 @@ def method_for(model: str, name: str) -> Method:
 
     Example:
         >>> method_for("mlp", "qat").reads[-3:]
-        ('clip_ratio', 'budget_bpw', 'budget_mib')
+        ('candidates', 'sensitivity', 'allocation')
     """
     fam = family_of(model)
     if (fam.name, name) in REGISTRY:
