@@ -87,11 +87,12 @@ plot.pareto(table[table["method"] == "ptq_rtn"], x="model_mib", y="accuracy", hu
             title="searched vs uniform vs 8-bit first/last layers (RTN)")
 
 # %%
-uni = table[(table["rules"] == "all") & (table["method"] == "ptq_rtn")].set_index("weight")
+uni = table[table["rules"] == "all"].set_index(["method", "weight"])
 pairs = searched.assign(uniform=searched["weight"].str.extract(r"bytes of ([^)]+)\)", expand=False))
-pairs = pairs.assign(uniform_acc=pairs["uniform"].map(uni["accuracy"]),
-                     uniform_bytes=pairs["uniform"].map(uni["model_bytes"]))
-pairs[["uniform", "model_bytes", "uniform_bytes", "accuracy", "uniform_acc"]].round(4)
+keys = list(zip(pairs["method"], pairs["uniform"]))
+pairs = pairs.assign(uniform_acc=uni["accuracy"].reindex(keys).to_numpy(),
+                     uniform_bytes=uni["model_bytes"].reindex(keys).to_numpy())
+pairs[["method", "uniform", "model_bytes", "uniform_bytes", "accuracy", "uniform_acc"]].round(4)
 
 # %%
 predictor_table(table).round(3)
