@@ -386,3 +386,93 @@ def save_study_figures(out, table, layers=None, name: str = "") -> list[pathlib.
         ['pareto.png']
     """
     return [save(fig, pathlib.Path(out) / f"{key}.png") for key, fig in study_figures(table, layers, name).items()]
+
+
+def sensitivity_heatmap(scores, *, ax=None, title: str | None = None) -> Figure:
+    """Per-layer sensitivity as a heatmap: one row per layer (table order), one column per candidate, the
+    colour the ``score`` (symmetric-log scale: measured scores can be slightly negative); unusable cells blank.
+    ``scores``: a sensitivity table (``layer, candidate, score``, as ``qlab.analysis.sensitivity`` returns).
+
+    Example:
+        >>> import pandas as pd
+        >>> s = pd.DataFrame({"layer": ["a", "a", "b", "b"], "candidate": ["int2/ch", "int8/ch"] * 2,
+        ...                   "score": [4.0, 0.01, 1.0, 0.001]})
+        >>> [t.get_text() for t in sensitivity_heatmap(s).axes[0].get_yticklabels()]
+        ['a', 'b']
+    """
+    layers = list(dict.fromkeys(scores["layer"]))
+    cands = list(dict.fromkeys(scores["candidate"]))
+    grid = scores.pivot_table(index="layer", columns="candidate", values="score", aggfunc="first", dropna=False)
+    grid = grid.reindex(index=layers, columns=cands)
+    fig, ax = _fig(ax, figsize=(1.2 * len(cands) + 3, 0.28 * len(layers) + 2))
+    v = grid.to_numpy(dtype=float)
+    finite = np.abs(v[np.isfinite(v) & (v != 0)])
+    thresh = float(np.percentile(finite, 5)) if finite.size else 1.0
+    norm = matplotlib.colors.SymLogNorm(linthresh=max(thresh, 1e-12), vmin=min(0.0, np.nanmin(v)),
+                                        vmax=max(np.nanmax(v), thresh * 10))
+    im = ax.imshow(np.ma.masked_invalid(v), aspect="auto", cmap="viridis", norm=norm)
+    ax.set_xticks(range(len(cands)), cands, rotation=30, ha="right")
+    ax.set_yticks(range(len(layers)), layers, fontsize=7 if len(layers) > 20 else 9)
+    fig.colorbar(im, ax=ax, label="predicted damage (score)")
+    ax.set_title(title or "sensitivity: layer x candidate")
+    return fig
+
+
+def allocation_bars(choices, *, ax=None, title: str | None = None) -> Figure:
+    """The bits per weight each layer got (``8 * bytes / params``, scales included), one bar per layer in
+    order, labelled with its candidate. ``choices``: ``Allocation.choices`` or a ``layers.csv`` slice with
+    ``layer, candidate, params, bytes`` (``packed_bytes`` is used where ``bytes`` is missing).
+
+    Example:
+        >>> import pandas as pd
+        >>> c = pd.DataFrame({"layer": ["a", "b"], "candidate": ["int2/ch", "int8/ch"], "params": [64, 64],
+        ...                   "bytes": [20, 68]})
+        >>> [float(p.get_height()) for p in allocation_bars(c).axes[0].patches]
+        [2.5, 8.5]
+    """
+    nbytes = choices["bytes"] if "bytes" in choices else choices["packed_bytes"]
+    bits = 8 * nbytes.to_numpy(dtype=float) / choices["params"].to_numpy(dtype=float)
+    names = list(choices["layer"])
+    fig, ax = _fig(ax, figsize=(max(6.4, 0.35 * len(names) + 2), 4.0))
+    cands = list(dict.fromkeys(choices["candidate"]))
+    cmap = matplotlib.colormaps["tab10"]
+    colors = [cmap(cands.index(c) % cmap.N) for c in choices["candidate"]]
+    ax.bar(range(len(names)), bits, color=colors)
+    for c in cands:
+        ax.bar([], [], color=cmap(cands.index(c) % cmap.N), label=str(c))
+    ax.set_xticks(range(len(names)), names, rotation=30 if len(names) > 6 else 0,
+                  ha="right" if len(names) > 6 else "center", fontsize=7 if len(names) > 20 else 9)
+    ax.set_ylabel("bits / weight")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=7, title="candidate")
+    ax.set_title(title or "chosen bits per layer")
+    return fig
+
+
+def budget_figure(scores, choices, table=None, point=None, *, x: str = "model_mib", y: str = "accuracy",
+                  hue: str = "rules", maximize: bool = True, title: str | None = None) -> Figure:
+    """One figure for a budget: the sensitivity heatmap, the chosen bits per layer and (with ``table``, a
+    study's rows) the Pareto plot with ``point = (x, y)`` (the allocation's model) marked by a star.
+
+    Example:
+        >>> import pandas as pd
+        >>> s = pd.DataFrame({"layer": ["a", "a"], "candidate": ["int2/ch", "int8/ch"], "score": [1.0, 0.1],
+        ...                   "params": [64, 64], "bytes": [20, 68]})
+        >>> t = pd.DataFrame({"model_mib": [1.0, 2.0], "accuracy": [0.5, 0.7], "rules": ["all", "all"]})
+        >>> len(budget_figure(s, s.iloc[[1]], t, (1.5, 0.6)).axes)   # three panels and the colour bar
+        4
+    """
+    panels = 3 if table is not None else 2
+    fig = figure(figsize=(6 * panels, 4.6))
+    axes = fig.subplots(1, panels)
+    sensitivity_heatmap(scores, ax=axes[0])
+    allocation_bars(choices, ax=axes[1])
+    if table is not None:
+        pareto(table, x=x, y=y, hue=hue, maximize=maximize, ax=axes[2], label_all=False)
+        if point is not None:
+            axes[2].scatter([point[0]], [point[1]], marker="*", s=320, color="crimson", edgecolors="k", zorder=6,
+                            label="this budget")
+            axes[2].legend(fontsize=7, loc="best")
+    if title:
+        fig.suptitle(title)
+    return fig

@@ -34,17 +34,17 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from qlab import evaluate, ptq
+from qlab import analysis, evaluate, ptq
 from qlab import nn as qnn
 from qlab.data import ImageDataset, Split, image_dataset, load_fashion_mnist
 from qlab.models import CNN, MLP, CNNConfig
 from qlab.numerics import IntFormat, bit_width_family
-from qlab.train import train, train_variants
+from qlab.train import train, train_variants, xent_loss
 
-from . import methods
-from .methods import SPEC_KEYS, Family, layer_table, register, register_family, size_metrics
+from . import methods, search
+from .methods import SEARCH_KEYS, SPEC_KEYS, Family, layer_table, register, register_family, size_metrics
 
-__all__ = ["dataset", "build_model", "float_model", "layer_shapes", "batch_signature", "run_batched", "BATCHABLE",
+__all__ = ["dataset", "build_model", "float_model", "layer_shapes", "search_costs", "evaluate_rules", "batch_signature", "run_batched", "BATCHABLE",
            "clear_caches"]
 
 
@@ -119,9 +119,36 @@ def layer_shapes(run) -> tuple[tuple[str, tuple[int, ...]], ...]:
     return _layer_shapes(run["model"], _hashable(run.get("hidden")), run["data"])
 
 
+@functools.lru_cache(maxsize=16)
+def _candidate_costs(model: str, hidden, data: str, candidates: tuple[str, ...], spec: str | None):
+    m = build_model({"model": model, "hidden": list(hidden) if hidden else None, "data": data}, 0)
+    example = np.zeros((1, *DATA_SHAPES[data][0]), np.float32)
+    table = analysis.candidate_table(m, candidates, example)
+    keep = analysis.candidate_table(m, [analysis.KEEP], example)
+    other = qnn.model_size(qnn.quantize_model(m, (), allow_unmatched=True))["packed_bytes"] - int(keep["bytes"].sum())
+    spec_table = None if spec is None else analysis.candidate_table(m, [spec], example)
+    return table, int(other), spec_table
+
+
+def search_costs(run):
+    """``(candidate table, bytes outside the searched weights, table of a spec-string budget or None)`` of a
+    searched run's model (a throwaway model of the same shapes: no data, no training).
+
+    Example:
+        >>> from qlab.experiments import expand
+        >>> t, other, _ = search_costs(expand({"base": {"hidden": [16], "budget_bpw": 4.0}})[0])
+        >>> sorted(set(t.layer)), other
+        (['head', 'layers/0'], 104)
+    """
+    s = run.search
+    spec = s.budget if isinstance(s.budget, str) else None
+    return _candidate_costs(run["model"], _hashable(run.get("hidden")), run["data"], s.candidates, spec)
+
+
 def check_rules(run) -> None:
     """Raise ValueError if a rule matches no layer of the run's model, or a weight spec does not fit a
-    layer it matches (checked when the study is loaded; no data, no training).
+    layer it matches, or (a searched run) a layer has no usable candidate or the budget is below the
+    smallest reachable size (checked when the study is loaded; no data, no training).
 
     Example:
         >>> from qlab.experiments import expand
@@ -130,6 +157,9 @@ def check_rules(run) -> None:
         ...
         qlab.experiments.study.ConfigError: run 1 (base) (method='ptq_rtn', weight='int4/g32'): weight spec 'int4/g32' does not fit layer 'head' (kernel 16x10): per_group.size: 32 does not divide ...
     """
+    if run.search is not None:
+        search.check_search(run.search, *search_costs(run))
+        return
     methods.check_rules(run.rules, layer_shapes(run), run.method.name)
 
 
@@ -172,16 +202,59 @@ def float_model(run, progress: bool = False):
 
 
 def clear_caches() -> None:
-    """Forget the float models trained in this process (the next run trains its own again).
+    """Forget the float models (and the search's sensitivity tables) computed in this process.
 
     Example:
         >>> clear_caches()
     """
     _float_cache.clear()
+    search.clear_search_cache()
 
 
-def _quantize(run, model, ds) -> nnx.Module:
-    return qnn.quantize_model(model, run.rules, example=ds.test.images[:1])
+def _quantize(run, model, ds, rules=None) -> nnx.Module:
+    return qnn.quantize_model(model, run.rules if rules is None else rules, example=ds.test.images[:1])
+
+
+def evaluate_rules(run, rules) -> dict:
+    """Round-to-nearest quantization of the run's float model by ``rules`` (e.g. an ``Allocation.rules()``),
+    evaluated: ``{accuracy, model_mib, model_bytes, bits_per_weight, ...}`` (what a ``ptq_rtn`` row reports).
+
+    Example:
+        >>> from qlab.experiments import expand
+        >>> run = expand({"base": {"hidden": [8], "steps": 5, "train_size": 64}})[0]
+        >>> m = evaluate_rules(run, [qnn.Rule(".*", weight="int8/ch")])
+        >>> m["model_bytes"], 0 <= m["accuracy"] <= 1
+        (700, True)
+    """
+    ds = dataset(run)
+    model, info = float_model(run)
+    qmodel = qnn.quantize_model(model, rules, example=ds.test.images[:1])
+    return {"accuracy": evaluate.accuracy(qmodel, *ds.test), "float_accuracy": info["float_accuracy"],
+            **size_metrics(qmodel)}
+
+
+def _sensitivity_batches(ds, size: int = 500):
+    """Held-out data of the measured / Fisher / Hutchinson sensitivities: the validation split, in batches."""
+    x, y = ds.val.images, ds.val.labels
+    return [(x[i:i + size], y[i:i + size]) for i in range(0, len(x), size)]
+
+
+def _rules(run, model, ds):
+    """``(rules, extra metrics, (allocation, sensitivity table) or None)``: the run's own rules, or (a searched run) those the search
+    chose for the float ``model`` (its sensitivity computed once per float model and shared by the runs)."""
+    if run.search is None:
+        return run.rules, {}, None
+    s = run.search
+    table, other, spec_table = search_costs(run)
+    budget = search.check_search(s, table, other, spec_table)
+
+    def compute():
+        data = None if s.sensitivity == "sqnr" else (xent_loss, _sensitivity_batches(ds))
+        return analysis.sensitivity(model, table, s.sensitivity, data=data)
+
+    scores, sens_s = search.sensitivity_table((_float_key(run), s.sensitivity, s.candidates), compute)
+    rules, alloc, extra = search.searched_rules(s, scores, budget, run.act, run.method.rule_options)
+    return rules, {**extra, "sensitivity_s": sens_s}, (alloc, scores)
 
 
 def with_clip_ratio(qmodel: nnx.Module, run, *, always: bool = False) -> nnx.Module:
@@ -211,7 +284,7 @@ def _setup(run, progress):
     return ds, model, info, order
 
 
-def _finish(ds, qmodel, info, order, t0, extra=None, template=None):
+def _finish(ds, qmodel, info, order, t0, extra=None, template=None, alloc=None):
     eff = qnn.effective_model(qmodel, template) if template is not None else None
     acc = evaluate.accuracy(qmodel if eff is None else eff, *ds.test)
     metrics = {
@@ -224,7 +297,8 @@ def _finish(ds, qmodel, info, order, t0, extra=None, template=None):
         **(extra or {}),
     }
     metrics["method_s"] = time.perf_counter() - t0
-    return metrics, layer_table(qmodel, order)
+    layers = layer_table(qmodel, order)
+    return metrics, layers if alloc is None else search.chosen_columns(layers, *alloc)
 
 
 @register("float", family="image")
@@ -241,16 +315,17 @@ def run_float(run, progress=False):
     }, None
 
 
-@register("ptq_rtn", family="image", reads=(*SPEC_KEYS, "clip_ratio"), check=check_rules)
+@register("ptq_rtn", family="image", reads=(*SPEC_KEYS, "clip_ratio", *SEARCH_KEYS), check=check_rules)
 def run_ptq_rtn(run, progress=False):
     """Round-to-nearest post-training quantization of the float model (weights; activations if ``act``)."""
     t0 = time.perf_counter()
     ds, model, info, order = _setup(run, progress)
-    qmodel = with_clip_ratio(_quantize(run, model, ds), run)
-    metrics, layers = _finish(ds, qmodel, info, order, t0, template=model)
+    rules, extra, alloc = _rules(run, model, ds)
+    qmodel = with_clip_ratio(_quantize(run, model, ds, rules), run)
+    metrics, layers = _finish(ds, qmodel, info, order, t0, extra, template=model, alloc=alloc)
     # sensitivity: accuracy drop when only this layer is quantized (by its rule)
     eff = qnn.effective_model(qmodel, model)
-    rules = qnn.resolve_positions(run.rules, order)
+    rules = qnn.resolve_positions(rules, order)
     drops = []
     for path in layers["layer"]:
         rule = qnn.first_match(rules, path)
@@ -270,15 +345,16 @@ def run_ptq_rtn(run, progress=False):
 def _run_qat(run, progress=False):
     t0 = time.perf_counter()
     ds, model, info, order = _setup(run, progress)
-    qmodel = with_clip_ratio(_quantize(run, model, ds), run)
+    rules, extra, alloc = _rules(run, model, ds)
+    qmodel = with_clip_ratio(_quantize(run, model, ds, rules), run)
     hist = train(qmodel, ds, steps=int(run["qat_steps"]), batch_size=int(run["batch_size"]),
                  learning_rate=float(run["qat_learning_rate"]), seed=run.seed + 1, progress=progress)
     qmodel.eval()
-    return _finish(ds, qmodel, info, order, t0, {"qat_final_loss": hist.final_loss, "qat_s": hist.seconds},
-                   template=model)
+    return _finish(ds, qmodel, info, order, t0, {"qat_final_loss": hist.final_loss, "qat_s": hist.seconds, **extra},
+                   template=model, alloc=alloc)
 
 
-@register("qat", family="image", reads=(*SPEC_KEYS, "qat_steps", "qat_learning_rate", "clip_ratio"),
+@register("qat", family="image", reads=(*SPEC_KEYS, "qat_steps", "qat_learning_rate", "clip_ratio", *SEARCH_KEYS),
           check=check_rules)
 def run_qat(run, progress=False):
     """Quantization-aware fine-tuning (STE) from the float model, ``qat_steps`` steps."""
@@ -298,13 +374,14 @@ def _make_ptq(algo: str, calibrated: bool):
     def run_ptq(run, progress=False):
         t0 = time.perf_counter()
         ds, model, info, order = _setup(run, progress)
-        rules = qnn.resolve_positions(run.rules, order)
+        rules, extra, alloc = _rules(run, model, ds)
+        rules = qnn.resolve_positions(rules, order)
         if calibrated:
             x = ds.train.images[:int(run["calibration_size"])]
             qmodel = fn(model, rules, [x[i:i + 128] for i in range(0, len(x), 128)])
         else:
             qmodel = fn(model, rules)
-        return _finish(ds, qmodel, info, order, t0, template=model)
+        return _finish(ds, qmodel, info, order, t0, extra, template=model, alloc=alloc)
 
     run_ptq.__doc__ = f"qlab.ptq.{algo} of the float model" + (
         " (calibration: the first calibration_size training images)." if calibrated else " (no calibration data).")
@@ -312,8 +389,8 @@ def _make_ptq(algo: str, calibrated: bool):
 
 
 for _algo, _calibrated in (("gptq", True), ("awq", True), ("hqq", False), ("smoothquant", True)):
-    register(f"ptq_{_algo}", family="image", reads=SPEC_KEYS + (("calibration_size",) if _calibrated else ()),
-             check=check_rules)(_make_ptq(_algo, _calibrated))
+    register(f"ptq_{_algo}", family="image", reads=SPEC_KEYS + (("calibration_size",) if _calibrated else ())
+             + (SEARCH_KEYS if _algo == "gptq" else ()), check=check_rules)(_make_ptq(_algo, _calibrated))
 
 
 # --------------------------------------------------------------------------- batched variants

@@ -35,17 +35,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import pandas as pd
+
+from qlab import analysis, ptq
 from qlab import nn as qnn
-from qlab import ptq
 from qlab.data.text import AUSTEN_NOVELS, load_austen
 from qlab.evaluate import perplexity_with_error
 from qlab.models import gemma3 as G
+from qlab.train import lm_loss
 
-from . import methods
-from .methods import SPEC_KEYS, Family, layer_table, register, register_family, size_metrics
+from . import methods, search
+from .methods import SEARCH_KEYS, SPEC_KEYS, Family, layer_table, register, register_family, size_metrics
 from .study import BUILTIN_RULE_SETS
 
-__all__ = ["lm_model", "lm_linears", "layer_shapes", "TINY_TEXT"]
+__all__ = ["lm_model", "lm_linears", "layer_shapes", "search_costs", "TINY_TEXT"]
 
 #: A short text for ``data`` / ``calibration`` = "tiny_text" (tests).
 TINY_TEXT = ("the cat sat at the inn. the heat in the attic was a trial, and the cat ran. "
@@ -115,7 +118,47 @@ def lm_linears(model) -> dict[str, nnx.Linear]:
             for i, layer in enumerate(model.layers) for blk, names in _PROJ for n in names}
 
 
+def _config(name: str):
+    return G.Gemma3Config() if name == "gemma3" else G.Gemma3Config.tiny()
+
+
+@functools.lru_cache(maxsize=16)
+def _candidate_costs(name: str, candidates: tuple[str, ...], spec: str | None):
+    shapes = _layer_shapes(name)
+    per_shape = {}
+    for shape in dict.fromkeys(s for _, s in shapes):  # a throwaway Linear per distinct shape: bytes need shapes only
+        lin = nnx.Linear(*shape, use_bias=False, rngs=nnx.Rngs(0))
+        per_shape[shape] = (analysis.candidate_table(lin, candidates),
+                            None if spec is None else analysis.candidate_table(lin, [spec]))
+
+    def table(i):
+        return pd.concat([per_shape[s][i].assign(layer=p) for p, s in shapes], ignore_index=True)
+
+    abstract = nnx.eval_shape(lambda: G.Gemma3(_config(name), rngs=nnx.Rngs(0)))
+    total = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+    searched = sum(int(np.prod(s)) for _, s in shapes)
+    return table(0), 4 * (total - searched), None if spec is None else table(1)
+
+
+def search_costs(run):
+    """``(candidate table, bytes outside the searched weights, table of a spec-string budget or None)`` of a
+    searched run: the projections the study's rules apply to (no model loaded: shapes only).
+
+    Example:
+        >>> from qlab.experiments import expand
+        >>> run = expand({"base": {"model": "gemma3_tiny", "data": "tiny_text", "budget_bpw": "int4/ch"}})[0]
+        >>> t, other, spec_table = search_costs(run)
+        >>> len(t) == 42 * 4, int(spec_table["bytes"].sum()) == search.check_search(run.search, t, other, spec_table)
+        (True, True)
+    """
+    s = run.search
+    return _candidate_costs(run["model"], s.candidates, s.budget if isinstance(s.budget, str) else None)
+
+
 def _check(run) -> None:
+    if run.search is not None:
+        search.check_search(run.search, *search_costs(run))
+        return
     rules = qnn.resolve_positions(run.rules, [p for p, _ in layer_shapes(run)])
     shapes = layer_shapes(run) + ((_embed_shape(run),) if _rules_see_embed(run) else ())
     methods.check_rules(rules, shapes, run.method.name)
@@ -129,14 +172,16 @@ def _embed_shape(run) -> tuple[str, tuple[int, int]]:
 
 
 def _rules_see_embed(run) -> bool:
-    """True when the run's rules are matched against the embedding (a study's own rule set, not a built-in one)."""
-    return run.rule_set not in BUILTIN_RULE_SETS
+    """True when the run's rules are matched against the embedding (a study's own rule set, not a built-in one
+    nor a searched allocation, whose search covers the projections)."""
+    return run.search is None and run.rule_set not in BUILTIN_RULE_SETS
 
 
-def _run_rules(run, order) -> tuple:
-    """The rules a run quantizes with: call sites float, the study's rules (``@first`` / ``@last`` resolved over
-    the projections), the embedding float unless the study's own rule set matched it first."""
-    rules = qnn.resolve_positions(run.rules, order)
+def _run_rules(run, own, order) -> tuple:
+    """The rules a run quantizes with: call sites float, its own rules (the study's or a searched allocation's;
+    ``@first`` / ``@last`` resolved over the projections), the embedding float unless the study's own rule set
+    matched it first."""
+    rules = qnn.resolve_positions(own, order)
     if _rules_see_embed(run):
         return (qnn.Rule(_CALL_SITES),) + rules + (qnn.Rule("embed"),)
     return (qnn.Rule("embed"), qnn.Rule(_CALL_SITES)) + rules
@@ -145,6 +190,28 @@ def _run_rules(run, order) -> tuple:
 def _quantizes_embed(rules) -> bool:
     r = qnn.first_match(rules, "embed")
     return r is not None and r.weight is not None
+
+
+def _search_rules(run, model):
+    """``(rules, extra metrics, (allocation, sensitivity table))`` of a searched run: sensitivity of the float projections (once per
+    (model, method, candidates, calibration) in a process; data-driven methods use the next-token loss on the
+    calibration windows), then the least predicted damage within the budget."""
+    s = run.search
+    table, other, spec_table = search_costs(run)
+    budget = search.check_search(s, table, other, spec_table)
+    cal_key = (run["model"], run["calibration"], int(run["calibration_seqs"]), int(run["calibration_len"]))
+
+    def compute():
+        data = None
+        if s.sensitivity != "sqnr":
+            calib = _calibration(*cal_key)
+            data = (lm_loss, [jnp.asarray(calib[i:i + 4]) for i in range(0, len(calib), 4)])
+        return analysis.sensitivity(model, table, s.sensitivity, data=data)
+
+    key = (*cal_key, s.sensitivity, s.candidates) if s.sensitivity != "sqnr" else (run["model"], "sqnr", s.candidates)
+    scores, sens_s = search.sensitivity_table(key, compute)
+    rules, alloc, extra = search.searched_rules(s, scores, budget, run.act)
+    return rules, {**extra, "sensitivity_s": sens_s}, (alloc, scores)
 
 
 def _text(name: str) -> str:
@@ -175,6 +242,7 @@ def _calibration(model: str, calibration: str, seqs: int, length: int) -> np.nda
 
 
 _stats_cache: dict[tuple, Any] = {}
+_CALIBRATION_KEYS = ("calibration", "calibration_seqs", "calibration_len", "sequential")
 
 
 def _calibration_forward(with_head: bool):
@@ -238,7 +306,8 @@ def _evaluate(run, quantize) -> tuple[dict, Any]:
     fppl, fse, _ = _float_ppl(*key)
     linears = lm_linears(model)
     order = list(linears)
-    rules = _run_rules(run, order)
+    own, search_metrics, alloc = _search_rules(run, model) if run.search is not None else (run.rules, {}, None)
+    rules = _run_rules(run, own, order)
     tq = time.perf_counter()
     qm, extra = quantize(model, rules)
     quant_s = time.perf_counter() - tq - extra.pop("shared_s", 0.0)
@@ -255,9 +324,10 @@ def _evaluate(run, quantize) -> tuple[dict, Any]:
             weights[p].value = w
     metrics = {"perplexity": ppl, "perplexity_se": se, "float_perplexity": fppl, "float_perplexity_se": fse,
                "perplexity_increase": ppl - fppl, **size_metrics(qm),
-               "quant_s": quant_s, "eval_s": time.perf_counter() - te, **extra}
+               "quant_s": quant_s, "eval_s": time.perf_counter() - te, **extra, **search_metrics}
     metrics["method_s"] = time.perf_counter() - t0
-    return metrics, layer_table(qm, order)
+    layers = layer_table(qm, order)
+    return metrics, layers if alloc is None else search.chosen_columns(layers, *alloc)
 
 
 @register("float", family="lm")
@@ -270,7 +340,8 @@ def run_float(run, progress=False):
             **size_metrics(qnn.quantize_model(model, (), allow_unmatched=True)), "eval_s": eval_s}, None
 
 
-@register("ptq_rtn", family="lm", reads=SPEC_KEYS, check=_check)
+@register("ptq_rtn", family="lm", reads=(*SPEC_KEYS, *SEARCH_KEYS), check=_check,
+          search_reads=("calibration", "calibration_seqs", "calibration_len"))
 def run_ptq_rtn(run, progress=False):
     """Round-to-nearest quantization of the projections."""
     return _evaluate(run, lambda model, rules: (ptq.rtn(model, rules), {"calib_tokens": 0}))
@@ -282,10 +353,8 @@ def run_ptq_hqq(run, progress=False):
     return _evaluate(run, lambda model, rules: (ptq.hqq(model, rules), {"calib_tokens": 0}))
 
 
-_CALIBRATION_KEYS = ("calibration", "calibration_seqs", "calibration_len", "sequential")
 
-
-@register("ptq_gptq", family="lm", reads=(*SPEC_KEYS, *_CALIBRATION_KEYS, "act_order"), check=_check)
+@register("ptq_gptq", family="lm", reads=(*SPEC_KEYS, *_CALIBRATION_KEYS, "act_order", *SEARCH_KEYS), check=_check)
 def run_ptq_gptq(run, progress=False):
     """GPTQ of the projections (``act_order``), calibrated on the ``calibration`` text."""
 

@@ -33,13 +33,16 @@ from flax import nnx
 from qlab import nn as qnn
 from qlab.numerics import bits_per_weight
 
-__all__ = ["Family", "Method", "FAMILIES", "REGISTRY", "SPEC_KEYS", "register", "register_family", "method_for",
+__all__ = ["Family", "Method", "FAMILIES", "REGISTRY", "SPEC_KEYS", "SEARCH_KEYS", "register", "register_family", "method_for",
            "family_of", "check_layer_shapes", "check_rules", "size_metrics", "layer_table", "MiB"]
 
 MiB = 2**20
 
 #: The keys that compose a run's weight / activation specs and rule set (read by every quantizing method).
 SPEC_KEYS = ("format", "bits", "granularity", "symmetric", "range", "weight", "act", "rules")
+#: The keys of a searched run (``budget_bpw`` or ``budget_mib`` set: :mod:`qlab.experiments.search`), read by
+#: the methods that can take their per-layer specs from a search.
+SEARCH_KEYS = ("budget_bpw", "budget_mib", "candidates", "sensitivity", "allocation")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +76,7 @@ class Method:
     check: Callable[[Any], None] | None = None
     rule_options: dict = dataclasses.field(default_factory=dict)
     doc: str = ""
+    search_reads: tuple[str, ...] = ()  # keys read only by its searched runs (a budget set)
 
     @property
     def quantizes(self) -> bool:
@@ -95,9 +99,11 @@ def register_family(family: Family) -> Family:
     return family
 
 
-def register(name: str, *, family: str = "image", reads=(), check: Callable | None = None, **rule_options):
+def register(name: str, *, family: str = "image", reads=(), check: Callable | None = None, search_reads=(),
+             **rule_options):
     """Decorator: register ``fn(run, progress=False) -> metrics | (metrics, layers_df)`` as method ``name``
-    of ``family``, reading the study keys ``reads`` (beyond the family's own).
+    of ``family``, reading the study keys ``reads`` (beyond the family's own) and, in its searched runs only,
+    ``search_reads``.
 
     Example:
         >>> @register("noop_example", reads=("qat_steps",))
@@ -110,7 +116,7 @@ def register(name: str, *, family: str = "image", reads=(), check: Callable | No
 
     def deco(fn):
         REGISTRY[family, name] = Method(name, family, fn, tuple(reads), check, dict(rule_options),
-                                        (fn.__doc__ or "").strip().split("\n")[0])
+                                        (fn.__doc__ or "").strip().split("\n")[0], tuple(search_reads))
         return fn
 
     return deco
@@ -134,8 +140,8 @@ def method_for(model: str, name: str) -> Method:
     """The method ``name`` for ``model``'s family (KeyError naming what that family allows otherwise).
 
     Example:
-        >>> method_for("mlp", "qat").reads[-2:]
-        ('qat_learning_rate', 'clip_ratio')
+        >>> method_for("mlp", "qat").reads[-3:]
+        ('candidates', 'sensitivity', 'allocation')
     """
     fam = family_of(model)
     if (fam.name, name) in REGISTRY:

@@ -41,7 +41,8 @@ import pandas as pd
 from qlab.numerics import parse_spec
 
 __all__ = ["write_run", "read_runs", "atomic_write_text", "rebuild_tables", "load_results", "runs_dir", "setting_label",
-           "method_labels", "method_table", "markdown_table", "result_row", "claim_run", "release_run", "compare_tables"]
+           "method_labels", "method_table", "markdown_table", "result_row", "claim_run", "release_run", "compare_tables",
+           "spearman", "predictor_table", "sensitivity_from_layers"]
 
 
 def runs_dir(out) -> pathlib.Path:
@@ -383,3 +384,66 @@ def markdown_table(table, *, index: bool = False, floatfmt: str = ".4g") -> str:
         |     |
     """
     return table.astype(object).where(table.notna(), None).to_markdown(index=index, floatfmt=floatfmt, missingval="")
+
+
+def spearman(x, y) -> float:
+    """Spearman rank correlation of two equal-length sequences (ties share their mean rank; pairs with a NaN are
+    dropped; NaN with fewer than 3 pairs or a constant side).
+
+    Example:
+        >>> round(spearman([1, 2, 3, 4], [10, 20, 15, 40]), 6)
+        0.8
+    """
+    a = pd.DataFrame({"x": list(x), "y": list(y)}, dtype=float).dropna()
+    if len(a) < 3 or a["x"].nunique() < 2 or a["y"].nunique() < 2:
+        return math.nan
+    rx, ry = a["x"].rank(), a["y"].rank()
+    return float(rx.corr(ry))
+
+
+def predictor_table(table) -> pd.DataFrame:
+    """Check the search's predictor: for each method and sensitivity of a study's searched runs (rows with a
+    ``predicted_damage``), the Spearman rank correlation between the predicted damage of the chosen allocation
+    and the damage measured on the quantized model (``accuracy_drop`` or ``perplexity_increase``).
+
+    Example:
+        >>> t = pd.DataFrame({"method": ["ptq_rtn"] * 3, "rules": ["searched(sqnr)"] * 3,
+        ...                   "predicted_damage": [3.0, 2.0, 1.0], "accuracy_drop": [0.3, 0.1, 0.2]})
+        >>> predictor_table(t).values.tolist()
+        [['ptq_rtn', 'sqnr', 3, 0.5]]
+    """
+    cols = ["method", "sensitivity", "runs", "spearman"]
+    if "predicted_damage" not in table:
+        return pd.DataFrame(columns=cols)
+    measured = "accuracy_drop" if "accuracy_drop" in table else "perplexity_increase"
+    t = table[table["predicted_damage"].notna()].copy()
+    t["method"] = method_labels(t)
+    t["sensitivity"] = t["rules"].str.extract(r"searched\((\w+)\)", expand=False)
+    rows = [(m, s, len(g), spearman(g["predicted_damage"], g[measured]))
+            for (m, s), g in t.groupby(["method", "sensitivity"], sort=False)]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def sensitivity_from_layers(layers, config_hash: str) -> pd.DataFrame:
+    """The sensitivity table a searched run used (``layer, candidate, score``, layer order), rebuilt from its
+    rows of ``layers.csv`` (the ``score <candidate>`` columns).
+
+    Example:
+        >>> l = pd.DataFrame({"config_hash": ["h", "h"], "layer": ["a", "b"], "order": [0, 1],
+        ...                   "score int2/ch": [2.0, 1.0], "score int8/ch": [0.1, 0.0]})
+        >>> sensitivity_from_layers(l, "h").values.tolist()
+        [['a', 'int2/ch', 2.0], ['a', 'int8/ch', 0.1], ['b', 'int2/ch', 1.0], ['b', 'int8/ch', 0.0]]
+    """
+    rows = layers[layers["config_hash"] == config_hash]
+    cols = [c for c in rows.columns if c.startswith("score ") and rows[c].notna().any()]
+    if rows.empty or not cols:
+        raise ValueError(f"sensitivity_from_layers: run {config_hash!r} has no per-candidate scores "
+                         "(only searched runs record them)")
+    rows = rows[rows[cols].notna().any(axis=1)]
+    if "order" in rows:
+        rows = rows.sort_values("order")
+    out = rows[["layer", *cols]].melt(id_vars=["layer"], value_vars=cols, var_name="candidate", value_name="score")
+    out["candidate"] = out["candidate"].str[len("score "):]
+    rank = {lay: i for i, lay in enumerate(rows["layer"])}
+    out = out.assign(_r=out["layer"].map(rank)).sort_values(["_r"], kind="stable").drop(columns="_r")
+    return out.reset_index(drop=True)

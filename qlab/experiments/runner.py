@@ -128,7 +128,7 @@ def _groups(todo: list[Run], batch: bool) -> list[list[Run]]:
     groups: dict[str, list[Run]] = {}
     singles = []
     for run in todo:
-        if run.method.family == "image" and run.method.name in BATCHABLE:
+        if run.method.family == "image" and run.method.name in BATCHABLE and run.search is None:
             groups.setdefault(batch_signature(run), []).append(run)
         else:
             singles.append([run])

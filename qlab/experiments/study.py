@@ -53,7 +53,8 @@ from typing import Any, Mapping
 from qlab import nn as qnn
 from qlab.numerics import IntFormat, QuantSpec, parse_spec
 
-from .methods import FAMILIES, REGISTRY, SPEC_KEYS, Method, family_of, method_for
+from .methods import FAMILIES, REGISTRY, SEARCH_KEYS, SPEC_KEYS, Method, family_of, method_for
+from .search import Search, search_of
 
 __all__ = ["KEYS", "DEFAULTS", "BUILTIN_RULE_SETS", "ConfigError", "Key", "Run", "Study", "load_study", "expand",
            "config_hash", "spec_columns", "schema_table", "methods_table"]
@@ -99,6 +100,15 @@ KEYS: dict[str, Key] = {
     "act_order": Key(False, "GPTQ: quantize columns in order of decreasing Hessian diagonal"),
     "sequential": Key(True, "calibrate block by block on the already-quantized predecessors (false: one float "
                             "pass, shared by the runs)"),
+    "budget_bpw": Key(None, "searched mixed precision: a budget in bits per weight over the searched layers (scales "
+                            "included), or a spec string (e.g. \"int3/ch\"): the bytes of that spec on every searched "
+                            "layer; the search gives each layer one of `candidates`", "budget"),
+    "budget_mib": Key(None, "searched mixed precision: a budget in MiB for the whole packed model", "budget"),
+    "candidates": Key(["int2/ch", "int3/ch", "int4/ch", "int8/ch"],
+                      "the weight specs the search may give a layer (\"keep\": float); used with a budget", "str_list"),
+    "sensitivity": Key("sqnr", "how the search scores a layer at a candidate: sqnr, measured, fisher or hutchinson "
+                               "(computed once per float model and shared by the runs); used with a budget"),
+    "allocation": Key("dp", "how the search allocates bytes: dp, milp (exact) or greedy; used with a budget"),
 }
 DEFAULTS: dict[str, Any] = {k: v.default for k, v in KEYS.items()}
 #: Keys added after results were first committed: left out of a run (and its hash) when it does not read them.
@@ -152,6 +162,7 @@ class Run:
     act: QuantSpec | None
     rules: tuple[qnn.Rule, ...]
     rule_set: str | None
+    search: Search | None = None
 
     def __getitem__(self, key):
         return self.config_hash if key == "config_hash" else self.config[key]
@@ -168,17 +179,23 @@ class Run:
 
     @property
     def mixed(self) -> bool:
-        """Whether layers get different specs (a rule set other than ``all``)."""
-        return self.rule_set not in (None, "all")
+        """Whether layers get different specs (a rule set other than ``all``, or a searched run)."""
+        return self.search is not None or self.rule_set not in (None, "all")
 
     @property
     def label(self) -> str:
-        """What the run quantized with: ``"int4/g32"``, ``"first_last_8bit(int2/ch)"``, ``"float"``.
+        """What the run quantized with: ``"int4/g32"``, ``"first_last_8bit(int2/ch)"``, ``"float"``, or for a
+        searched run its sensitivity and budget: ``"searched(sqnr, bytes of int3/ch)"``.
 
         Example:
             >>> [r.label for r in expand({"sweep": {"rules": ["all", "first_last_8bit"], "bits": [2]}})]
             ['int2/ch', 'first_last_8bit(int2/ch)']
+            >>> expand({"base": {"hidden": [8], "budget_bpw": 3.5}})[0].label
+            'searched(sqnr, 3.5 bpw)'
         """
+        if self.search is not None:
+            act = "" if self.act is None else f" act {self.act}"
+            return f"{self.search.label[:-1]}, {self.search.budget_label}){act}"
         base = str(self.weight) if self.weight is not None else "float"
         if self.act is not None:
             base += f" act {self.act}"
@@ -197,6 +214,9 @@ class Run:
         cols = {k: (json.dumps(v) if isinstance(v, list) else v) for k, v in self.config.items() if k != "rules_def"}
         uniform = self.weight if not self.mixed else None
         cols.update(spec_columns(uniform))
+        if self.search is not None:  # its layers' specs are in layers.csv
+            cols.update(weight=self.label, rules=self.search.label, act=None if self.act is None else str(self.act))
+            return cols
         weight = "float" if self.weight is None else str(self.weight)
         cols["weight"] = None if self.weight is None and not self.mixed else (
             f"{self.rule_set}({weight})" if self.mixed else weight)
@@ -264,6 +284,13 @@ def _check_type(key: str, value, where: str):
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if kind == "spec":
         ok, want = value is None or isinstance(value, str), "a spec string"
+    elif kind == "budget":
+        ok = value is None or (number and value > 0) or (key == "budget_bpw" and isinstance(value, str))
+        want = "a positive number" + (" or a spec string (the bytes of that spec on every layer)"
+                                      if key == "budget_bpw" else "")
+    elif kind == "str_list":
+        ok = isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
+        want = "a non-empty list of strings"
     elif kind == "int_list":
         ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
         want = "a list of positive integers"
@@ -342,9 +369,22 @@ def _resolved_rules(rule_set: list[dict], weight: QuantSpec | None, act: QuantSp
 # --------------------------------------------------------------------------- one run
 
 
+def _search(config: dict, method: Method, where: str) -> Search | None:
+    if not set(SEARCH_KEYS) <= set(method.reads):
+        return None
+    try:
+        search = search_of(config)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    if search is not None and config["rules"] != "all":
+        raise ConfigError(f"{where}: rules = {config['rules']!r} with a budget: a searched run takes its per-layer "
+                          "specs from the search; leave rules = \"all\" (hand rule sets are for runs without a budget)")
+    return search
+
+
 def _validate(config: dict, where: str, rule_sets) -> tuple[Method, QuantSpec | None, QuantSpec | None, list | None]:
     for k, v in config.items():
-        if v is not None or KEYS[k].kind != "spec":
+        if v is not None or KEYS[k].kind not in ("spec", "budget"):
             _check_type(k, v, where)
     try:
         fam = family_of(config["model"])
@@ -395,11 +435,12 @@ def _validate(config: dict, where: str, rule_sets) -> tuple[Method, QuantSpec | 
     return method, weight, act, resolved
 
 
-def _normalize(config: dict, method: Method, weight: QuantSpec | None, resolved, rule_sets) -> dict:
+def _normalize(config: dict, method: Method, weight: QuantSpec | None, resolved, rule_sets,
+               search: Search | None = None) -> dict:
     """Keys the method does not read become None (late keys are left out); spec keys canonical. This is
     what a run's hash covers, so the rule must not change for results on disk to keep their hashes."""
     fam = FAMILIES[method.family]
-    reads = set(fam.reads) | set(method.reads) | {"method"}
+    reads = set(fam.reads) | set(method.reads) | {"method"} | (set(method.search_reads) if search else set())
     out = {}
     for k, v in config.items():
         models = fam.model_keys.get(k)
@@ -414,26 +455,37 @@ def _normalize(config: dict, method: Method, weight: QuantSpec | None, resolved,
             out.pop(k, None)
         else:
             out[k] = float(out[k])
+    for k in SEARCH_KEYS:
+        if search is None:  # not part of an unsearched run (results from before the search keep their hashes)
+            out.pop(k, None)
+        elif isinstance(out.get(k), int) and not isinstance(out.get(k), bool):
+            out[k] = float(out[k])
+    if search is not None:  # the search gives the specs: the uniform spec keys do not describe this run
+        for k in ("format", "bits", "granularity", "symmetric", "range"):
+            out[k] = None
     if method.quantizes:
         out["weight"] = None if weight is None else str(weight)
         if out.get("act") in (None, "", "none"):
             out["act"] = "none"
-        if out["rules"] not in BUILTIN_RULE_SETS:  # a user rule set is part of the run's identity
+        if search is None and out["rules"] not in BUILTIN_RULE_SETS:  # a user rule set is part of the run's identity
             out["rules_def"] = json.dumps(resolved, sort_keys=True)
     return out
 
 
 def _make_run(config: dict, where: str, rule_sets) -> Run:
     method, weight, act, resolved = _validate(config, where, rule_sets)
-    normalized = _normalize(config, method, weight, resolved, rule_sets)
+    search = _search(config, method, where) if method.quantizes else None
+    if search is not None:
+        weight = None
+    normalized = _normalize(config, method, weight, resolved, rule_sets, search)
     rules = ()
-    if method.quantizes:
+    if method.quantizes and search is None:
         rules = tuple(qnn.Rule(r["pattern"], weight=r["weight"], act=r["act"],
                                **{k: v for k, v in method.rule_options.items()
                                   if r["weight" if k.startswith("weight") else "act"] is not None})
                       for r in resolved)
     run = Run(types.MappingProxyType(normalized), config_hash(normalized), method, weight, act, rules,
-              normalized["rules"] if method.quantizes else None)
+              normalized["rules"] if method.quantizes else None, search)
     if method.check is not None:
         try:
             method.check(run)
@@ -507,7 +559,7 @@ def expand(cfg: Mapping[str, Any], rule_sets: Mapping[str, list[dict]] | None = 
 
 def _reads(run: Run) -> set[str]:
     fam = FAMILIES[run.method.family]
-    keys = set(fam.reads) | set(run.method.reads) | {"method"}
+    keys = set(fam.reads) | set(run.method.reads) | {"method"} | (set(run.method.search_reads) if run.search else set())
     return {k for k in keys if fam.model_keys.get(k) is None or run["model"] in fam.model_keys[k]}
 
 
@@ -585,6 +637,8 @@ def schema_table() -> str:
             return "all"
         if key in SPEC_KEYS:
             return "every method but float"
+        if key in SEARCH_KEYS:
+            return "searched runs of " + ", ".join(names)
         return ", ".join(parts + names)
 
     lines = ["| key | default | meaning | read by |", "|---|---|---|---|"]
@@ -595,7 +649,7 @@ def schema_table() -> str:
 
 def methods_table() -> str:
     """Every registered method as a markdown table: family, name, what it does, the keys it reads beyond
-    its family's (the precision keys are abbreviated as "spec keys").
+    its family's (the precision keys are abbreviated as "spec keys", the budget keys as "search keys").
 
     Example:
         >>> print(methods_table().splitlines()[2])
@@ -603,7 +657,9 @@ def methods_table() -> str:
     """
     lines = ["| family | method | what it does | reads, beyond its family's keys |", "|---|---|---|---|"]
     for (family, name), m in sorted(REGISTRY.items()):
-        keys = [k for k in m.reads if k not in SPEC_KEYS]
-        reads = ", ".join((["spec keys"] if m.quantizes else []) + [f"`{k}`" for k in keys])
+        keys = [k for k in m.reads if k not in SPEC_KEYS and k not in SEARCH_KEYS]
+        searches = set(SEARCH_KEYS) <= set(m.reads)
+        reads = ", ".join((["spec keys"] if m.quantizes else []) + (["search keys"] if searches else [])
+                          + [f"`{k}`" for k in keys])
         lines.append(f"| {family} | `{name}` | {m.doc.replace('``', '`')} | {reads} |".replace("|  |", "| |"))
     return "\n".join(lines)
