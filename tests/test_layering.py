@@ -16,6 +16,7 @@ FORBIDDEN = {
     "models": {"nn", "ptq", "experiments", "plot", "cli"},
     "data": {"nn", "ptq", "experiments", "models", "plot", "cli"},
     "train": {"nn", "ptq", "experiments", "plot", "cli"},
+    "distributed": {"nn", "ptq", "experiments", "models", "data", "train", "evaluate", "plot", "cli"},
     "evaluate": {"nn", "ptq", "experiments", "plot", "cli"},
     "nn": {"ptq", "experiments", "plot", "cli"},
     "ptq": {"experiments", "plot", "cli"},
