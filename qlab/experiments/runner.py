@@ -99,8 +99,24 @@ def plan(study, *, force: bool = False, only: str | None = None, out=None) -> tu
         raise ConfigError(f"--only {only!r} matches none of the {len(st.runs)} runs of study {st.name!r} "
                           f"(values in the study: {listing}); keys: {', '.join(sorted(KEYS))}")
     out_dir = pathlib.Path(out) if out is not None else pathlib.Path("results") / st.name
-    done = {r["row"]["config_hash"] for r in read_runs(out_dir)}
+    runs = read_runs(out_dir)
+    _check_same_study(out_dir, st.name, runs)
+    done = {r["row"]["config_hash"] for r in runs}
     return st, out_dir, [r for r in chosen if force or r.config_hash not in done]
+
+
+def _check_same_study(out_dir: pathlib.Path, name: str, runs: list[dict]) -> None:
+    """A folder that holds another study's results is an error (a worker given the wrong ``--out``)."""
+    names = {r["row"].get("study") for r in runs} - {None, name}
+    study = out_dir / "study.json"
+    if study.is_file():
+        try:
+            names |= {json.loads(study.read_text()).get("name")} - {None, name}
+        except json.JSONDecodeError:
+            pass  # a half-written study.json cannot happen (atomic writes); the rows still say whose they are
+    if names:
+        raise ConfigError(f"results folder {out_dir} holds study {sorted(names)[0]!r}, not {name!r}: give this "
+                          f"study its own folder (--out), or rename one of the studies")
 
 
 def _meta() -> dict:
