@@ -21,15 +21,17 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-__all__ = ["DATA", "FSDP", "make_mesh", "batch_sharding", "shard_batch", "check_batch", "param_shardings",
+__all__ = ["DATA", "FSDP", "make_mesh", "parse_mesh", "use_mesh", "current_mesh", "batch_sharding", "shard_batch", "check_batch", "param_shardings",
            "check_blocks", "module_blocks", "initialize_from_env"]
 
 #: the mesh axis the batch is split over, and the one parameters are split over
@@ -54,6 +56,55 @@ def make_mesh(data: int | None = None, fsdp: int = 1, devices=None) -> Mesh:
     if data * fsdp > len(devs) or data < 1:
         raise ValueError(f"make_mesh: data={data} x fsdp={fsdp} needs {data * fsdp} devices; there are {len(devs)}")
     return Mesh(np.array(devs[: data * fsdp]).reshape(data, fsdp), (DATA, FSDP))
+
+
+def parse_mesh(text: str, devices=None) -> Mesh:
+    """``"data=4"``, ``"data=2,fsdp=2"`` or ``"fsdp=2"`` -> :func:`make_mesh` (default: this process's own
+    devices, ``jax.local_devices()``: a sweep worker splits its runs over its own host).
+
+    Example:
+        >>> dict(parse_mesh("data=1", devices=jax.devices()[:1]).shape)
+        {'data': 1, 'fsdp': 1}
+    """
+    sizes: dict[str, int] = {}
+    for part in str(text).split(","):
+        k, sep, v = (t.strip() for t in part.partition("="))
+        if not sep or k not in (DATA, FSDP) or not v.isdigit() or int(v) < 1 or k in sizes:
+            raise ValueError(f"mesh {text!r}: write data=N and/or fsdp=M (positive integers), e.g. data=2,fsdp=2")
+        sizes[k] = int(v)
+    return make_mesh(sizes.get(DATA), sizes.get(FSDP, 1), jax.local_devices() if devices is None else devices)
+
+
+_MESH: contextvars.ContextVar = contextvars.ContextVar("qlab_mesh", default=None)
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh | None) -> Iterator[Mesh | None]:
+    """Within this block :func:`qlab.train.train` calls that pass no ``mesh=`` use ``mesh`` (how a sweep's
+    training methods run sharded without a study key).
+
+    Example:
+        >>> with use_mesh(make_mesh(devices=jax.devices()[:1])) as m:
+        ...     current_mesh() is m
+        True
+        >>> current_mesh() is None
+        True
+    """
+    token = _MESH.set(mesh)
+    try:
+        yield mesh
+    finally:
+        _MESH.reset(token)
+
+
+def current_mesh() -> Mesh | None:
+    """The mesh of the innermost :func:`use_mesh` block, else None.
+
+    Example:
+        >>> current_mesh() is None
+        True
+    """
+    return _MESH.get()
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:

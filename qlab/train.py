@@ -205,7 +205,8 @@ def train(
         eval_every: call ``eval_fn(model)`` every this many steps and at the end; default ``eval_fn``
             is validation accuracy (image datasets) or validation NLL (char corpora, needs ``seq_len``).
         log_every: how often (steps) the progress bar's loss is refreshed.
-        mesh: a device mesh (:func:`qlab.distributed.make_mesh`): each batch is split over all its devices
+        mesh: a device mesh (:func:`qlab.distributed.make_mesh`; default: the one of an enclosing
+            :func:`qlab.distributed.use_mesh` block, else one device): each batch is split over all its devices
             (every process passes the same global batch), the state's ``fsdp_axis`` over its ``"fsdp"`` axis
             (:func:`qlab.distributed.param_shardings`); one ``jax.jit`` program with those shardings. Losses and
             parameters equal the one-device run up to float reduction order. A batch the mesh does not divide,
@@ -248,6 +249,7 @@ def train(
         if eval_fn is None:
             raise ValueError("eval_every needs eval_fn= for this kind of data")
 
+    mesh = distributed.current_mesh() if mesh is None else mesh
     if not isinstance(accumulate, int) or accumulate < 1:
         raise ValueError(f"accumulate must be a positive integer, got {accumulate!r}")
     if mesh is not None:

@@ -87,6 +87,18 @@ dev = capture(qm, [shard_batch((X[:256], Y[:256]), make_mesh())], stats=("hessia
 out["capture"] = {p: {k: float(np.max(np.abs(np.asarray(host[p][k]) - np.asarray(dev[p][k])))) for k in ("hessian", "absmax")}
                   | {"scale": float(np.max(np.abs(host[p]["hessian"]))), "count": [int(host[p]["count"]), int(dev[p]["count"])]}
                   for p in host}
+# a sweep's training methods over a mesh given outside the study
+import tempfile
+from qlab.experiments import ConfigError, sweep
+study = {"name": "meshed", "base": {"hidden": [32], "train_size": 256, "steps": 20, "batch_size": 32,
+                                    "qat_steps": 10}, "sweep": {"method": ["float", "qat"], "bits": [4]}}
+tables = {tag: sweep(study, out=tempfile.mkdtemp(), progress=False, mesh=mesh).to_dict("list")
+          for tag, mesh in [("one", None), ("mesh", "data=2,fsdp=2")]}
+out["sweep"] = {tag: {k: t[k] for k in ("method", "accuracy", "config_hash")} for tag, t in tables.items()}
+try:
+    sweep({**study, "base": {**study["base"], "batch_size": 30}}, out=tempfile.mkdtemp(), progress=False, mesh="data=4")
+except ConfigError as e:
+    out["sweep_error"] = str(e)
 json.dump(out, open(sys.argv[1], "w"))
 print("OK")
 """
@@ -143,6 +155,13 @@ def test_ptq_statistics_accumulate_over_a_sharded_batch(four):
         assert d["count"] == [256, 256], path
         assert d["absmax"] == 0.0, path  # a maximum is exact in any order
         assert d["hessian"] <= 1e-5 * d["scale"], (path, d)
+
+
+def test_a_sweep_trains_its_runs_over_a_mesh_given_outside_the_study(four):
+    one, sh = four["sweep"]["one"], four["sweep"]["mesh"]
+    assert one["config_hash"] == sh["config_hash"] and one["method"] == ["float", "qat"]
+    np.testing.assert_allclose(sh["accuracy"], one["accuracy"], atol=1 / 256 + 1e-9)  # at most one sample flips
+    assert "batch_size [30] does not divide over the mesh {'data': 4, 'fsdp': 1}" in four["sweep_error"]
 
 
 _TWO_PROCESSES = _COMMON + r"""
