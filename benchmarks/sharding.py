@@ -1,8 +1,8 @@
 """The cost of sharding itself: a data-parallel ``qlab.train`` step on 4 forced host devices against one device,
 at the same global batch (not a speedup: the 4 "devices" share this machine's cores).
 
-Model: MLP 784-1024-1024-10, global batch 256, Adam; float, W8A8 (int8 per-channel weights, int8 per-token
-activations, integer matmul) and W4 g128 (padded groups, float activations). Meshes: one device, data=4, and
+Model: MLP 1024-1024-1024-10, global batch 256, Adam; float, W8A8 (int8 per-channel weights, int8 per-token
+activations, integer matmul) and W4 g128 (float activations). Meshes: one device, data=4, and
 data=2 x fsdp=2. Per config the step time is ``(t(S + 1 steps) - t(1 step)) / S`` of two ``train`` calls (the same
 compile in both), the minimum over rounds interleaved across configs so load changes hit all alike.
 
@@ -34,12 +34,12 @@ from qlab.models import MLP  # noqa: E402
 from qlab.nn import Rule, quantize_model  # noqa: E402
 from qlab.train import train  # noqa: E402
 
-SCHEMES = {"float": None, "W8A8": dict(weight="int8/ch", act="int8"), "W4g128": dict(weight="int4/g128p")}
+SCHEMES = {"float": None, "W8A8": dict(weight="int8/ch", act="int8"), "W4g128": dict(weight="int4/g128")}
 MESHES = {"1 device": None, "data=4": dict(data=4), "data=2,fsdp=2": dict(data=2, fsdp=2)}
 
 
 def model(scheme):
-    m = MLP(784, hidden=(1024, 1024), out=10, rngs=nnx.Rngs(0))
+    m = MLP(1024, hidden=(1024, 1024), out=10, rngs=nnx.Rngs(0))
     return m if SCHEMES[scheme] is None else quantize_model(m, [Rule(".*", **SCHEMES[scheme])])
 
 
@@ -57,7 +57,7 @@ def main():
     args = ap.parse_args()
     assert jax.device_count() == 4, jax.devices()
     rng = np.random.default_rng(0)
-    data = (rng.normal(size=(4096, 784)).astype(np.float32), rng.integers(0, 10, 4096).astype(np.int32))
+    data = (rng.normal(size=(4096, 1024)).astype(np.float32), rng.integers(0, 10, 4096).astype(np.int32))
     meshes = {k: None if v is None else make_mesh(**v) for k, v in MESHES.items()}
     best: dict = {}
     for _ in range(args.rounds):

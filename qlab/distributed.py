@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-__all__ = ["DATA", "FSDP", "make_mesh", "parse_mesh", "use_mesh", "current_mesh", "batch_sharding", "shard_batch", "check_batch", "param_shardings",
+__all__ = ["DATA", "FSDP", "make_mesh", "parse_mesh", "use_mesh", "current_mesh", "batch_sharding", "shard_batch", "check_batch", "param_shardings", "leaf_sharding",
            "check_blocks", "module_blocks", "initialize_from_env"]
 
 #: the mesh axis the batch is split over, and the one parameters are split over
@@ -154,19 +154,22 @@ def shard_batch(batch, mesh: Mesh):
     return jax.tree.map(put, batch)
 
 
-def _leaf_spec(shape, axis: int, n: int) -> PartitionSpec:
+def _leaf_spec(shape, axis: int, n: int, names=(FSDP,)) -> PartitionSpec:
     if n == 1 or not shape:
         return PartitionSpec()
     ax = axis % len(shape) if -len(shape) <= axis < len(shape) else None
-    if ax is None or shape[ax] % n or shape[ax] < n:
+    if ax is None or shape[ax] % n:
         return PartitionSpec()
-    return PartitionSpec(*[FSDP if i == ax else None for i in range(len(shape))])
+    split = names[0] if len(names) == 1 else tuple(names)
+    return PartitionSpec(*[split if i == ax else None for i in range(len(shape))])
 
 
-def param_shardings(state, mesh: Mesh, axis: int = 0):
+def param_shardings(state, mesh: Mesh, axis: int = 0, over: tuple[str, ...] = (FSDP,)):
     """Shardings for a state pytree (an ``nnx.State``, arrays): every array's ``axis`` (0: the first, e.g.
-    ``nnx.Linear``'s input features; -1: the last) is split over the mesh's ``"fsdp"`` axis where its length
-    divides by the fsdp size; arrays where it does not (biases of odd size, scalars) are replicated.
+    ``nnx.Linear``'s input features; -1: the last) is split over the mesh axes ``over`` (default the
+    ``"fsdp"`` axis) where its length divides by their total size; arrays where it does not (biases of odd
+    size, scalars) are replicated. :func:`qlab.train.train` lays out parameters with ``over=("fsdp",)`` and the
+    optimizer state with ``over=("data", "fsdp")`` (ZeRO-1: each device updates its share of the parameters).
 
     Example:
         >>> import jax.numpy as jnp
@@ -174,8 +177,20 @@ def param_shardings(state, mesh: Mesh, axis: int = 0):
         >>> sh["w"].spec, sh["b"].spec
         (PartitionSpec(), PartitionSpec())
     """
-    n = mesh.shape[FSDP] if FSDP in mesh.shape else 1
-    return jax.tree.map(lambda a: NamedSharding(mesh, _leaf_spec(np.shape(a), axis, n)), state)
+    return jax.tree.map(lambda a: leaf_sharding(a, mesh, axis, over), state)
+
+
+def leaf_sharding(array, mesh: Mesh, axis: int = 0, over: tuple[str, ...] = (FSDP,)) -> NamedSharding:
+    """The sharding :func:`param_shardings` gives one array.
+
+    Example:
+        >>> import numpy as np
+        >>> leaf_sharding(np.zeros((4, 2)), make_mesh(devices=jax.devices()[:1])).spec
+        PartitionSpec()
+    """
+    names = tuple(a for a in over if a in mesh.shape)
+    n = int(np.prod([mesh.shape[a] for a in names]))
+    return NamedSharding(mesh, _leaf_spec(np.shape(array), axis, n, names))
 
 
 def module_blocks(model) -> dict[tuple, dict[int, int]]:
@@ -218,7 +233,7 @@ def check_blocks(model, mesh: Mesh, axis: int = 0) -> None:
                 raise ValueError(
                     f"sharding {'/'.join(map(str, path))} {tuple(shape)} over fsdp={n} along axis {i} gives "
                     f"{shape[i] // n} rows per device, which splits its quantization groups of {blocks[i]}; "
-                    f"use an fsdp size dividing {shape[i] // blocks[i]}, or fsdp_axis= another axis")
+                    f"pick fsdp so that {shape[i]} / fsdp is a multiple of {blocks[i]}, or fsdp_axis= another axis")
 
 
 _ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")

@@ -334,7 +334,14 @@ def _train_step(graphdef, loss_fn, wrt, accumulate, state, batch):
 
 def _sharded_step(graphdef, loss_fn, wrt, accumulate, state, mesh, fsdp_axis):
     """(jitted step with the mesh's in/out shardings, the state placed on the mesh)."""
-    state_sh = distributed.param_shardings(state, mesh, fsdp_axis)
+    # the model's arrays over "fsdp" (replicated across "data"); the optimizer's over every device (ZeRO-1):
+    # gradients are reduce-scattered to the optimizer shards and the new parameters all-gathered, which on
+    # these CPU devices costs a fraction of one all-reduce of replicated gradients (benchmarks/sharding.py)
+    def layout(path, a):
+        over = (distributed.FSDP,) if path[0].key == 0 else (distributed.DATA, distributed.FSDP)
+        return distributed.leaf_sharding(a, mesh, fsdp_axis, over)
+
+    state_sh = jax.tree_util.tree_map_with_path(layout, state)
     replicated = NamedSharding(mesh, PartitionSpec())
     fn = jax.jit(functools.partial(_step, graphdef, loss_fn, wrt, accumulate),
                  out_shardings=(state_sh, replicated), donate_argnums=0)
