@@ -112,7 +112,7 @@ def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
 
     Example:
         >>> batch_sharding(make_mesh(devices=jax.devices()[:1]), 2).spec
-        PartitionSpec(('data', 'fsdp'), None)
+        P(('data', 'fsdp'), None)
     """
     return NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names), *([None] * (ndim - 1))))
 
@@ -175,7 +175,7 @@ def param_shardings(state, mesh: Mesh, axis: int = 0, over: tuple[str, ...] = (F
         >>> import jax.numpy as jnp
         >>> sh = param_shardings({"w": jnp.zeros((4, 2)), "b": jnp.zeros(())}, make_mesh(devices=jax.devices()[:1]))
         >>> sh["w"].spec, sh["b"].spec
-        (PartitionSpec(), PartitionSpec())
+        (P(), P())
     """
     return jax.tree.map(lambda a: leaf_sharding(a, mesh, axis, over), state)
 
@@ -185,8 +185,8 @@ def leaf_sharding(array, mesh: Mesh, axis: int = 0, over: tuple[str, ...] = (FSD
 
     Example:
         >>> import numpy as np
-        >>> leaf_sharding(np.zeros((4, 2)), make_mesh(devices=jax.devices()[:1])).spec
-        PartitionSpec()
+        >>> leaf_sharding(np.zeros((4, 2)), make_mesh(devices=jax.devices()[:1])).spec  # fsdp=1: whole
+        P()
     """
     names = tuple(a for a in over if a in mesh.shape)
     n = int(np.prod([mesh.shape[a] for a in names]))
