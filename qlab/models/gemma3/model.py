@@ -70,6 +70,7 @@ class Gemma3Config:
     bos_id: int = 2
     eos_id: int = 1
     pad_id: int = 0
+    remat: bool = False  # recompute each block in the backward pass (nnx.remat): less memory, same values
 
     def __post_init__(self):
         if self.n_heads % self.n_kv_heads:
@@ -273,6 +274,11 @@ class Block(nnx.Module):
         return x + self.post_ffn_norm(self.mlp(self.pre_ffn_norm(x)))
 
 
+@nnx.remat
+def _remat_block(block, x, positions, local_mask, global_mask):
+    return block(x, positions, local_mask, global_mask)
+
+
 class Gemma3(nnx.Module):
     """Gemma 3 decoder. ``model(tokens[int32 B, T]) -> logits[float32 B, T, vocab]``.
 
@@ -306,7 +312,10 @@ class Gemma3(nnx.Module):
         global_mask = attention_mask(positions, positions, None)
         local_mask = attention_mask(positions, positions, cfg.sliding_window)
         for layer in self.layers:
-            x = layer(x, positions, local_mask, global_mask)
+            if cfg.remat:
+                x = _remat_block(layer, x, positions, local_mask, global_mask)
+            else:
+                x = layer(x, positions, local_mask, global_mask)
         return self.final_norm(x)
 
     def unembed(self, h):
