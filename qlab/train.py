@@ -334,6 +334,19 @@ def _train_step(graphdef, loss_fn, wrt, accumulate, state, batch):
 
 def _sharded_step(graphdef, loss_fn, wrt, accumulate, state, mesh, fsdp_axis):
     """(jitted step with the mesh's in/out shardings, the state placed on the mesh)."""
+    shapes = tuple((np.shape(a), np.dtype(a.dtype)) for a in jax.tree.leaves(state))
+    fn, state_sh = _sharded_program(graphdef, loss_fn, wrt, accumulate, mesh, fsdp_axis, jax.tree.structure(state),
+                                    shapes)
+    state = jax.tree.map(lambda a, sh: jax.make_array_from_callback(np.shape(a), sh, lambda i: np.asarray(a)[i]),
+                         state, state_sh)
+    return fn, state
+
+
+@functools.lru_cache(maxsize=16)
+def _sharded_program(graphdef, loss_fn, wrt, accumulate, mesh, fsdp_axis, treedef, shapes):
+    # cached like _train_step's jit: the next train() of a same-structure model reuses the compiled program
+    state = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(s, d) for s, d in shapes])
+
     # the model's arrays over "fsdp" (replicated across "data"); the optimizer's over every device (ZeRO-1):
     # gradients are reduce-scattered to the optimizer shards and the new parameters all-gathered, which on
     # these CPU devices costs a fraction of one all-reduce of replicated gradients (benchmarks/sharding.py)
@@ -345,9 +358,7 @@ def _sharded_step(graphdef, loss_fn, wrt, accumulate, state, mesh, fsdp_axis):
     replicated = NamedSharding(mesh, PartitionSpec())
     fn = jax.jit(functools.partial(_step, graphdef, loss_fn, wrt, accumulate),
                  out_shardings=(state_sh, replicated), donate_argnums=0)
-    state = jax.tree.map(lambda a, sh: jax.make_array_from_callback(np.shape(a), sh, lambda i: np.asarray(a)[i]),
-                         state, state_sh)
-    return fn, state
+    return fn, state_sh
 
 
 def _micro(a, k):
