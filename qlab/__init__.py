@@ -33,7 +33,7 @@ _LAZY_NAMES = {
     "sweep": "qlab.experiments",
     "load_results": "qlab.experiments",
 }
-_SUBMODULES = {"analysis", "nn", "ptq", "experiments", "plot", "models", "data", "train", "evaluate", "cli", "numerics"}
+_SUBMODULES = {"analysis", "distributed", "nn", "ptq", "experiments", "plot", "models", "data", "train", "evaluate", "cli", "numerics"}
 
 __all__ = list(_NUMERICS_ALL) + list(_LAZY_NAMES) + sorted(_SUBMODULES)
 

@@ -1,6 +1,7 @@
 """qlab's command line.
 
     qlab sweep experiments/<name>.toml [--out DIR] [--only FILTER] [--force] [--batch] [--reference DIR]
+                                       [--mesh data=N,fsdp=M]
     qlab check experiments/<name>.toml      validate and list the runs, run nothing
     qlab plot results/<name>                draw a study's figures from its tables
     qlab methods                            list the methods of each model family
@@ -49,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
                         "together (one vmapped program)")
     s.add_argument("--reference", metavar="DIR",
                    help="compare the table with a reference study folder's runs.csv and say whether they match")
+    s.add_argument("--mesh", metavar="AXES", help="train each run over this process's devices, e.g. data=4 or "
+                   "data=2,fsdp=2 (batch split over all of them, parameters over fsdp); not part of the study")
     s.add_argument("--no-plots", action="store_true", help="do not write PNG figures")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     c = sub.add_parser("check", help="validate a study and list its runs; runs nothing")
@@ -79,7 +82,8 @@ def _sweep(args) -> int:
     st, out, todo = plan(args.study, force=args.force, only=args.only, out=args.out)
     print(f"study {st.name}: {len(st.runs)} runs, {len(todo)} to do -> {out}")
     try:
-        table = sweep(st, force=args.force, only=args.only, out=out, progress=not args.no_progress, batch=args.batch)
+        table = sweep(st, force=args.force, only=args.only, out=out, progress=not args.no_progress, batch=args.batch,
+                      mesh=args.mesh)
     except SweepError as e:
         print(f"qlab sweep: {e}", file=sys.stderr)
         return 1

@@ -28,7 +28,7 @@ import dataclasses
 import functools
 import itertools
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,8 +39,10 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from . import data as _data
+from . import distributed
 
-__all__ = ["History", "train", "train_variants", "variant_sharding", "xent_loss", "lm_loss", "LOSSES"]
+__all__ = ["History", "train", "train_variants", "variant_sharding", "xent_loss", "lm_loss", "LOSSES",
+           "f32_master"]
 
 
 # --------------------------------------------------------------------------- losses
@@ -177,6 +179,10 @@ def train(
     eval_every: int | None = None,
     eval_fn: Callable[[nnx.Module], Mapping[str, float]] | None = None,
     log_every: int = 10,
+    mesh: Mesh | None = None,
+    fsdp_axis: int = 0,
+    accumulate: int = 1,
+    param_dtype: Any = None,
 ) -> History:
     """Train ``model`` in place and return its :class:`History`.
 
@@ -199,6 +205,18 @@ def train(
         eval_every: call ``eval_fn(model)`` every this many steps and at the end; default ``eval_fn``
             is validation accuracy (image datasets) or validation NLL (char corpora, needs ``seq_len``).
         log_every: how often (steps) the progress bar's loss is refreshed.
+        mesh: a device mesh (:func:`qlab.distributed.make_mesh`; default: the one of an enclosing
+            :func:`qlab.distributed.use_mesh` block, else one device): each batch is split over all its devices
+            (every process passes the same global batch), the state's ``fsdp_axis`` over its ``"fsdp"`` axis
+            (:func:`qlab.distributed.param_shardings`); one ``jax.jit`` program with those shardings. Losses and
+            parameters equal the one-device run up to float reduction order. A batch the mesh does not divide,
+            or a layout that splits a quantization group, is a ValueError before the first step.
+        accumulate: split each batch into this many equal micro-batches (rows ``j, j+k, ...``), average
+            their gradients, apply one update: the same step as the whole batch, with a k times smaller
+            activation footprint (forward-mutated statistics see k calls).
+        param_dtype: e.g. ``jnp.bfloat16``: the trained parameters are stored in this dtype (cast at the
+            start), the optimizer keeps an f32 master copy and f32 moments (:func:`f32_master`); needs
+            ``optimizer`` to be an optax transformation or None.
 
     Returns:
         :class:`History` with one loss per step (floats), evaluations, wall seconds.
@@ -231,13 +249,30 @@ def train(
         if eval_fn is None:
             raise ValueError("eval_every needs eval_fn= for this kind of data")
 
+    mesh = distributed.current_mesh() if mesh is None else mesh
+    if not isinstance(accumulate, int) or accumulate < 1:
+        raise ValueError(f"accumulate must be a positive integer, got {accumulate!r}")
+    if mesh is not None:
+        distributed.check_blocks(model, mesh, fsdp_axis)
+    if param_dtype is not None:
+        if isinstance(optimizer, nnx.Optimizer):
+            raise ValueError("param_dtype= needs optimizer= an optax transformation (or None), not an nnx.Optimizer")
+        _cast_params(model, wrt, param_dtype)
+        tx = f32_master(tx)
     if isinstance(optimizer, nnx.Optimizer):
         opt, wrt = optimizer, optimizer.wrt
     else:
         opt = nnx.Optimizer(model, tx, wrt=wrt)
     graphdef, state = nnx.split((model, opt))
 
-    step_fn = functools.partial(_train_step, graphdef, loss_fn, wrt)
+    if mesh is None:
+        step_fn = functools.partial(_train_step, graphdef, loss_fn, wrt, accumulate)
+        if accumulate > 1:
+            batch_iter = _checked(batch_iter, lambda b: _check_micro(b, accumulate))
+    else:
+        step_fn, state = _sharded_step(graphdef, loss_fn, wrt, accumulate, state, mesh, fsdp_axis)
+        batch_iter = (distributed.shard_batch(b, mesh) for b in
+                      _checked(batch_iter, lambda b: distributed.check_batch(b, mesh, accumulate)))
 
     hist = History()
     bar = None
@@ -281,13 +316,132 @@ def _adam(learning_rate: float) -> optax.GradientTransformation:
     return optax.adam(learning_rate)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=3)
-def _train_step(graphdef, loss_fn, wrt, state, batch):
-    """One optimizer step on the (model, optimizer) state; compiled once per structure/loss/filter."""
+def _step(graphdef, loss_fn, wrt, accumulate, state, batch):
     model, opt = nnx.merge(graphdef, state)
-    value, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt))(model, batch)
+    if accumulate == 1:
+        value, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt))(model, batch)
+    else:
+        value, grads = _accumulated_grads(model, loss_fn, wrt, accumulate, batch)
     opt.update(model, grads)
     return nnx.state((model, opt)), value
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=4)
+def _train_step(graphdef, loss_fn, wrt, accumulate, state, batch):
+    """One optimizer step on the (model, optimizer) state; compiled once per structure/loss/filter."""
+    return _step(graphdef, loss_fn, wrt, accumulate, state, batch)
+
+
+def _sharded_step(graphdef, loss_fn, wrt, accumulate, state, mesh, fsdp_axis):
+    """(jitted step with the mesh's in/out shardings, the state placed on the mesh)."""
+    shapes = tuple((np.shape(a), np.dtype(a.dtype)) for a in jax.tree.leaves(state))
+    fn, state_sh = _sharded_program(graphdef, loss_fn, wrt, accumulate, mesh, fsdp_axis, jax.tree.structure(state),
+                                    shapes)
+    state = jax.tree.map(lambda a, sh: jax.make_array_from_callback(np.shape(a), sh, lambda i: np.asarray(a)[i]),
+                         state, state_sh)
+    return fn, state
+
+
+@functools.lru_cache(maxsize=16)
+def _sharded_program(graphdef, loss_fn, wrt, accumulate, mesh, fsdp_axis, treedef, shapes):
+    # cached like _train_step's jit: the next train() of a same-structure model reuses the compiled program
+    state = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(s, d) for s, d in shapes])
+
+    # the model's arrays over "fsdp" (replicated across "data"); the optimizer's over every device (ZeRO-1):
+    # gradients are reduce-scattered to the optimizer shards and the new parameters all-gathered, which on
+    # these CPU devices costs a fraction of one all-reduce of replicated gradients (benchmarks/sharding.py)
+    def layout(path, a):
+        over = (distributed.FSDP,) if path[0].key == 0 else (distributed.DATA, distributed.FSDP)
+        return distributed.leaf_sharding(a, mesh, fsdp_axis, over)
+
+    state_sh = jax.tree_util.tree_map_with_path(layout, state)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    fn = jax.jit(functools.partial(_step, graphdef, loss_fn, wrt, accumulate),
+                 out_shardings=(state_sh, replicated), donate_argnums=0)
+    return fn, state_sh
+
+
+def _micro(a, k):
+    # rows j, j+k, j+2k, ... form micro-batch j: each device keeps its own rows for every micro-batch
+    return jnp.swapaxes(a.reshape((a.shape[0] // k, k) + a.shape[1:]), 0, 1)
+
+
+def _check_micro(batch, k):
+    for a in jax.tree.leaves(batch):
+        if np.shape(a)[0] % k:
+            raise ValueError(f"accumulate={k} does not divide a batch of {np.shape(a)[0]} rows")
+
+
+def _checked(it, check):
+    for i, b in enumerate(it):
+        if i == 0:
+            check(b)
+        yield b
+
+
+def _accumulated_grads(model, loss_fn, wrt, k, batch):
+    """Mean loss and gradient over ``k`` micro-batches (a ``lax.scan``; other Variables carried through)."""
+    gdef, diff, rest = nnx.split(model, wrt, ...)
+
+    def pure(d, r, mb):
+        m = nnx.merge(gdef, d, r)
+        return loss_fn(m, mb), nnx.state(m, nnx.Not(wrt))
+
+    def body(carry, mb):
+        r, gsum, lsum = carry
+        (value, r), g = jax.value_and_grad(pure, has_aux=True)(diff, r, mb)
+        return (r, jax.tree.map(jnp.add, gsum, g), lsum + value), None
+
+    zeros = jax.tree.map(jnp.zeros_like, diff)
+    micro = jax.tree.map(lambda a: _micro(a, k), batch)
+    (rest, gsum, lsum), _ = jax.lax.scan(body, (rest, zeros, jnp.zeros((), jnp.float32)), micro)
+    nnx.update(model, rest)
+    return lsum / k, jax.tree.map(lambda g: g / k, gsum)
+
+
+def _cast_params(model, wrt, dtype) -> None:
+    params = nnx.state(model, wrt)
+    nnx.update(model, jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params))
+
+
+class MasterState(NamedTuple):
+    """:func:`f32_master`'s state: the f32 copy of the parameters and the wrapped optimizer's state."""
+
+    master: Any
+    inner: Any
+
+
+def f32_master(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """Wrap ``tx`` for low-precision (e.g. bf16) parameters: it keeps an f32 master copy and runs ``tx`` on f32
+    gradients; the updates it returns set each parameter to its master value rounded to the parameter's dtype.
+
+    Example:
+        >>> import jax.numpy as jnp, optax
+        >>> tx = f32_master(optax.sgd(1e-3))
+        >>> p = {"w": jnp.ones(2, jnp.bfloat16)}
+        >>> st = tx.init(p)
+        >>> for _ in range(3):  # 3 updates of 1e-3: each one alone is below bf16's resolution at 1.0
+        ...     u, st = tx.update({"w": jnp.ones(2, jnp.bfloat16)}, st, p)
+        ...     p = optax.apply_updates(p, u)
+        >>> st.master["w"].dtype, round(float(st.master["w"][0]), 6), p["w"].dtype
+        (dtype('float32'), 0.997, dtype(bfloat16))
+    """
+    def f32(t):
+        return jax.tree.map(lambda a: a.astype(jnp.float32), t)
+
+    def init(params):
+        master = f32(params)
+        return MasterState(master, tx.init(master))
+
+    def update(grads, state, params=None, **extra):
+        if params is None:
+            raise ValueError("f32_master: update needs params (the low-precision parameters)")
+        upd, inner = tx.update(f32(grads), state.inner, state.master, **extra)
+        master = optax.apply_updates(state.master, upd)
+        # p + (m - p) == m in f32 (Sterbenz), so apply_updates then rounds m to the parameter dtype
+        return jax.tree.map(lambda m, p: m - p.astype(jnp.float32), master, params), MasterState(master, inner)
+
+    return optax.GradientTransformation(init, update)
 
 
 def _is_iterable_of_batches(data) -> bool:

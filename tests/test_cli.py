@@ -213,3 +213,12 @@ def test_three_workers_one_killed_give_the_single_worker_table(tmp_path):
     cols = ["config_hash", "weight", "accuracy", "bits_per_weight", "model_bytes"]
     pd.testing.assert_frame_equal(a[cols], b[cols])
     assert not list((out / "runs").glob("*.claim"))
+
+
+def test_a_mesh_larger_than_the_machine_exits_2(tmp_path, capsys):
+    p = _toml(tmp_path, TINY_TOML.format(name="m"))
+    assert main(["sweep", p, "--out", str(tmp_path / "o"), "--no-progress", "--no-plots", "--mesh", "data=64"]) == 2
+    err = capsys.readouterr().err
+    assert "data=64 x fsdp=1 needs 64 devices" in err and not (tmp_path / "o" / "runs").exists()
+    assert main(["sweep", p, "--out", str(tmp_path / "o"), "--no-progress", "--mesh", "gpus=2"]) == 2
+    assert "write data=N and/or fsdp=M" in capsys.readouterr().err

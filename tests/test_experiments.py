@@ -329,3 +329,15 @@ def test_committed_results_keep_their_hashes():
     for toml, folder in [("quickstart", "quickstart"), ("gemma3_ptq", "gemma3_ptq")]:
         st = load_study(ROOT / "experiments" / f"{toml}.toml", check=False)
         assert [r.config_hash for r in st.runs] == list(pd.read_csv(ROOT / "results" / folder / "runs.csv")["config_hash"])
+
+
+def test_a_folder_of_another_study_is_an_error_before_any_run(tmp_path):
+    base = {"steps": 5, "hidden": [8], "train_size": 128}
+    sweep({"name": "first", "base": base, "sweep": {"bits": [8]}}, out=tmp_path, progress=False)
+    before = sorted(p.name for p in (tmp_path / "runs").iterdir()), (tmp_path / "study.json").read_text()
+    with pytest.raises(ConfigError, match=rf"results folder {tmp_path} holds study 'first', not 'second'"):
+        sweep({"name": "second", "base": base, "sweep": {"bits": [4]}}, out=tmp_path, progress=False)
+    assert (sorted(p.name for p in (tmp_path / "runs").iterdir()), (tmp_path / "study.json").read_text()) == before
+    (tmp_path / "study.json").unlink()  # the rows alone still say whose folder it is
+    with pytest.raises(ConfigError, match="holds study 'first'"):
+        sweep({"name": "second", "base": base, "sweep": {"bits": [4]}}, out=tmp_path, progress=False)

@@ -16,6 +16,8 @@ FORBIDDEN = {
     "models": {"nn", "ptq", "experiments", "plot", "cli", "export", "analysis"},
     "data": {"nn", "ptq", "experiments", "models", "plot", "cli", "export", "analysis"},
     "train": {"nn", "ptq", "experiments", "plot", "cli", "export", "analysis"},
+    "distributed": {"nn", "ptq", "experiments", "models", "data", "train", "evaluate", "plot", "cli", "export",
+                    "analysis"},
     "evaluate": {"nn", "ptq", "experiments", "plot", "cli", "export", "analysis"},
     "nn": {"ptq", "experiments", "plot", "cli", "export", "analysis"},
     "ptq": {"experiments", "plot", "cli", "export", "analysis"},

@@ -29,6 +29,7 @@ import flax
 import jax
 
 import qlab
+from qlab import distributed
 
 from .image import BATCHABLE, batch_signature, run_batched
 from .results import (atomic_write_text, claim_run, load_results, read_runs, rebuild_tables, release_run, result_row,
@@ -99,8 +100,24 @@ def plan(study, *, force: bool = False, only: str | None = None, out=None) -> tu
         raise ConfigError(f"--only {only!r} matches none of the {len(st.runs)} runs of study {st.name!r} "
                           f"(values in the study: {listing}); keys: {', '.join(sorted(KEYS))}")
     out_dir = pathlib.Path(out) if out is not None else pathlib.Path("results") / st.name
-    done = {r["row"]["config_hash"] for r in read_runs(out_dir)}
+    runs = read_runs(out_dir)
+    _check_same_study(out_dir, st.name, runs)
+    done = {r["row"]["config_hash"] for r in runs}
     return st, out_dir, [r for r in chosen if force or r.config_hash not in done]
+
+
+def _check_same_study(out_dir: pathlib.Path, name: str, runs: list[dict]) -> None:
+    """A folder that holds another study's results is an error (a worker given the wrong ``--out``)."""
+    names = {r["row"].get("study") for r in runs} - {None, name}
+    study = out_dir / "study.json"
+    if study.is_file():
+        try:
+            names |= {json.loads(study.read_text()).get("name")} - {None, name}
+        except json.JSONDecodeError:
+            pass  # a half-written study.json cannot happen (atomic writes); the rows still say whose they are
+    if names:
+        raise ConfigError(f"results folder {out_dir} holds study {sorted(names)[0]!r}, not {name!r}: give this "
+                          f"study its own folder (--out), or rename one of the studies")
 
 
 def _meta() -> dict:
@@ -142,8 +159,27 @@ def _run_group(group: list[Run], progress: bool) -> list[tuple[dict, Any]]:
     return [out if isinstance(out, tuple) else (out, None)]
 
 
+def _check_mesh(mesh, st: Study, todo: list[Run], batch: bool | None):
+    """The mesh (a Mesh, or text such as ``"data=2,fsdp=2"``) once every run's batch divides over it."""
+    if mesh is None:
+        return None
+    if batch:
+        raise ConfigError("batch=True (variants vmapped as one program) and mesh= (each run split over the mesh) "
+                          "exclude each other; drop one")
+    try:
+        mesh = distributed.parse_mesh(mesh) if isinstance(mesh, str) else mesh
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    bad = sorted({int(r["batch_size"]) for r in todo if r.get("batch_size") is not None
+                  and int(r["batch_size"]) % mesh.size})
+    if bad:
+        raise ConfigError(f"study {st.name!r}: batch_size {bad} does not divide over the mesh {dict(mesh.shape)} "
+                          f"({mesh.size} devices); use multiples of {mesh.size}")
+    return mesh
+
+
 def sweep(study, *, force: bool = False, only: str | None = None, out=None, progress: bool = True,
-          batch: bool | None = None, raise_on_error: bool = True):
+          batch: bool | None = None, raise_on_error: bool = True, mesh=None):
     """Run every missing run of a study and return the study's full result table (one row per run).
 
     Args:
@@ -156,6 +192,11 @@ def sweep(study, *, force: bool = False, only: str | None = None, out=None, prog
             learning rates and (``qat``, ``ptq_rtn``) integer bit widths of one spec family (``int2/ch``
             .. ``int8/ch``); each row keeps its own specs' size metrics. Default: the study's ``batch`` key.
         raise_on_error: raise :class:`SweepError` at the end if some runs failed.
+        mesh: train each run data-parallel (and FSDP) over a device mesh: a ``jax.sharding.Mesh`` or text
+            such as ``"data=4"`` / ``"data=2,fsdp=2"`` over this process's devices
+            (:func:`qlab.distributed.parse_mesh`). Not part of the study (it changes only float rounding), so
+            the same study file runs on one CPU or a GPU/TPU mesh; runs are then trained one at a time
+            (``batch`` is off). A batch size the mesh does not divide is a ConfigError before any run.
 
     Each finished run is saved at once (``runs/<hash>.json``, atomic) and ``runs.csv`` / ``layers.csv`` are
     rebuilt, so a sweep killed at any point resumes where it stopped. Runs another live sweep has claimed
@@ -165,6 +206,9 @@ def sweep(study, *, force: bool = False, only: str | None = None, out=None, prog
     ``attrs["computed"]`` counts the runs this call did.
     """
     st, out_dir, todo = plan(study, force=force, only=only, out=out)
+    mesh = _check_mesh(mesh, st, todo, batch)
+    if mesh is not None:
+        batch = False
     done_before = {r["row"]["config_hash"] for r in read_runs(out_dir)}
     order = [r.config_hash for r in st.runs]
     if not todo and (out_dir / "runs.csv").is_file():
@@ -216,21 +260,22 @@ def sweep(study, *, force: bool = False, only: str | None = None, out=None, prog
                 release_run(out_dir, run.config_hash)
         return held
 
-    try:
-        held = []
-        for group in _groups(todo, st.batch if batch is None else batch):
-            held += do(group)
+    with distributed.use_mesh(mesh):  # the runs' train() calls pick it up
+        try:
+            held = []
+            for group in _groups(todo, st.batch if batch is None else batch):
+                held += do(group)
+                if bar is not None:
+                    bar.update(len(group))
+            if held:
+                print(f"{len(held)} run(s) are claimed by another sweep working on {out_dir}: waiting for them "
+                      "(a claim whose sweep died is taken over)", file=sys.stderr)
+            while held:  # another sweep's runs: wait until they are saved, or redo them if that sweep died
+                time.sleep(_POLL_S)
+                held = [h for r in held for h in do([r])]
+        finally:
             if bar is not None:
-                bar.update(len(group))
-        if held:
-            print(f"{len(held)} run(s) are claimed by another sweep working on {out_dir}: waiting for them "
-                  "(a claim whose sweep died is taken over)", file=sys.stderr)
-        while held:  # another sweep's runs: wait until they are saved, or redo them if that sweep died
-            time.sleep(_POLL_S)
-            held = [h for r in held for h in do([r])]
-    finally:
-        if bar is not None:
-            bar.close()
+                bar.close()
     table, _ = rebuild_tables(out_dir, order)
     table.attrs["computed"] = computed  # runs this call did (the rest were done before, or by another sweep)
     if failures and raise_on_error:

@@ -36,6 +36,8 @@ class TransformerConfig:
 
     ``positions``: ``"learned"`` (an ``nnx.Embed`` of ``max_len`` rows) or ``"sinusoidal"`` (fixed).
     ``tie_embeddings``: logits via ``embed.attend`` instead of a separate ``head`` ``nnx.Linear``.
+    ``remat``: rematerialise each block (``nnx.remat``): its activations are recomputed in the backward
+    pass instead of stored, trading compute for memory; the values and gradients are unchanged.
 
     Example:
         >>> TransformerConfig(vocab_size=256).d_head
@@ -51,6 +53,7 @@ class TransformerConfig:
     positions: str = "learned"
     tie_embeddings: bool = False
     layer_norm_eps: float = 1e-5
+    remat: bool = False
 
     def __post_init__(self):
         if self.d_model % self.n_heads:
@@ -195,9 +198,14 @@ class Transformer(nnx.Module):
         else:
             x = x + sinusoidal_positions(t, self.config.d_model)
         for block in self.blocks:
-            x = block(x)
+            x = _remat_block(block, x) if self.config.remat else block(x)
         x = self.ln_f(x)
         return self.embed.attend(x) if self.head is None else self.head(x)
+
+
+@nnx.remat
+def _remat_block(block, x):
+    return block(x)
 
 
 #: Alias: the transformer used on character/byte-level corpora.

@@ -228,6 +228,16 @@ class QuantizedLayer(nnx.Module):
             return self.weight_quant(w)
         return w
 
+    def indivisible_blocks(self) -> dict[tuple, dict[int, int]]:
+        """``{("layer", weight name): {axis: group size}}`` for a per-group weight spec: a sharded layout must
+        keep each quantization group on one device (see :func:`qlab.distributed.check_blocks`); else ``{}``.
+        """
+        g = None if self.weight_quant is None else self.weight_quant.spec.granularity
+        if not isinstance(g, PerGroup) or self.q_meta is not None:
+            return {}
+        nd = len(self.weight[...].shape)
+        return {("layer", self.weight_name): {g.axis % nd: g.size}}
+
     # ---- inputs ----------------------------------------------------------------------
     def _prep_input(self, x):
         if self.input_scale is not None:

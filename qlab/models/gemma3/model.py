@@ -73,6 +73,7 @@ class Gemma3Config:
     # the dtype the weights were released in (qlab computes in float32): what qlab.nn.model_size counts the
     # float baseline in beside float32; Gemma 3 is released in bfloat16
     native_dtype: str = "bfloat16"
+    remat: bool = False  # recompute each block in the backward pass (nnx.remat): less memory, same values
 
     def __post_init__(self):
         if self.n_heads % self.n_kv_heads:
@@ -287,6 +288,11 @@ class Block(nnx.Module):
         return x if kv is None else (x, new_kv)
 
 
+@nnx.remat
+def _remat_block(block, x, positions, local_mask, global_mask):
+    return block(x, positions, local_mask, global_mask)
+
+
 class Gemma3(nnx.Module):
     """Gemma 3 decoder. ``model(tokens[int32 B, T]) -> logits[float32 B, T, vocab]``.
 
@@ -318,7 +324,10 @@ class Gemma3(nnx.Module):
         global_mask = attention_mask(positions, positions, None)
         local_mask = attention_mask(positions, positions, self.config.sliding_window)
         for layer in self.layers:
-            x = layer(x, positions, local_mask, global_mask)
+            if cfg.remat:
+                x = _remat_block(layer, x, positions, local_mask, global_mask)
+            else:
+                x = layer(x, positions, local_mask, global_mask)
         return self.final_norm(x)
 
     def init_kv_cache(self, batch: int, length: int, dtype=jnp.float32) -> tuple:
