@@ -324,7 +324,7 @@ class Gemma3(nnx.Module):
         global_mask = attention_mask(positions, positions, None)
         local_mask = attention_mask(positions, positions, self.config.sliding_window)
         for layer in self.layers:
-            if cfg.remat:
+            if self.config.remat:
                 x = _remat_block(layer, x, positions, local_mask, global_mask)
             else:
                 x = layer(x, positions, local_mask, global_mask)
