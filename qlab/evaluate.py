@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -29,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-__all__ = ["perplexity_with_error", "predict", "accuracy", "token_nll", "nll", "perplexity", "lm_windows"]
+__all__ = ["compare_to_reference", "ReferenceComparison", "perplexity_with_error", "predict", "accuracy", "token_nll", "nll", "perplexity", "lm_windows"]
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -45,15 +46,11 @@ def _correct(graphdef, state, x, y, mask):
 
 def _next_token_nll(model, inputs, targets, chunk: int):
     """Traced: NLL [B, T] of ``targets`` (the next tokens) after ``inputs``, logits ``chunk`` positions at a time."""
-    if hasattr(model, "features") and hasattr(model, "unembed"):
-        hidden, head = model.features(inputs), model.unembed
-    else:
-        hidden, head = model(inputs), (lambda logits: logits)
+    hid, head = _model_head(model)
+    hidden = hid(inputs)
     out = []
     for s in range(0, hidden.shape[1], chunk):
-        logits = head(hidden[:, s : s + chunk]).astype(jnp.float32)
-        target_logit = jnp.take_along_axis(logits, targets[:, s : s + chunk, None], axis=-1)[..., 0]
-        out.append(jax.nn.logsumexp(logits, axis=-1) - target_logit)
+        out.append(_log_probs_and_nll(head(hidden[:, s : s + chunk]), targets[:, s : s + chunk, None])[1])
     return jnp.concatenate(out, axis=1)
 
 
@@ -65,6 +62,112 @@ def _causal_nll(graphdef, state, tokens, chunk):
 @functools.partial(jax.jit, static_argnums=(0, 5))
 def _lm_nll_sum(graphdef, state, inputs, targets, mask, chunk):
     return jnp.sum(_next_token_nll(nnx.merge(graphdef, state), inputs, targets, chunk) * mask)
+
+
+def _model_head(model):
+    """``(hidden_fn, head_fn)``: final hidden states and their logits (see the module docstring)."""
+    if hasattr(model, "features") and hasattr(model, "unembed"):
+        return model.features, model.unembed
+    return model, (lambda logits: logits)
+
+
+def _log_probs_and_nll(logits, targets):
+    """Log-probabilities and the NLL of ``targets`` [..., 1], computed as :func:`token_nll` computes it."""
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    return logits - lse[..., None], lse - jnp.take_along_axis(logits, targets, axis=-1)[..., 0]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _paired_token_stats(graphdef, state, ref_state, tokens, chunk):
+    """Traced: per-token [B, T-1] NLL of both models, KL(reference || model) and whether the argmaxes agree."""
+    model, ref = nnx.merge(graphdef, state), nnx.merge(graphdef, ref_state)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    (hid, head), (ref_hid, ref_head) = _model_head(model), _model_head(ref)
+    h, rh = hid(inputs), ref_hid(inputs)
+    cols = {"nll": [], "ref_nll": [], "kl": [], "top1": []}
+    for s in range(0, h.shape[1], chunk):
+        t = targets[:, s : s + chunk, None]
+        lp, nll = _log_probs_and_nll(head(h[:, s : s + chunk]), t)
+        rlp, ref_nll = _log_probs_and_nll(ref_head(rh[:, s : s + chunk]), t)
+        cols["nll"].append(nll)
+        cols["ref_nll"].append(ref_nll)
+        cols["kl"].append(jnp.sum(jnp.exp(rlp) * (rlp - lp), axis=-1))
+        cols["top1"].append((jnp.argmax(lp, -1) == jnp.argmax(rlp, -1)).astype(jnp.float32))
+    return {k: jnp.concatenate(v, axis=1) for k, v in cols.items()}
+
+
+def _mean_se(x: np.ndarray) -> tuple[float, float]:
+    return float(x.mean()), (float(x.std(ddof=1)) / math.sqrt(len(x)) if len(x) > 1 else math.nan)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceComparison:
+    """A language model scored against a reference (e.g. its float original) on the same tokens, as llama.cpp's
+    ``--kl-divergence`` reports it. Every ``*_se`` is a standard error over tokens (treated as independent).
+
+    ``ppl_ratio`` is ``ppl / ref_ppl`` and ``ppl_ratio_se`` its paired standard error (delta method on the per-token
+    NLL differences): it is far smaller than either perplexity's own error, because both models meet the same
+    hard and easy tokens, so it is the figure to compare schemes by. ``kl`` is the mean KL(reference || model) in
+    nats, ``top1`` the fraction of positions whose most likely next token is the reference's.
+    """
+
+    tokens: int
+    ppl: float
+    ppl_se: float
+    ref_ppl: float
+    ref_ppl_se: float
+    ppl_ratio: float
+    ppl_ratio_se: float
+    kl: float
+    kl_se: float
+    top1: float
+    top1_se: float
+
+    def metrics(self, prefix: str = "") -> dict[str, float]:
+        """The fields as a flat dict (``tokens`` left out), keys prefixed by ``prefix``."""
+        return {prefix + k: v for k, v in dataclasses.asdict(self).items() if k != "tokens"}
+
+
+def compare_to_reference(model: nnx.Module, reference: nnx.Module, tokens, *, chunk: int = 256) -> ReferenceComparison:
+    """Score ``model`` against ``reference`` on ``tokens`` (``[T]`` or ``[B, T]``, whole causal sequences as in
+    :func:`token_nll`): both perplexities with their errors, the paired perplexity ratio, the mean KL divergence
+    and the top-1 agreement. Both models must share one structure (e.g. a quantized copy whose kernels were
+    swapped for their dequantized values); both run in one compiled program, logits ``chunk`` positions at a
+    time.
+
+    Example:
+        >>> import numpy as np
+        >>> from flax import nnx
+        >>> from qlab.models import Transformer, TransformerConfig
+        >>> cfg = TransformerConfig(vocab_size=5, d_model=16, n_layers=1, n_heads=2, d_ff=32, max_len=8)
+        >>> m = Transformer(cfg, rngs=nnx.Rngs(0))
+        >>> c = compare_to_reference(m, m, np.arange(8) % 5)
+        >>> c.ppl == c.ref_ppl == perplexity(m, np.arange(8) % 5), c.ppl_ratio, abs(c.kl) < 1e-6, c.top1
+        (True, 1.0, True, 1.0)
+    """
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if tokens.ndim == 1:
+        tokens = tokens[None]
+    if tokens.shape[1] < 2:
+        raise ValueError(f"tokens: need at least 2 per row to score, got shape {tuple(tokens.shape)}")
+    graphdef, state = nnx.split(model)
+    ref_graphdef, ref_state = nnx.split(reference)
+    if ref_graphdef != graphdef:
+        raise ValueError("reference: must have the same structure as model (same modules and shapes)")
+    cols = {k: np.asarray(v, np.float64).ravel() for k, v in _paired_token_stats(graphdef, state, ref_state, tokens,
+                                                                                  chunk).items()}
+    n = len(cols["nll"])
+    # exp of the float32 mean, as perplexity() computes it, so the figures agree bit for bit
+    ppl = float(np.exp(np.float32(np.mean(cols["nll"].astype(np.float32)))))
+    ref_ppl = float(np.exp(np.float32(np.mean(cols["ref_nll"].astype(np.float32)))))
+    d_mean, d_se = _mean_se(cols["nll"] - cols["ref_nll"])
+    ratio = math.exp(d_mean)
+    kl, kl_se = _mean_se(cols["kl"])
+    top1, top1_se = _mean_se(cols["top1"])
+    return ReferenceComparison(tokens=n, ppl=ppl, ppl_se=ppl * _mean_se(cols["nll"])[1],
+                               ref_ppl=ref_ppl, ref_ppl_se=ref_ppl * _mean_se(cols["ref_nll"])[1],
+                               ppl_ratio=ratio, ppl_ratio_se=ratio * d_se, kl=kl, kl_se=kl_se, top1=top1, top1_se=top1_se)
 
 
 def _padded_batches(arrays, batch_size):

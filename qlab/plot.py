@@ -103,6 +103,27 @@ def _wide(values, ratio: float) -> bool:
     return len(v) > 1 and bool((v > 0).all()) and v.max() / v.min() > ratio
 
 
+def _split_collapsed(t, collapsed: str | None):
+    """``(kept rows, collapsed rows)`` by the boolean column ``collapsed`` (none collapsed without it)."""
+    if not collapsed or collapsed not in t:
+        return t, t.iloc[:0]
+    gone = t[collapsed].fillna(False).astype(bool)
+    return t[~gone], t[gone]
+
+
+def _mark_collapsed(ax, rows, x: str, label: str | None = None) -> None:
+    """Crosses for collapsed rows along the top edge of ``ax`` (x in data units, y in axes units)."""
+    if not len(rows):
+        return
+    top = ax.get_xaxis_transform()
+    ax.scatter(rows[x], [0.97] * len(rows), marker="x", color="C3", transform=top, zorder=5, clip_on=False,
+               label=f"collapsed ({len(rows)})")
+    for _, row in rows.iterrows():
+        if label is not None:
+            ax.annotate(str(row[label]), (row[x], 0.97), xycoords=top, xytext=(3, -9), textcoords="offset points",
+                        fontsize=6, color="C3")
+
+
 def pareto_front(table, x: str = "model_mib", y: str = "accuracy", maximize: bool = True) -> list:
     """Index labels of the Pareto-optimal rows (smallest ``x`` for the best ``y``), sorted by ``x``.
 
@@ -127,11 +148,13 @@ def pareto_front(table, x: str = "model_mib", y: str = "accuracy", maximize: boo
 
 def pareto(table, x: str = "model_mib", y: str = "accuracy", hue: str | None = "method", label: str | None = None,
            *, maximize: bool = True, logx: bool | None = None, logy: bool | None = None, ax=None,
-           title: str | None = None, label_all: bool | None = None) -> Figure:
+           title: str | None = None, label_all: bool | None = None, collapsed: str | None = None) -> Figure:
     """Scatter ``y`` against ``x`` coloured by ``hue``, the Pareto frontier drawn as a step line and
     its points ringed; ``label`` (a column) annotates the points: all of them when ``label_all``
     (default: when there are at most 40), else the frontier's. ``logx`` / ``logy``: log axes
-    (default: when the positive values span more than 8x / 100x, e.g. perplexities of collapsed runs).
+    (default: when the positive values span more than 8x / 100x). ``collapsed``: a boolean column; its true
+    rows (e.g. perplexity above the vocabulary size) are drawn as crosses along the top edge, labelled
+    "collapsed", and kept off the y axis and the frontier.
 
     Example:
         >>> import pandas as pd
@@ -140,7 +163,7 @@ def pareto(table, x: str = "model_mib", y: str = "accuracy", hue: str | None = "
         1
     """
     fig, ax = _fig(ax)
-    t = table.dropna(subset=[x, y])
+    t, gone = _split_collapsed(table.dropna(subset=[x, y]), collapsed)
     groups = [(None, t)] if not hue or hue not in t else list(t.groupby(hue, sort=False, dropna=False))
     for name, g in groups:
         ax.scatter(g[x], g[y], s=36, alpha=0.85, label=None if name is None else str(name), zorder=3)
@@ -162,7 +185,8 @@ def pareto(table, x: str = "model_mib", y: str = "accuracy", hue: str | None = "
                 txt = f"{row[hue]} {txt}"
             ax.annotate(str(txt), (row[x], row[y]), xytext=(4, 3), textcoords="offset points",
                         fontsize=7, alpha=0.9 if i in front else 0.6)
-    if _wide(t[x], 8) if logx is None else logx:
+    _mark_collapsed(ax, gone, x, label if label and label in gone else None)
+    if _wide(np.concatenate([t[x].to_numpy(float), gone[x].to_numpy(float)]), 8) if logx is None else logx:
         ax.set_xscale("log")
     if _wide(t[y], 100) if logy is None else logy:
         ax.set_yscale("log")
@@ -177,10 +201,11 @@ def pareto(table, x: str = "model_mib", y: str = "accuracy", hue: str | None = "
 
 def metric_vs_bits(table, y: str = "accuracy", x: str = "bits_per_weight", hue: str = "method",
                    by: str | None = "granularity", *, ax=None, title: str | None = None,
-                   reference: str | None = "float", logy: bool | None = None) -> Figure:
+                   reference: str | None = "float", logy: bool | None = None, collapsed: str | None = None) -> Figure:
     """``y`` against bits/weight, one line per ``hue`` (and per ``by`` value, as line styles); seeds
     are averaged (error bars: standard deviation). Rows whose ``hue`` equals ``reference`` (float)
     are drawn as a horizontal line. ``logy``: a log y axis (default: when positive ``y`` spans > 100x).
+    ``collapsed``: a boolean column whose true rows are drawn as crosses on the top edge (see :func:`pareto`).
 
     Example:
         >>> import pandas as pd
@@ -189,7 +214,7 @@ def metric_vs_bits(table, y: str = "accuracy", x: str = "bits_per_weight", hue: 
         'bits / weight'
     """
     fig, ax = _fig(ax)
-    t = table.dropna(subset=[y])
+    t, gone = _split_collapsed(table.dropna(subset=[y]), collapsed)
     if reference is not None and hue in t:
         ref = t[t[hue] == reference]
         if len(ref):
@@ -204,7 +229,8 @@ def metric_vs_bits(table, y: str = "accuracy", x: str = "bits_per_weight", hue: 
         ls = styles[by_vals.index(name[-1]) % len(styles)] if by and by in t and len(name) == len(keys) else "-"
         ax.errorbar(agg[x], agg["mean"], yerr=agg["std"].fillna(0), marker="o", ms=4, ls=ls, capsize=2,
                     label=" / ".join(str(n) for n in name))
-    if _wide(table[y].dropna(), 100) if logy is None else logy:
+    _mark_collapsed(ax, gone, x)
+    if _wide(t[y].dropna(), 100) if logy is None else logy:
         ax.set_yscale("log")
     ax.set_xlabel(_label(x))
     ax.set_ylabel(_label(y))
@@ -363,9 +389,9 @@ def study_figures(table, layers=None, name: str = "") -> dict[str, Figure]:
     metric, maximize = ("accuracy", True) if "accuracy" in table else ("perplexity", False)
     t = table.assign(series=series_labels(table), method=method_labels(table))
     figs = {"pareto": pareto(t, x="model_mib", y=metric, hue="method", label="weight", maximize=maximize,
-                             title=f"{name}: {metric} vs size")}
+                             title=f"{name}: {metric} vs size", collapsed="collapsed")}
     if (t["method"] != "float").any() and "bits_per_weight" in t:
-        figs[f"{metric}_vs_bits"] = metric_vs_bits(t, y=metric, hue="series", by=None,
+        figs[f"{metric}_vs_bits"] = metric_vs_bits(t, y=metric, hue="series", by=None, collapsed="collapsed",
                                                    title=f"{name}: {metric} vs bits/weight")
     if layers is not None and len(layers) and "weight_sqnr_db" in layers:
         q = layers[layers["weight_spec"] != "float"]

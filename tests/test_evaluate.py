@@ -64,3 +64,58 @@ def test_whole_sequence_and_windowed_scoring_agree():
     # shorter windows see less context, so they score differently
     assert abs(evaluate.nll(model, tokens, seq_len=2) - whole) > 1e-4
 
+
+
+def _perturbed(model, scale=0.3, seed=1):
+    """A copy of ``model`` with noise on every 2-D weight (same structure, different predictions)."""
+    graphdef, state = nnx.split(model)
+    keys = iter(jax.random.split(jax.random.key(seed), 64))
+    state = jax.tree.map(lambda a: a + scale * jax.random.normal(next(keys), a.shape) if a.ndim == 2 else a, state)
+    return nnx.merge(graphdef, state)
+
+
+def test_compare_to_reference_matches_numpy_kl_top1_and_paired_ratio():
+    ref = _model()
+    model = _perturbed(ref)
+    tokens = np.random.default_rng(0).integers(0, 11, (2, 13))
+    c = evaluate.compare_to_reference(model, ref, tokens, chunk=5)
+
+    def log_probs(m):
+        return np.asarray(jax.nn.log_softmax(nnx.jit(lambda m, t: m(t))(m, jnp.asarray(tokens[:, :-1])), -1), np.float64)
+
+    lp, rlp = log_probs(model), log_probs(ref)
+    nll = -np.take_along_axis(lp, tokens[:, 1:, None], -1)[..., 0].ravel()
+    rnll = -np.take_along_axis(rlp, tokens[:, 1:, None], -1)[..., 0].ravel()
+    kl = (np.exp(rlp) * (rlp - lp)).sum(-1).ravel()
+    top1 = (lp.argmax(-1) == rlp.argmax(-1)).ravel()
+    n = nll.size
+    assert c.tokens == n == 24
+    assert c.ppl == evaluate.perplexity(model, tokens) and c.ref_ppl == evaluate.perplexity(ref, tokens)
+    np.testing.assert_allclose(c.kl, kl.mean(), rtol=1e-4)
+    np.testing.assert_allclose(c.kl_se, kl.std(ddof=1) / math.sqrt(n), rtol=1e-3)
+    assert c.kl > 0.01
+    assert c.top1 == top1.mean() and 0 < c.top1 < 1
+    np.testing.assert_allclose(c.ppl_ratio, c.ppl / c.ref_ppl, rtol=1e-5)
+    d = nll - rnll
+    np.testing.assert_allclose(c.ppl_ratio_se, c.ppl_ratio * d.std(ddof=1) / math.sqrt(n), rtol=1e-3)
+    np.testing.assert_allclose(c.ppl_se, c.ppl * nll.std(ddof=1) / math.sqrt(n), rtol=1e-3)
+    assert set(c.metrics("q_")) == {"q_" + k for k in ("ppl", "ppl_se", "ref_ppl", "ref_ppl_se", "ppl_ratio",
+                                                       "ppl_ratio_se", "kl", "kl_se", "top1", "top1_se")}
+
+
+def test_compare_to_reference_paired_error_is_smaller_for_a_close_model():
+    ref = _model()
+    tokens = np.random.default_rng(1).integers(0, 11, (1, 16))
+    c = evaluate.compare_to_reference(_perturbed(ref, scale=0.002), ref, tokens)
+    assert c.ppl_ratio_se < c.ppl_se / c.ppl / 5  # pairing removes the token-difficulty variance
+    assert c.top1 > 0.9 and c.kl < 1e-3
+
+
+def test_compare_to_reference_rejects_other_structures_and_short_rows():
+    ref = _model()
+    other = Transformer(TransformerConfig(vocab_size=11, d_model=8, n_layers=1, n_heads=2, d_ff=16, max_len=16),
+                        rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="reference"):
+        evaluate.compare_to_reference(other, ref, np.arange(8) % 11)
+    with pytest.raises(ValueError, match="tokens"):
+        evaluate.compare_to_reference(ref, ref, np.arange(1))

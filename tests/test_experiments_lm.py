@@ -31,6 +31,13 @@ def test_lm_float_and_rtn_rows(tmp_path):
     assert int(q["model_bytes"]) == proj * 5 // 8 + (params - proj) * 4
     assert int(fl["model_bytes"]) == params * 4
     assert q["model_mib"] == pytest.approx(q["model_bytes"] / 2**20)
+    # paired figures against the float model on the same tokens
+    assert (fl["ppl_ratio"], fl["kl"], fl["top1"]) == (1.0, 0.0, 1.0)
+    assert q["ppl_ratio"] == pytest.approx(q["perplexity"] / q["float_perplexity"], rel=1e-5)
+    assert 0 < q["ppl_ratio_se"] < q["perplexity_se"] / q["perplexity"]
+    assert q["kl"] > 0 and 0 < q["kl_se"] < q["kl"] and 0 < q["top1"] <= 1
+    vocab = model.config.vocab_size  # a random toy model sits near chance, so either side is possible
+    assert [bool(v) for v in tab["collapsed"]] == [p > vocab for p in tab["perplexity"]]
     # the shared float model is left unchanged
     assert sweep(study, out=tmp_path, progress=False, force=True, only="method=float")[
         "perplexity"].iloc[0] == pytest.approx(fl["perplexity"], rel=1e-6)

@@ -65,7 +65,6 @@ def test_weight_histogram_grid():
 
 
 def test_log_axes_when_the_metric_spans_orders_of_magnitude():
-    import pandas as pd
 
     from qlab import plot
 
@@ -76,3 +75,17 @@ def test_log_axes_when_the_metric_spans_orders_of_magnitude():
     near = t.assign(perplexity=[25.0, 22.0, 21.0, 17.0])
     assert plot.pareto(near, y="perplexity", maximize=False).axes[0].get_yscale() == "linear"
     assert plot.pareto(t, y="perplexity", maximize=False, logy=False).axes[0].get_yscale() == "linear"
+
+
+def test_collapsed_runs_are_crosses_on_the_top_edge_not_points_on_the_axis():
+    t = pd.DataFrame({"method": ["float", "ptq_rtn", "ptq_rtn", "ptq_rtn"], "model_mib": [4.0, 1.0, 0.6, 0.3],
+                      "perplexity": [17.0, 18.0, 40.0, 1.8e11], "weight": [None, "int8/ch", "int4/ch", "int2/ch"],
+                      "bits_per_weight": [32.0, 8.0, 4.0, 2.0], "collapsed": [False, False, False, True]})
+    figs = plot.study_figures(t)
+    for key in ("pareto", "perplexity_vs_bits"):
+        ax = figs[key].axes[0]
+        assert ax.get_yscale() == "linear" and ax.get_ylim()[1] < 100  # 1.8e11 does not stretch the axis
+        labels = ax.get_legend_handles_labels()[1]
+        assert "collapsed (1)" in labels
+    # without the column, the same rows stretch the axis onto a log scale
+    assert plot.study_figures(t.drop(columns="collapsed"))["pareto"].axes[0].get_yscale() == "log"

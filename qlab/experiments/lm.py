@@ -9,7 +9,10 @@ An embedding's spec resolves per token row (``int8/ch`` = one scale per row, ``i
 GPTQ / AWQ calibrate it as the tied output head, on the final hidden states. The attention's own products
 (q.k^T, p.v) stay float. Each run reports ``perplexity``
 on the first ``eval_tokens`` tokens of the ``data`` text with its standard error over tokens (``perplexity_se``),
-``float_perplexity`` (and ``float_perplexity_se``), ``perplexity_increase`` and the size metrics. GPTQ / AWQ calibrate on ``calibration_seqs`` x ``calibration_len`` tokens of the
+``float_perplexity`` (and ``float_perplexity_se``), ``perplexity_increase``, the paired figures against the float
+model on the same tokens (``ppl_ratio`` with ``ppl_ratio_se``, mean KL divergence ``kl``, top-1 agreement ``top1``,
+each with its ``_se``; see :func:`qlab.evaluate.compare_to_reference`), ``collapsed`` (perplexity above the vocabulary
+size) and the size metrics. GPTQ / AWQ calibrate on ``calibration_seqs`` x ``calibration_len`` tokens of the
 ``calibration`` text: block by block on the already-quantized predecessors (``sequential = true``; ``quant_s``
 includes the captures), or with ``sequential = false`` on statistics of one float pass, captured once per
 process and shared by the runs.
@@ -40,7 +43,7 @@ import pandas as pd
 from qlab import analysis, ptq
 from qlab import nn as qnn
 from qlab.data.text import AUSTEN_NOVELS, load_austen
-from qlab.evaluate import perplexity_with_error
+from qlab.evaluate import compare_to_reference, perplexity_with_error
 from qlab.models import gemma3 as G
 from qlab.train import lm_loss
 
@@ -296,6 +299,13 @@ def _calibration_args(run, rules) -> tuple[dict, dict]:
     return dict(calibration_batches=None, calibration_stats=stats), extra
 
 
+def _comparison_metrics(c, vocab_size: int) -> dict:
+    """The paired figures against the float model, and ``collapsed``: perplexity above the vocabulary size
+    (worse than a uniform guess), which tables and plots show as collapsed rather than as a number."""
+    return {"ppl_ratio": c.ppl_ratio, "ppl_ratio_se": c.ppl_ratio_se, "kl": c.kl, "kl_se": c.kl_se,
+            "top1": c.top1, "top1_se": c.top1_se, "collapsed": bool(c.ppl > vocab_size)}
+
+
 def _evaluate(run, quantize) -> tuple[dict, Any]:
     """Quantize the shared model's projections with ``quantize(model, rules) -> (qmodel, extra metrics)``
     and evaluate the result through the float model with the effective (fake-quantized) kernels swapped
@@ -314,16 +324,17 @@ def _evaluate(run, quantize) -> tuple[dict, Any]:
     kernels = _effective_kernels(qm)
     weights = {**{p: lin.kernel for p, lin in linears.items()}, "embed": model.embed.embedding}
     originals = {p: weights[p][...] for p in kernels}
+    reference = nnx.clone(model)  # the float model, in variables of its own (merge would share them)
     te = time.perf_counter()
     try:
         for p, w in kernels.items():
             weights[p].value = w
-        ppl, se = perplexity_with_error(model, _eval_ids(*key))
+        c = compare_to_reference(model, reference, _eval_ids(*key))
     finally:
         for p, w in originals.items():
             weights[p].value = w
-    metrics = {"perplexity": ppl, "perplexity_se": se, "float_perplexity": fppl, "float_perplexity_se": fse,
-               "perplexity_increase": ppl - fppl, **size_metrics(qm),
+    metrics = {"perplexity": c.ppl, "perplexity_se": c.ppl_se, "float_perplexity": fppl, "float_perplexity_se": fse,
+               "perplexity_increase": c.ppl - fppl, **_comparison_metrics(c, model.config.vocab_size), **size_metrics(qm),
                "quant_s": quant_s, "eval_s": time.perf_counter() - te, **extra, **search_metrics}
     metrics["method_s"] = time.perf_counter() - t0
     layers = layer_table(qm, order)
@@ -336,7 +347,8 @@ def run_float(run, progress=False):
     model, _ = lm_model(run["model"])
     fppl, fse, eval_s = _float_ppl(run["model"], run["data"], int(run["eval_tokens"]))
     return {"perplexity": fppl, "perplexity_se": fse, "float_perplexity": fppl, "float_perplexity_se": fse,
-            "perplexity_increase": 0.0,
+            "perplexity_increase": 0.0, "ppl_ratio": 1.0, "ppl_ratio_se": 0.0, "kl": 0.0, "kl_se": 0.0, "top1": 1.0,
+            "top1_se": 0.0, "collapsed": bool(fppl > model.config.vocab_size),
             **size_metrics(qnn.quantize_model(model, (), allow_unmatched=True)), "eval_s": eval_s}, None
 
 

@@ -350,7 +350,8 @@ def method_labels(table) -> list[str]:
 def method_table(table, metric: str = "perplexity", digits: int = 4):
     """Pivot a study's runs into ``setting x method``: one row per weight setting (:func:`setting_label`),
     one column per method (``ptq_gptq`` with ``act_order`` true becomes ``ptq_gptq act-order``), cells the
-    ``metric`` rounded to ``digits`` significant digits; the float run, if any, is its own row.
+    ``metric`` rounded to ``digits`` significant digits; the float run, if any, is its own row. Rows whose
+    ``collapsed`` column is true (a perplexity above the vocabulary size) read ``collapsed``.
 
     Example:
         >>> import pandas as pd
@@ -360,11 +361,15 @@ def method_table(table, metric: str = "perplexity", digits: int = 4):
         [64.6, 25.8, 23.6]
         >>> method_table(t).loc["float", "float"]
         np.float64(17.26)
+        >>> method_table(t.assign(collapsed=[False, True, False, False])).loc["W4 ch", "ptq_rtn"]
+        'collapsed'
     """
     t = table.copy()
     t["setting"] = [setting_label(w) for w in t.get("weight", [None] * len(t))]
     t["method"] = method_labels(t)
     t[metric] = [float(f"{v:.{digits}g}") for v in t[metric]]
+    if "collapsed" in t:
+        t[metric] = [("collapsed" if c is True or c == 1 else v) for v, c in zip(t[metric], t["collapsed"])]
     piv = t.pivot_table(index="setting", columns="method", values=metric, aggfunc="first", sort=False)
     cols = [c for c in ["float", "ptq_rtn", "ptq_gptq", "ptq_gptq act-order", "ptq_awq", "ptq_hqq", "ptq_smoothquant"]
             if c in piv.columns]
