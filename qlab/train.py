@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import itertools
@@ -274,6 +275,7 @@ def train(
         batch_iter = (distributed.shard_batch(b, mesh) for b in
                       _checked(batch_iter, lambda b: distributed.check_batch(b, mesh, accumulate)))
 
+    batch_iter = prefetch(batch_iter if mesh is not None else map(jax.device_put, batch_iter))
     hist = History()
     bar = None
     if progress:
@@ -370,6 +372,28 @@ def _check_micro(batch, k):
     for a in jax.tree.leaves(batch):
         if np.shape(a)[0] % k:
             raise ValueError(f"accumulate={k} does not divide a batch of {np.shape(a)[0]} rows")
+
+
+def prefetch(batches, ahead: int = 1):
+    """Yield ``batches`` while the next ``ahead`` are already drawn: with JAX's asynchronous dispatch, the host
+    builds (and starts transferring) batch k+1 while the device computes step k. ``train`` feeds its steps so.
+
+    Example:
+        >>> drawn = []
+        >>> def source():
+        ...     for i in range(3):
+        ...         drawn.append(i)
+        ...         yield i
+        >>> [(b, list(drawn)) for b in prefetch(source())]
+        [(0, [0, 1]), (1, [0, 1, 2]), (2, [0, 1, 2])]
+    """
+    it, queue = iter(batches), collections.deque()
+    for b in it:
+        queue.append(b)
+        if len(queue) > ahead:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()
 
 
 def _checked(it, check):
