@@ -227,11 +227,13 @@ def fold_input_scales(qmodel, groups=None):
         >>> from flax import nnx
         >>> from qlab import ptq
         >>> from qlab.models.gemma3 import Gemma3, Gemma3Config
-        >>> from qlab.nn import Rule
+        >>> from qlab.nn import Rule, set_input_scale
         >>> m = Gemma3(Gemma3Config.tiny(n_layers=1), rngs=nnx.Rngs(0))
-        >>> ids = np.arange(16)[None] % 320
-        >>> qm = ptq.awq(m, [Rule(".*_proj", weight="q4_0")], [ids], share_scales=True)
+        >>> qm = ptq.rtn(m, [Rule(".*mlp/(gate|up)_proj", weight="q4_0")])  # as awq(..., share_scales=True) leaves it:
+        >>> for p in ("layers/0/mlp/gate_proj", "layers/0/mlp/up_proj"):   # one scale on the layers after a norm
+        ...     set_input_scale(qm, p, np.linspace(0.5, 2.0, 32))
         >>> fm = fold_input_scales(qm)
+        >>> ids = np.arange(8)[None]
         >>> any(L.input_scale is not None for L in qlab.nn.quantized_layers(fm).values())
         False
         >>> bool(np.allclose(fm(ids), qm(ids), atol=1e-4))
