@@ -109,6 +109,28 @@ def test_tiny_gemma_round_trip(tiny, method):
     np.testing.assert_allclose(np.asarray(back(ids)), np.asarray(qm(ids)), rtol=0, atol=1e-5)
 
 
+def test_awq_shared_scales_export_bit_for_bit(tiny, tmp_path):
+    """AWQ with share_scales=True exports: gguf's dequantization equals the folded model's weights bit for
+    bit (norms included: the input scales live in them), and the file's model computes the AWQ model's outputs."""
+    d, model, src = tiny
+    batches = [np.random.default_rng(i).integers(0, 256, (2, 16)) for i in range(2)]
+    qm = ptq.awq(model, RULES[:-1], batches, forward=lambda m, b: m(b), share_scales=True)
+    out = export_gguf(qm, tmp_path / "awq.gguf", source=src)
+    fm = ptq.fold_input_scales(qm)
+    eff = {p: np.asarray(L.weight_value()) for p, L in qlab.nn.quantized_layers(fm).items()}
+    reader = gguf.GGUFReader(str(out))
+    assert {t.name for t in reader.tensors} == set(model_weights(model))
+    for t in reader.tensors:
+        got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(int(s) for s in reversed(t.shape)))
+        np.testing.assert_array_equal(_bits(got), _bits(_effective(fm, t.name, eff)), err_msg=t.name)
+    norm = {t.name: t for t in reader.tensors}["blk.0.attn_norm.weight"]
+    assert not np.array_equal(np.asarray(norm.data), np.asarray(model.layers[0].pre_attn_norm.weight[...]))
+    back, _ = qlab.models.gemma3.load_gemma3(out)
+    ids = np.arange(12)[None] % 256
+    y = np.asarray(qm(ids))
+    np.testing.assert_allclose(np.asarray(back(ids)), y, rtol=0, atol=1e-4 * np.abs(y).max())
+
+
 def _effective(qm, gguf_name, eff):
     from qlab.models.gemma3.weights import weight_map  # the test maps names to layers
 
@@ -210,7 +232,7 @@ def test_safetensors_tiny_gemma_awq(tiny, tmp_path):
     back = load_safetensors(Gemma3(Gemma3Config.tiny(), rngs=nnx.Rngs(3)), p)
     ids = np.arange(16)[None] % 256
     np.testing.assert_array_equal(_bits(back(ids)), _bits(qm(ids)))
-    with pytest.raises(ValueError, match="input scale .* not folded"):
+    with pytest.raises(ValueError, match="input scale .* not folded.*share_scales=True"):
         export_gguf(qm, tmp_path / "g.gguf", source=tiny[2])
     assert sorted(q.name for q in tmp_path.iterdir()) == ["g.safetensors"]
 

@@ -51,6 +51,7 @@ from qlab.numerics.formats import IntFormat
 from qlab.numerics.granularity import PerGroup
 from qlab.numerics.qtensor import QTensor
 from qlab.numerics.spec import PRESETS, QuantSpec, as_spec
+from qlab.ptq.fold import fold_input_scales
 
 __all__ = ["GGML_PRESETS", "ggml_type", "ggml_blocks", "qtensor_from_blocks", "export_gguf", "read_gguf",
            "check_writable"]
@@ -309,11 +310,14 @@ def export_gguf(qmodel, path, *, source) -> Path:
     types), float layers in their dtype. Architecture metadata and the tokenizer are copied from
     ``source``, the GGUF the model was loaded from (its config must match the model's); ``qlab.version``
     and ``qlab.specs`` record where the file came from. Layers still fake-quantized (QAT) are converted to
-    codes first. The file is written under a temporary name and renamed: a failed export leaves none.
+    codes first. AWQ input scales are folded into the norms before them (:func:`qlab.ptq.fold.fold_input_scales`;
+    quantize with ``qlab.ptq.awq(..., share_scales=True)``): the file holds the folded model, whose outputs
+    equal the AWQ model's within float rounding. The file is written under a temporary name and renamed: a
+    failed export leaves none.
 
     Errors (ValueError / OSError, each naming the cause): a folder that is not writable, a model with no
-    quantized layer, a spec with no GGML type, an input scale not folded (AWQ), activation quantization,
-    a source that is not a matching gemma3 GGUF.
+    quantized layer, a spec with no GGML type, an input scale that cannot be folded (AWQ without
+    ``share_scales=True``, SmoothQuant), activation quantization, a source that is not a matching gemma3 GGUF.
 
     Example (a tiny random Gemma 3):
         >>> import tempfile, pathlib
@@ -341,6 +345,8 @@ def export_gguf(qmodel, path, *, source) -> Path:
                          "qlab.quantize_model first)")
     if any(not L.converted for L in layers.values()):
         qmodel = qnn.convert(qmodel)
+    if any(L.input_scale is not None for L in qnn.quantized_layers(qmodel).values()):
+        qmodel = fold_input_scales(qmodel)
     reader = _open(source)
     cfg = read_gguf_config(reader)
     if cfg != qmodel.config:

@@ -5,7 +5,9 @@ Two levels, one obvious place each:
 * model level (this namespace): ``rtn(model, rules)``, ``gptq(model, rules, calibration_batches, ...)``,
   ``awq(...)``, ``hqq(model, rules)``, ``smoothquant(model, rules, calibration_batches, alpha=0.5)``
   return a quantized copy of an NNX model (``qlab.nn`` layers holding real codes + scales);
-  ``ptq_info(qmodel)`` gives per-layer details of the run.
+  ``ptq_info(qmodel)`` gives per-layer details of the run. ``awq(..., share_scales=True)`` shares scales
+  among layers reading one input so that ``fold_input_scales(qmodel)`` moves them into the norms before
+  (no runtime divide: what GGUF export needs); ``ScaleGroup``/``scale_groups`` name those layers.
 * array level, on one Flax kernel ``W (in, out)``: ``rtn_weight(W, spec)``, ``gptq_weight(W, H, spec, ...)``,
   ``awq_weight(W, X, spec, ...) -> (qtensor, s)``, ``hqq_weight(W, spec, ...)`` return a ``qlab.QTensor``;
   ``smoothquant_scales(act_absmax, W, alpha)``, ``outlier_columns(act_absmax, threshold=6.0)``.
@@ -23,7 +25,8 @@ Example:
 """
 
 from qlab.ptq.awq import awq as awq_weight
-from qlab.ptq.awq import awq_clip_search, awq_scale_search, awq_scales
+from qlab.ptq.awq import awq_clip_search, awq_scale_search, awq_scales, awq_shared_scale_search
+from qlab.ptq.fold import ScaleGroup, fold_input_scales, scale_groups
 from qlab.ptq.gptq import gptq as gptq_weight
 from qlab.ptq.gptq import inverse_hessian_cholesky
 from qlab.ptq.hqq import hqq as hqq_weight
@@ -49,6 +52,10 @@ __all__ = [
     "hqq_weight",
     "awq_scales",
     "awq_scale_search",
+    "awq_shared_scale_search",
+    "ScaleGroup",
+    "scale_groups",
+    "fold_input_scales",
     "awq_clip_search",
     "inverse_hessian_cholesky",
     "shrink_lp",

@@ -58,6 +58,8 @@ from qlab.nn.convert import default_forward
 from qlab.numerics.granularity import PerChannel, PerGroup, PerTensor
 from qlab.numerics.qtensor import QTensor
 from qlab.ptq.awq import awq as _awq_weight
+from qlab.ptq.awq import awq_shared_scale_search
+from qlab.ptq.fold import ScaleGroup, divide_output, fold_target_kind, module_at, scale_groups, tie_heads
 from qlab.ptq.gptq import gptq as _gptq_weight
 from qlab.ptq.hqq import hqq as _hqq_weight
 from qlab.ptq.rtn import rtn as _rtn_weight
@@ -297,7 +299,9 @@ def _run_block(block):
     return lambda args, kwargs: run(state, args, kwargs)
 
 
-def _quantize_layers(paths, layers, stats_of, quantize_layer):
+def _quantize_layers(paths, layers, stats_of, quantize_layer, prepare=None):
+    if prepare is not None:
+        prepare(paths, stats_of)
     qts, scales, info = {}, {}, []
     for path in paths:
         t = time.perf_counter()
@@ -319,15 +323,18 @@ def _load(qmodel, qts, scales):
 
 
 def _calibrated(model, rules, method, batches, forward, stats, max_rows, given, sequential, quantize_layer,
-                example=None):
+                example=None, setup=None):
     """Quantize every weight layer with ``quantize_layer(path, layer, stats) -> (QTensor, input scale or None,
-    info)`` on statistics of its calibration inputs (see the module docstring for ``sequential``)."""
+    info)`` on statistics of its calibration inputs (see the module docstring for ``sequential``).
+    ``setup(qmodel, layers)``, when given, returns ``prepare(paths, stats)``, called before each set of
+    layers is quantized (AWQ's shared scales)."""
     qmodel, layers = _start(model, rules, example, forward)
     for L in layers.values():
         _kernel(L, method)  # fail before calibrating
+    prepare = None if setup is None else setup(qmodel, layers)
     if not sequential:
         st = _calibrate(qmodel, layers, batches, forward, stats, max_rows, given)
-        qts, scales, info = _quantize_layers(list(layers), layers, st, quantize_layer)
+        qts, scales, info = _quantize_layers(list(layers), layers, st, quantize_layer, prepare)
         _load(qmodel, qts, scales)
         return _finish(qmodel, info, method, "one float pass")
     if given is not None:
@@ -347,7 +354,7 @@ def _calibrated(model, rules, method, batches, forward, stats, max_rows, given, 
         st = qnn.capture(module, data, forward=fwd, stats=stats, max_input_rows=max_rows, **kw)
         st = {prefix + p: v for p, v in st.items()}
         _check_seen(st, paths, layers)
-        qts, scales, info = _quantize_layers(paths, layers, st, quantize_layer)
+        qts, scales, info = _quantize_layers(paths, layers, st, quantize_layer, prepare)
         _load(qmodel, qts, scales)
         return info
 
@@ -431,11 +438,20 @@ def gptq(model, rules, calibration_batches: Iterable, forward: Callable | None =
 
 def awq(model, rules, calibration_batches: Iterable, forward: Callable | None = None, *, n_grid: int = 20,
         clip_search: bool = True, max_shrink: float = 0.5, max_input_rows: int = 4096, calibration_stats=None,
-        sequential: bool | str = False, example=None):
+        sequential: bool | str = False, example=None, share_scales=False):
     """AWQ every weight-quantized Linear layer: per-layer input scales ``s`` (searched on the captured
     Hessian and mean |x|; clip search on up to 512 of the first ``max_input_rows`` captured input rows),
     weights quantized as ``W * s`` and ``qlab.nn.set_input_scale(path, s)`` so the layer computes
     ``(x / s) @ Q(W s)``. ``sequential`` as for :func:`gptq`. See :mod:`qlab.ptq.awq`.
+
+    ``share_scales=True`` (Gemma 3; or a list of :class:`qlab.ptq.fold.ScaleGroup`) does what the AWQ
+    reference code does, so that no runtime divide is left after :func:`qlab.ptq.fold.fold_input_scales`:
+    layers reading one input share one ``s`` (searched on their summed output error: q/k/v, gate/up);
+    a scale whose input comes from a Linear (``o_proj`` from ``v_proj``, tied across the query heads of a
+    GQA value head; ``down_proj`` from ``up_proj``) is folded at once into the float weights (``W_v / s``,
+    ``W_o * s``; the model's function is unchanged) before they are quantized, so those layers get no
+    input scale; a scale whose input comes from a norm stays a runtime input scale until folded. Every
+    layer of a group must be weight-quantized, or none.
 
     Example:
         >>> import jax
@@ -447,17 +463,79 @@ def awq(model, rules, calibration_batches: Iterable, forward: Callable | None = 
         >>> ptq_info(qm)["layer"].tolist()
         ['layers/0']
     """
+    plan: dict = {}
+
     def layer(path, L, s):
         if "inputs" not in s:
             raise ValueError(f"PTQ: awq needs captured 'inputs' for {path!r} (clip search)")
         w, spec, to_layer = _kernel(L, "awq")
+        if path in plan:
+            W, sc, alpha, runtime, into = plan[path]
+            q, scale = _awq_weight(W, s["inputs"], spec, n_grid=n_grid, clip_search=clip_search,
+                                   max_shrink=max_shrink, s=sc)
+            return to_layer(q), (scale if runtime else None), dict(alpha=alpha, scale_into=into)
         q, scale, extra = _awq_weight(w, s["inputs"], spec, n_grid=n_grid,
                                       clip_search=clip_search, max_shrink=max_shrink, H=s["hessian"],
                                       x_mean_abs=s["mean_abs"], return_info=True)
         return to_layer(q), scale, dict(alpha=extra["alpha"])
 
+    def setup(qmodel, layers):
+        return _shared_scales(qmodel, layers, share_scales, n_grid, plan)
+
     return _calibrated(model, rules, "awq", calibration_batches, forward, ("hessian", "mean_abs", "absmax", "inputs"),
-                       max_input_rows, calibration_stats, sequential, layer, example)
+                       max_input_rows, calibration_stats, sequential, layer, example,
+                       setup if share_scales else None)
+
+
+def _shared_scales(qmodel, layers, share_scales, n_grid, plan):
+    """Check the scale groups against the quantized layers and return ``prepare(paths, stats)``, which
+    searches each group's scale, folds Linear-into-Linear ones into the float weights and fills ``plan``
+    (path -> kernel, s, alpha, runtime?, into)."""
+    groups = scale_groups(qmodel) if share_scales is True else tuple(share_scales)
+    active, owner = [], {}
+    for g in groups:
+        if not isinstance(g, ScaleGroup):
+            raise ValueError(f"share_scales: expected True or a list of ScaleGroup, got an item {g!r}")
+        quantized = [p for p in g.layers if p in layers]
+        if not quantized:
+            continue
+        if len(quantized) != len(g.layers):
+            raise ValueError(f"share_scales: {list(g.layers)} read one input and share one scale, but only {quantized} "
+                             "are weight-quantized; give all of them a weight spec (or none), or share_scales=False")
+        for p in g.layers:
+            if p in owner:
+                raise ValueError(f"share_scales: layer {p!r} is in two scale groups")
+            owner[p] = g
+        fold_target_kind(module_at(qmodel, g.into))  # a norm or a Linear, else an error naming it
+        active.append(g)
+    ordered = []  # a group folding into a layer of another group is searched first (that layer's kernel changes)
+    while len(ordered) < len(active):
+        ready = [g for g in active if g not in ordered and not any(
+            h not in ordered and h is not g and h.into in g.layers for h in active)]
+        if not ready:
+            raise ValueError("share_scales: the scale groups fold into each other in a cycle")
+        ordered += ready
+
+    def prepare(paths, st):
+        inside = set(paths)
+        for g in ordered:
+            if g.layers[0] not in inside:
+                continue
+            if not inside.issuperset(g.layers):
+                raise ValueError(f"share_scales: {list(g.layers)} are calibrated in different blocks")
+            first = st[g.layers[0]]
+            kernels = [_kernel(layers[p], "awq")[0] for p in g.layers]
+            s, alpha, _ = awq_shared_scale_search(kernels, [layers[p].weight_quant.spec for p in g.layers],
+                                                  first["hessian"], tie_heads(g, first["mean_abs"]), n_grid=n_grid)
+            runtime = fold_target_kind(module_at(qmodel, g.into)) == "norm"
+            if not runtime:  # W_into / s and W * s: the float model's function is unchanged
+                divide_output(module_at(qmodel, g.into), g.to_output(s))
+                for p, W in zip(g.layers, kernels):
+                    layers[p].weight[...] = (W * s[:, None]).astype(layers[p].weight[...].dtype)
+            for p, W in zip(g.layers, kernels):
+                plan[p] = (W, s, alpha, runtime, g.into)
+
+    return prepare
 
 
 def hqq(model, rules, *, iters: int = 20, lp_norm: float = 0.7, beta: float = 10.0, kappa: float = 1.01,

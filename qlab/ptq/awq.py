@@ -16,9 +16,11 @@ calibration inputs:
    with the spec as is (absmax of a clipped group = the shrunk range).
 
 The original implementation folds ``1/s`` into the previous op (a norm or linear) and shares ``s`` among
-layers reading the same input. qlab layers divide their input by ``s`` at run time instead
+layers reading the same input. By default qlab layers divide their input by ``s`` at run time instead
 (``qlab.nn.set_input_scale``), so each layer gets its own ``s``; this is exact, costs one elementwise
-division per layer, and keeps the model untouched.
+division per layer, and keeps the model untouched. :func:`awq_shared_scale_search` searches one ``s`` for
+several kernels reading one input (the summed output error), as ``qlab.ptq.awq(..., share_scales=True)``
+does so that the scales fold away (:mod:`qlab.ptq.fold`).
 
 Example:
     >>> import jax, jax.numpy as jnp
@@ -42,7 +44,7 @@ from qlab.numerics.quantize import fake_quant, quantize
 from qlab.numerics.ranges import base_range, best_clip_ratio, code_params, grid_values, reconstruct, scale_and_zero_point
 from qlab.ptq.rtn import group_size, resolve_weight_spec, tensor_scale_of
 
-__all__ = ["awq", "awq_scales", "awq_scale_search", "awq_clip_search"]
+__all__ = ["awq", "awq_scales", "awq_scale_search", "awq_shared_scale_search", "awq_clip_search"]
 
 _F32 = jnp.float32
 
@@ -97,6 +99,37 @@ def awq_scale_search(W, spec, *, X=None, H=None, x_mean_abs=None, n_grid: int = 
     return awq_scales(x_mean_abs, a), a, np.asarray(losses)
 
 
+def awq_shared_scale_search(kernels, specs, H, x_mean_abs, *, n_grid: int = 20):
+    """One ``s`` for several kernels ``(in, out_i)`` that read the same input (e.g. q/k/v after one norm):
+    the ``alpha`` minimising the SUM of their output errors ``tr(D_i^T H D_i)``, each kernel quantized with
+    its own spec. Returns ``(s, alpha, losses)`` as :func:`awq_scale_search`; with one kernel it is that
+    search. (A caller that needs tied scales, e.g. GQA heads sharing a value head, ties ``x_mean_abs``.)
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> X = jax.random.normal(jax.random.key(0), (128, 64)) * jnp.linspace(0.1, 4, 64)
+        >>> Ws = [jax.random.normal(jax.random.key(i), (64, 8)) for i in (1, 2)]
+        >>> s, a, losses = awq_shared_scale_search(Ws, ["int4/g32"] * 2, X.T @ X, jnp.mean(jnp.abs(X), 0))
+        >>> s.shape, bool(losses[int(a * 20)] == losses.min())
+        ((64,), True)
+    """
+    if len(kernels) != len(specs) or not kernels:
+        raise ValueError(f"awq_shared_scale_search: {len(kernels)} kernels but {len(specs)} specs (need one each)")
+    H = jnp.asarray(H, _F32)
+    x_mean_abs = jnp.asarray(x_mean_abs, _F32)
+    total = None
+    for W, spec in zip(kernels, specs):
+        W = jnp.asarray(W, _F32)
+        if W.shape[0] != H.shape[0]:
+            raise ValueError(f"awq_shared_scale_search: kernel with {W.shape[0]} inputs, H is {H.shape}")
+        alphas, losses = _scale_losses(W, None, H, x_mean_abs, spec=resolve_weight_spec(spec), n_grid=n_grid,
+                                       use_x=False)
+        total = losses if total is None else total + losses
+    i = int(jnp.argmin(total))
+    a = float(alphas[i])
+    return awq_scales(x_mean_abs, a), a, np.asarray(total)
+
+
 @functools.partial(jax.jit, static_argnames=("spec", "G", "n_grid", "max_shrink"))
 def _clip(Ws, Xs, *, spec, G, n_grid, max_shrink):
     n_in, n_out = Ws.shape
@@ -133,20 +166,27 @@ def awq_clip_search(Ws, Xs, spec, *, n_grid: int = 20, max_shrink: float = 0.5, 
 
 
 def awq(W, X, spec, *, n_grid: int = 20, clip_search: bool = True, max_shrink: float = 0.5,
-        clip_rows: int = 512, H=None, x_mean_abs=None, return_info: bool = False):
+        clip_rows: int = 512, H=None, x_mean_abs=None, s=None, return_info: bool = False):
     """AWQ-quantize kernel ``W (in, out)`` with calibration inputs ``X (tokens, in)``.
 
     Returns ``(qtensor, s)``: ``qtensor`` quantizes ``W * s[:, None]`` (clipped if ``clip_search``) and the
     layer must compute ``(x / s) @ dequantize(qtensor)``. ``H = X^T X`` and ``x_mean_abs`` may be passed when
     already known (e.g. from ``qlab.nn.capture``); X is still used for the clip search (first ``clip_rows``
-    spread rows). With ``return_info=True`` a third element ``{"alpha", "losses", "clip_ratios"}`` is added.
+    spread rows). Given scales ``s`` (e.g. from :func:`awq_shared_scale_search`) skip the scale search
+    (``alpha`` and ``losses`` are then None). With ``return_info=True`` a third element
+    ``{"alpha", "losses", "clip_ratios"}`` is added.
     """
     spec = resolve_weight_spec(spec, require_rows=True)
     W = jnp.asarray(W, _F32)
     X = jnp.asarray(X, _F32).reshape(-1, W.shape[0])
     if X.shape[0] == 0:
         raise ValueError("awq: X has no rows (a calibration that saw no data)")
-    s, alpha, losses = awq_scale_search(W, spec, X=X, H=H, x_mean_abs=x_mean_abs, n_grid=n_grid)
+    if s is None:
+        s, alpha, losses = awq_scale_search(W, spec, X=X, H=H, x_mean_abs=x_mean_abs, n_grid=n_grid)
+    else:
+        s, alpha, losses = jnp.asarray(s, _F32), None, None
+        if s.shape != (W.shape[0],):
+            raise ValueError(f"awq: s has shape {tuple(s.shape)}, the kernel has {W.shape[0]} inputs")
     Ws = W * s[:, None]
     ratios = None
     if clip_search:
