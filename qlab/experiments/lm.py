@@ -1,5 +1,6 @@
 """The language-model family: Gemma 3 (``model = "gemma3"``: Gemma 3 270M; ``"gemma3_tiny"``: a random toy for
-tests) and its methods ``float``, ``ptq_rtn``, ``ptq_gptq`` (``act_order``), ``ptq_awq`` and ``ptq_hqq``.
+tests) and its methods ``float``, ``ptq_rtn``, ``ptq_gptq`` (``act_order``), ``ptq_awq``, ``ptq_hqq`` and ``qat``
+(weight QAT of the projections from RTN or GPTQ, trained on the ``calibration`` text).
 
 The model is loaded once per process. The study's rules apply to the attention and MLP projections; the
 tied embedding and the attention's own products (q.k^T, p.v) stay float. Each run reports ``perplexity``
@@ -35,6 +36,7 @@ from qlab import ptq
 from qlab.data.text import AUSTEN_NOVELS, load_austen
 from qlab.evaluate import perplexity_with_error
 from qlab.models import gemma3 as G
+from qlab.train import train
 
 from . import methods
 from .methods import SPEC_KEYS, Family, layer_table, register, register_family, size_metrics
@@ -58,7 +60,8 @@ def _check_data(name: str) -> None:
 FAMILY = register_family(Family(
     "lm", models=("gemma3", "gemma3_tiny"), datasets=("austen", "tiny_text"),
     reads=("model", "data", "eval_tokens", "seed"),
-    choices={"calibration": (*AUSTEN_NOVELS, "tiny_text")}, check_data=_check_data, metric="perplexity"))
+    choices={"calibration": (*AUSTEN_NOVELS, "tiny_text"), "qat_init": ("rtn", "gptq")}, check_data=_check_data,
+    metric="perplexity"))
 
 _models: dict[str, tuple[Any, Any]] = {}
 
@@ -130,14 +133,32 @@ def _float_ppl(model: str, data: str, eval_tokens: int) -> tuple[float, float, f
     return ppl, se, time.perf_counter() - t
 
 
+@functools.lru_cache(maxsize=4)
+def _text_ids(model: str, name: str) -> np.ndarray:
+    """The text's token ids without the tokenizer's BOS."""
+    return np.asarray(lm_model(model)[1].encode(_text(name)).ids[1:], np.int32)
+
+
+def _windows(model: str, name: str, length: int, starts) -> np.ndarray:
+    """``(len(starts), length)`` int32: BOS + the text's ``length - 1`` tokens from each start."""
+    ids, bos = _text_ids(model, name), lm_model(model)[0].config.bos_id
+    return np.stack([np.concatenate([[bos], ids[s:s + length - 1]]) for s in starts]).astype(np.int32)
+
+
+def _random_starts(model: str, name: str, length: int, setting: str, rng, n: int) -> np.ndarray:
+    """``n`` random starts of ``length``-token windows of the text; ``setting`` (``"key = value"``) names what
+    asked for that length in the error for a text too short."""
+    n_ids = len(_text_ids(model, name))
+    if n_ids <= length:
+        raise ValueError(f"calibration text {name!r} has {n_ids} tokens: too short for {setting}")
+    return rng.integers(0, n_ids - length, n)
+
+
 def _calibration(model: str, calibration: str, seqs: int, length: int) -> np.ndarray:
     """``seqs`` windows of ``length`` tokens (BOS + text) at fixed random offsets (seed 0) of the text."""
-    m, tok = lm_model(model)
-    ids = np.asarray(tok.encode(_text(calibration)).ids[1:], np.int32)
-    if len(ids) <= length:
-        raise ValueError(f"calibration text {calibration!r} has {len(ids)} tokens: too short for calibration_len = {length}")
-    starts = np.random.default_rng(0).integers(0, len(ids) - length, seqs)
-    return np.stack([np.concatenate([[m.config.bos_id], ids[s:s + length - 1]]) for s in starts]).astype(np.int32)
+    rng = np.random.default_rng(0)
+    starts = _random_starts(model, calibration, length, f"calibration_len = {length}", rng, seqs)
+    return _windows(model, calibration, length, starts)
 
 
 _stats_cache: dict[tuple, Any] = {}
@@ -184,6 +205,21 @@ def _calibration_args(run) -> tuple[dict, dict]:
     return dict(calibration_batches=None, calibration_stats=stats), extra
 
 
+def _perplexity_with(run, kernels: dict) -> tuple[float, float]:
+    """Perplexity (and its standard error) of the shared float model with ``kernels`` swapped in (then restored).
+    Kernels are fetched to the host first: they may live on a training mesh."""
+    model, _ = lm_model(run["model"])
+    linears = lm_linears(model)
+    originals = {p: linears[p].kernel[...] for p in kernels}
+    try:
+        for p, w in kernels.items():
+            linears[p].kernel.value = jnp.asarray(jax.device_get(w))
+        return perplexity_with_error(model, _eval_ids(run["model"], run["data"], int(run["eval_tokens"])))
+    finally:
+        for p, w in originals.items():
+            linears[p].kernel.value = w
+
+
 def _evaluate(run, quantize) -> tuple[dict, Any]:
     """Quantize the shared model's projections with ``quantize(model, rules) -> (qmodel, extra metrics)``
     and evaluate the result through the float model with the effective (fake-quantized) kernels swapped
@@ -198,16 +234,8 @@ def _evaluate(run, quantize) -> tuple[dict, Any]:
     tq = time.perf_counter()
     qm, extra = quantize(model, rules)
     quant_s = time.perf_counter() - tq - extra.pop("shared_s", 0.0)
-    kernels = _effective_kernels(qm)
-    originals = {p: linears[p].kernel[...] for p in kernels}
     te = time.perf_counter()
-    try:
-        for p, w in kernels.items():
-            linears[p].kernel.value = w
-        ppl, se = perplexity_with_error(model, _eval_ids(*key))
-    finally:
-        for p, w in originals.items():
-            linears[p].kernel.value = w
+    ppl, se = _perplexity_with(run, _effective_kernels(qm))
     metrics = {"perplexity": ppl, "perplexity_se": se, "float_perplexity": fppl, "float_perplexity_se": fse,
                "perplexity_increase": ppl - fppl, **size_metrics(qm),
                "quant_s": quant_s, "eval_s": time.perf_counter() - te, **extra}
@@ -240,15 +268,27 @@ def run_ptq_hqq(run, progress=False):
 _CALIBRATION_KEYS = ("calibration", "calibration_seqs", "calibration_len", "sequential")
 
 
+_gptq_cache: dict[tuple, tuple[Any, dict]] = {}
+
+
+def _gptq(run, model, rules) -> tuple[Any, dict]:
+    """GPTQ of the shared model under ``rules``, with its extra metrics; the last result is kept, so a ``qat``
+    run from GPTQ right after ``ptq_gptq`` at the same settings reuses it (``gptq_reused`` = 1)."""
+    key = (run["model"], repr(rules), *(run[k] for k in (*_CALIBRATION_KEYS, "act_order")))
+    if key in _gptq_cache:
+        qm, extra = _gptq_cache[key]
+        return qm, {**extra, "shared_s": 0.0, "gptq_reused": 1}
+    _gptq_cache.clear()  # a quantized copy of the model: keep one
+    cal, extra = _calibration_args(run)
+    qm = ptq.gptq(model, rules, act_order=bool(run["act_order"]), **cal)
+    _gptq_cache[key] = (qm, extra)
+    return qm, {**extra, "gptq_reused": 0}
+
+
 @register("ptq_gptq", family="lm", reads=(*SPEC_KEYS, *_CALIBRATION_KEYS, "act_order"), check=_check)
 def run_ptq_gptq(run, progress=False):
     """GPTQ of the projections (``act_order``), calibrated on the ``calibration`` text."""
-
-    def quantize(model, rules):
-        cal, extra = _calibration_args(run)
-        return ptq.gptq(model, rules, act_order=bool(run["act_order"]), **cal), extra
-
-    return _evaluate(run, quantize)
+    return _evaluate(run, lambda model, rules: _gptq(run, model, rules))
 
 
 @register("ptq_awq", family="lm", reads=(*SPEC_KEYS, *_CALIBRATION_KEYS), check=_check)
@@ -258,5 +298,57 @@ def run_ptq_awq(run, progress=False):
     def quantize(model, rules):
         cal, extra = _calibration_args(run)
         return ptq.awq(model, rules, max_input_rows=512, **cal), extra
+
+    return _evaluate(run, quantize)
+
+
+def _is_projection_kernel(path, _value) -> bool:
+    return path[-1] == "kernel"
+
+
+#: What lm QAT trains: the projections' kernels (the tied embedding and the norms stay as loaded).
+QAT_TRAINS = nnx.All(nnx.Param, _is_projection_kernel)
+
+
+def qat_batches(run) -> np.ndarray:
+    """``(qat_steps, batch_size, qat_seq_len + 1)`` int32 training batches: BOS + text windows at random offsets
+    (seeded by ``seed``) of the ``calibration`` text; the model reads ``qat_seq_len`` tokens, predicts the next.
+
+    Example:
+        >>> from qlab.experiments import expand
+        >>> run = expand({"base": {"method": "qat", "model": "gemma3_tiny", "data": "tiny_text",
+        ...                        "calibration": "tiny_text", "qat_steps": 3, "batch_size": 2, "qat_seq_len": 8}})[0]
+        >>> b = qat_batches(run)
+        >>> b.shape, bool((b[:, :, 0] == lm_model("gemma3_tiny")[0].config.bos_id).all())
+        ((3, 2, 9), True)
+    """
+    steps, batch, length = int(run["qat_steps"]), int(run["batch_size"]), int(run["qat_seq_len"]) + 1
+    starts = _random_starts(run["model"], run["calibration"], length, f"qat_seq_len = {length - 1}",
+                            np.random.default_rng(run.seed), steps * batch)
+    return _windows(run["model"], run["calibration"], length, starts).reshape(steps, batch, length)
+
+
+@register("qat", family="lm", reads=(*SPEC_KEYS, *_CALIBRATION_KEYS, "act_order", "qat_init", "qat_steps",
+                                     "qat_learning_rate", "batch_size", "qat_seq_len"), check=_check)
+def run_qat(run, progress=False):
+    """Weight QAT (STE, Adam) of the projections' kernels from RTN or GPTQ (``qat_init``) on the ``calibration``
+    text; the calibration keys and ``act_order`` set up the GPTQ start."""
+
+    def quantize(model, rules):
+        if run["qat_init"] == "gptq":
+            gq, extra = _gptq(run, model, rules)
+            start = _effective_kernels(gq)
+        else:
+            start, extra = {}, {"calib_tokens": 0}
+        student = qnn.copy_model(model)
+        for path, w in start.items():
+            lm_linears(student)[path].kernel.value = w
+        qm = qnn.quantize_model(student, rules, allow_unmatched=True)
+        init_ppl, _ = _perplexity_with(run, _effective_kernels(qm))
+        batches = qat_batches(run)
+        hist = train(qm, iter(batches), loss="lm", learning_rate=float(run["qat_learning_rate"]), wrt=QAT_TRAINS,
+                     progress=progress)
+        return qm, {**extra, "init_perplexity": init_ppl, "qat_first_loss": hist.loss[0],
+                    "qat_final_loss": hist.final_loss, "qat_tokens": int(batches[:, :, 1:].size), "qat_s": hist.seconds}
 
     return _evaluate(run, quantize)

@@ -99,11 +99,16 @@ KEYS: dict[str, Key] = {
     "act_order": Key(False, "GPTQ: quantize columns in order of decreasing Hessian diagonal"),
     "sequential": Key(True, "calibrate block by block on the already-quantized predecessors (false: one float "
                             "pass, shared by the runs)"),
+    "qat_init": Key("rtn", "lm qat: the kernels QAT starts from: rtn (the float kernels) or gptq (GPTQ's, calibrated "
+                           "as ptq_gptq)"),
+    "qat_seq_len": Key(128, "lm qat: tokens per training window (BOS + text) of the calibration text", "positive"),
 }
 DEFAULTS: dict[str, Any] = {k: v.default for k, v in KEYS.items()}
 #: Keys added after results were first committed: left out of a run (and its hash) when it does not read them.
 LATE_KEYS = ("eval_tokens", "calibration", "calibration_seqs", "calibration_len", "act_order", "sequential",
              "clip_ratio")
+#: Keys left out of a run (and its hash) when its method does not read them (added after results were committed).
+METHOD_ONLY_KEYS = ("qat_init", "qat_seq_len")
 #: Keys left out of a run (and its hash) at their default value.
 OMIT_AT_DEFAULT = ("clip_ratio",)
 TOP_LEVEL = ("name", "description", "base", "sweep", "include", "rule_sets", "batch")
@@ -407,6 +412,8 @@ def _normalize(config: dict, method: Method, weight: QuantSpec | None, resolved,
             out[k] = v
         elif k in LATE_KEYS and not any(k in m.reads for (f, _), m in REGISTRY.items() if f == fam.name):
             continue  # a key this family never reads: not part of its runs
+        elif k in METHOD_ONLY_KEYS:
+            continue
         else:
             out[k] = None
     for k in OMIT_AT_DEFAULT:
