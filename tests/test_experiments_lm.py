@@ -195,3 +195,38 @@ def test_qat_gemma3_study_file_validates():
     assert sorted((r["qat_init"], str(r.weight)) for r in qat) == [
         ("gptq", "int3/g128"), ("gptq", "int4/g128"), ("rtn", "int3/g128"), ("rtn", "int4/g128")]
     assert {r["calibration"] for r in qat} == {"emma"} and {r["data"] for r in todo} == {"austen"}
+
+
+_MESH_SCRIPT = r"""
+import json, sys, tempfile
+import jax
+assert jax.device_count() == 4
+from qlab.experiments import sweep
+study = json.loads(sys.argv[2])
+out = {tag: sweep(study, out=tempfile.mkdtemp(), progress=False, mesh=mesh)[["config_hash", "perplexity",
+       "init_perplexity", "qat_final_loss"]].to_dict("list") for tag, mesh in [("one", None), ("mesh", "data=2,fsdp=2")]}
+json.dump(out, open(sys.argv[1], "w"))
+"""
+
+
+def test_lm_qat_study_runs_over_a_mesh_unchanged(tmp_path):
+    """The same study on one device and data-parallel + FSDP over 4 forced host devices: same runs, same result
+    up to float reduction order (Adam and the STE rounding can amplify it a little)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    study = {"name": "qat_mesh", "base": {**QAT, "method": "qat", "weight": "int4/g16", "qat_steps": 5}}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    r = subprocess.run([sys.executable, "-c", _MESH_SCRIPT, str(tmp_path / "out.json"), json.dumps(study)],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads((tmp_path / "out.json").read_text())
+    one, mesh = got["one"], got["mesh"]
+    assert one["config_hash"] == mesh["config_hash"]
+    assert one["init_perplexity"] == pytest.approx(mesh["init_perplexity"], rel=1e-6)  # before training: no mesh
+    np.testing.assert_allclose(mesh["qat_final_loss"], one["qat_final_loss"], rtol=1e-3)
+    np.testing.assert_allclose(mesh["perplexity"], one["perplexity"], rtol=1e-2)
+    assert one["perplexity"] != one["init_perplexity"]
