@@ -78,7 +78,7 @@ KEYS: dict[str, Key] = {
     "steps": Key(300, "float training steps", "positive"),
     "batch_size": Key(64, "training batch size", "positive"),
     "learning_rate": Key(3e-3, "float training learning rate (Adam)", "positive"),
-    "qat_steps": Key(100, "QAT fine-tuning steps, starting from the float model", "positive"),
+    "qat_steps": Key(100, "QAT fine-tuning steps (image: from the float model; lm: from qat_init)", "positive"),
     "qat_learning_rate": Key(1e-3, "QAT learning rate (Adam)", "positive"),
     "calibration_size": Key(512, "calibration images (first N of the training split)", "positive"),
     "format": Key("int", '"int" / "uint" (+ bits) or a format name: fp8_e4m3, nf4, fp4_e2m1, mxfp4, ...'),
@@ -101,7 +101,8 @@ KEYS: dict[str, Key] = {
                             "pass, shared by the runs)"),
     "qat_init": Key("rtn", "lm qat: the kernels QAT starts from: rtn (the float kernels) or gptq (GPTQ's, calibrated "
                            "as ptq_gptq)"),
-    "qat_seq_len": Key(128, "lm qat: tokens per training window (BOS + text) of the calibration text", "positive"),
+    "qat_seq_len": Key(128, "lm qat: tokens the model reads per window of the calibration text (BOS + text), "
+                            "predicting the next ones", "positive"),
 }
 DEFAULTS: dict[str, Any] = {k: v.default for k, v in KEYS.items()}
 #: Keys added after results were first committed: left out of a run (and its hash) when it does not read them.
