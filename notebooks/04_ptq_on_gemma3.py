@@ -129,3 +129,34 @@ if (FULL / "runs.csv").is_file():
 else:
     print(f"{FULL / 'runs.csv'} is absent: run this notebook with SMALL = False (or "
           "`python -m qlab.cli sweep experiments/gemma3_ptq.toml`) to produce it.")
+
+# %% [markdown]
+# ## Weight QAT: from RTN and from GPTQ
+# Method `qat` fine-tunes the projections' kernels through the STE fake quantizer (Adam) on windows of the
+# `calibration` text (Emma), never the evaluation text; `qat_init = "rtn"` starts from the float kernels,
+# `"gptq"` from GPTQ's. `SMALL = True` runs it on the random toy `gemma3_tiny` (trained and evaluated on the
+# same tiny text: it shows the mechanics only); `SMALL = False` runs `experiments/qat_gemma3.toml`. The committed
+# full run (`results/qat_gemma3/`) is shown after it.
+
+# %%
+if SMALL:
+    qat_study = {
+        "name": "nb04_qat_small",
+        "base": {"model": "gemma3_tiny", "data": "tiny_text", "eval_tokens": 64, "calibration": "tiny_text",
+                 "calibration_seqs": 4, "calibration_len": 16, "weight": "int3/g16", "qat_steps": 20,
+                 "batch_size": 4, "qat_seq_len": 16, "qat_learning_rate": 3e-3},
+        "include": [{"method": "ptq_rtn"}, {"method": "qat", "qat_init": "rtn"},
+                    {"method": "ptq_gptq"}, {"method": "qat", "qat_init": "gptq"}],
+    }
+else:
+    qat_study = REPO / "experiments" / "qat_gemma3.toml"
+qat_study = qx.load_study(qat_study)
+qat = qx.sweep(qat_study, out=RESULTS / qat_study.name, progress=False)
+labelled(qat)[["label", "weight", "init_perplexity", "perplexity", "qat_first_loss", "qat_final_loss"]].round(3)
+
+# %%
+QAT_FULL = REPO / "results" / "qat_gemma3"
+if (QAT_FULL / "runs.csv").is_file():
+    display(ppl_table(qx.load_results(QAT_FULL)))
+else:
+    print(f"{QAT_FULL / 'runs.csv'} is absent: run `python experiments/qat_gemma3.py` to produce it.")

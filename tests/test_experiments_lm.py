@@ -55,7 +55,9 @@ def test_lm_keys_normalized_and_image_hashes_unchanged():
 @pytest.mark.parametrize("cfg,words", [
     ({**LM, "data": "digits"}, "data = 'digits' cannot feed model 'gemma3_tiny' (a dataset of the image family: models mlp, cnn); allowed: austen, tiny_text"),
     ({"model": "mlp", "data": "austen"}, "data = 'austen' cannot feed model 'mlp' (a dataset of the lm family"),
-    ({**LM, "method": "qat"}, "method = 'qat' is not available for model 'gemma3_tiny' (a method of the image family, not of 'lm' models); allowed: float"),
+    ({**LM, "method": "qat_lsq"}, "method = 'qat_lsq' is not available for model 'gemma3_tiny' (a method of the image family, not of 'lm' models); allowed: float"),
+    ({**LM, **CAL, "method": "qat", "qat_init": "awq"}, "qat_init = 'awq' is unknown; allowed: gptq, rtn"),
+    ({**LM, **CAL, "method": "qat", "qat_seq_len": 0}, "qat_seq_len = 0 must be a positive integer"),
     ({**LM, **CAL, "method": "ptq_gptq", "calibration": "ulysses"}, "calibration = 'ulysses' is unknown; allowed: emma"),
     ({**LM, **CAL, "method": "ptq_gptq", "act_order": "yes"}, "act_order = 'yes' must be true or false"),
     ({**LM, **CAL, "method": "ptq_gptq", "sequential": 1}, "sequential = 1 must be true or false"),
@@ -141,3 +143,97 @@ def test_lm_rows_carry_a_perplexity_standard_error(tmp_path):
     t = sweep(study, out=tmp_path, progress=False)
     assert (t["perplexity_se"] > 0).all() and (t["perplexity_se"] < t["perplexity"]).all()
     assert t["float_perplexity_se"].nunique() == 1
+
+
+#: lm QAT on the tiny model: trained on tiny_text, which is also its evaluation text (tests only)
+QAT = {**LM, **CAL, "weight": "int3/g16", "qat_steps": 20, "batch_size": 4, "qat_seq_len": 16,
+       "qat_learning_rate": 3e-3}
+
+
+def test_lm_qat_from_rtn_and_gptq(tmp_path):
+    study = {"name": "qat", "base": QAT, "include": [
+        {"method": "float"}, {"method": "ptq_rtn"}, {"method": "qat", "qat_init": "rtn"},
+        {"method": "ptq_gptq"}, {"method": "qat", "qat_init": "gptq"}]}
+    tab = sweep(study, out=tmp_path, progress=False)
+    assert list(tab["method"]) == ["float", "ptq_rtn", "qat", "ptq_gptq", "qat"]
+    rtn, q_rtn, gptq, q_gptq = (tab.iloc[i] for i in (1, 2, 3, 4))
+    assert [q_rtn["qat_init"], q_gptq["qat_init"]] == ["rtn", "gptq"]
+    # step 0 of QAT from RTN is RTN: STE fake quant of the float kernels
+    assert q_rtn["init_perplexity"] == pytest.approx(rtn["perplexity"], rel=1e-6)
+    # from GPTQ: the baseline's GPTQ kernels are reused, re-quantized by the STE quantizer's own absmax scales
+    assert q_gptq["gptq_reused"] == 1 and gptq["gptq_reused"] == 0
+    assert q_gptq["init_perplexity"] != q_rtn["init_perplexity"]
+    for q in (q_rtn, q_gptq):
+        assert q["qat_final_loss"] < q["qat_first_loss"]
+        assert q["perplexity"] < q["init_perplexity"]  # trained on the evaluation text here
+        assert q["qat_tokens"] == 20 * 4 * 16 and q["bits_per_weight"] == rtn["bits_per_weight"]
+    # the shared float model is left as loaded; a run is deterministic
+    again = sweep(study, out=tmp_path, progress=False, force=True, only="method=float|qat,qat_init=rtn")
+    assert again.iloc[0]["perplexity"] == pytest.approx(tab.iloc[0]["perplexity"], rel=1e-6)
+    assert again.iloc[2]["perplexity"] == pytest.approx(q_rtn["perplexity"], rel=1e-5)
+
+
+def test_lm_qat_trains_only_the_projection_kernels():
+    from flax import nnx
+
+    from qlab import nn as qnn
+
+    model, _ = lm.lm_model("gemma3_tiny")
+    qm = qnn.quantize_model(qnn.copy_model(model), (qnn.Rule("embed"), qnn.Rule(".*", weight="int4/g16")))
+    trained = nnx.to_flat_state(nnx.state(qm, lm.QAT_TRAINS))
+    assert len(trained) == len(lm.lm_linears(model)) == 42
+    assert all(path[-1] == "kernel" and "embed" not in path for path, _ in trained)
+
+
+def test_lm_qat_keys_stay_out_of_other_runs():
+    runs = expand({"base": {**LM, **CAL}, "sweep": {"method": ["ptq_rtn", "ptq_gptq", "qat"]}})
+    assert [("qat_init" in r, "qat_seq_len" in r) for r in runs] == [(False, False)] * 2 + [(True, True)]
+    assert runs[2]["qat_init"] == "rtn" and runs[2]["batch_size"] == 64 and runs[0]["batch_size"] is None
+    assert "qat_init" not in expand({"base": {"method": "qat"}})[0]
+    with pytest.raises(ValueError, match="calibration text 'tiny_text' has 565 tokens: too short for qat_seq_len = 600"):
+        r = expand({"base": {**QAT, "method": "qat", "qat_seq_len": 600}})[0]
+        r.method.run(r)
+
+
+def test_qat_gemma3_study_file_validates():
+    st = load_study(ROOT / "experiments/qat_gemma3.toml", check=False)
+    _, _, todo = plan(st, out="/nonexistent/qat_gemma3")
+    qat = [r for r in todo if r["method"] == "qat"]
+    assert sorted((r["qat_init"], str(r.weight)) for r in qat) == [
+        ("gptq", "int3/g128"), ("gptq", "int4/g128"), ("rtn", "int3/g128"), ("rtn", "int4/g128")]
+    assert {r["calibration"] for r in qat} == {"emma"} and {r["data"] for r in todo} == {"austen"}
+
+
+_MESH_SCRIPT = r"""
+import json, sys, tempfile
+import jax
+assert jax.device_count() == 4
+from qlab.experiments import sweep
+study = json.loads(sys.argv[2])
+out = {tag: sweep(study, out=tempfile.mkdtemp(), progress=False, mesh=mesh)[["config_hash", "perplexity",
+       "init_perplexity", "qat_final_loss"]].to_dict("list") for tag, mesh in [("one", None), ("mesh", "data=2,fsdp=2")]}
+json.dump(out, open(sys.argv[1], "w"))
+"""
+
+
+def test_lm_qat_study_runs_over_a_mesh_unchanged(tmp_path):
+    """The same study on one device and data-parallel + FSDP over 4 forced host devices: same runs, same result
+    up to float reduction order (Adam and the STE rounding can amplify it a little)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    study = {"name": "qat_mesh", "base": {**QAT, "method": "qat", "weight": "int4/g16", "qat_steps": 5}}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    r = subprocess.run([sys.executable, "-c", _MESH_SCRIPT, str(tmp_path / "out.json"), json.dumps(study)],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads((tmp_path / "out.json").read_text())
+    one, mesh = got["one"], got["mesh"]
+    assert one["config_hash"] == mesh["config_hash"]
+    assert one["init_perplexity"] == pytest.approx(mesh["init_perplexity"], rel=1e-6)  # before training: no mesh
+    np.testing.assert_allclose(mesh["qat_final_loss"], one["qat_final_loss"], rtol=1e-3)
+    np.testing.assert_allclose(mesh["perplexity"], one["perplexity"], rtol=1e-2)
+    assert one["perplexity"] != one["init_perplexity"]

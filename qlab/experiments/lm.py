@@ -1,5 +1,6 @@
 """The language-model family: Gemma 3 (``model = "gemma3"``: Gemma 3 270M; ``"gemma3_tiny"``: a random toy for
-tests) and its methods ``float``, ``ptq_rtn``, ``ptq_gptq`` (``act_order``), ``ptq_awq`` and ``ptq_hqq``.
+tests) and its methods ``float``, ``ptq_rtn``, ``ptq_gptq`` (``act_order``), ``ptq_awq``, ``ptq_hqq`` and ``qat``
+(weight QAT of the projections from RTN or GPTQ, trained on the ``calibration`` text).
 
 The model is loaded once per process. The built-in rule sets (``all``, ``first_last_*``: ``@first`` / ``@last``
 are projections) apply to the attention and MLP projections, and the tied embedding stays float; a study's own
@@ -28,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 import time
@@ -45,7 +47,7 @@ from qlab import nn as qnn
 from qlab.data.text import AUSTEN_NOVELS, load_austen
 from qlab.evaluate import compare_to_reference, perplexity_with_error
 from qlab.models import gemma3 as G
-from qlab.train import lm_loss
+from qlab.train import lm_loss, train
 
 from . import methods, search
 from .methods import SEARCH_KEYS, SPEC_KEYS, Family, layer_table, register, register_family, size_metrics
@@ -70,7 +72,8 @@ def _check_data(name: str) -> None:
 FAMILY = register_family(Family(
     "lm", models=("gemma3", "gemma3_tiny"), datasets=("austen", "tiny_text"),
     reads=("model", "data", "eval_tokens", "seed"),
-    choices={"calibration": (*AUSTEN_NOVELS, "tiny_text")}, check_data=_check_data, metric="perplexity"))
+    choices={"calibration": (*AUSTEN_NOVELS, "tiny_text"), "qat_init": ("rtn", "gptq")}, check_data=_check_data,
+    metric="perplexity"))
 
 _models: dict[str, tuple[Any, Any]] = {}
 
@@ -234,14 +237,32 @@ def _float_ppl(model: str, data: str, eval_tokens: int) -> tuple[float, float, f
     return ppl, se, time.perf_counter() - t
 
 
+@functools.lru_cache(maxsize=4)
+def _text_ids(model: str, name: str) -> np.ndarray:
+    """The text's token ids without the tokenizer's BOS."""
+    return np.asarray(lm_model(model)[1].encode(_text(name)).ids[1:], np.int32)
+
+
+def _windows(model: str, name: str, length: int, starts) -> np.ndarray:
+    """``(len(starts), length)`` int32: BOS + the text's ``length - 1`` tokens from each start."""
+    ids, bos = _text_ids(model, name), lm_model(model)[0].config.bos_id
+    return np.stack([np.concatenate([[bos], ids[s:s + length - 1]]) for s in starts]).astype(np.int32)
+
+
+def _random_starts(model: str, name: str, length: int, setting: str, rng, n: int) -> np.ndarray:
+    """``n`` random starts of ``length``-token windows of the text; ``setting`` (``"key = value"``) names what
+    asked for that length in the error for a text too short."""
+    n_ids = len(_text_ids(model, name))
+    if n_ids <= length:
+        raise ValueError(f"calibration text {name!r} has {n_ids} tokens: too short for {setting}")
+    return rng.integers(0, n_ids - length, n)
+
+
 def _calibration(model: str, calibration: str, seqs: int, length: int) -> np.ndarray:
     """``seqs`` windows of ``length`` tokens (BOS + text) at fixed random offsets (seed 0) of the text."""
-    m, tok = lm_model(model)
-    ids = np.asarray(tok.encode(_text(calibration)).ids[1:], np.int32)
-    if len(ids) <= length:
-        raise ValueError(f"calibration text {calibration!r} has {len(ids)} tokens: too short for calibration_len = {length}")
-    starts = np.random.default_rng(0).integers(0, len(ids) - length, seqs)
-    return np.stack([np.concatenate([[m.config.bos_id], ids[s:s + length - 1]]) for s in starts]).astype(np.int32)
+    rng = np.random.default_rng(0)
+    starts = _random_starts(model, calibration, length, f"calibration_len = {length}", rng, seqs)
+    return _windows(model, calibration, length, starts)
 
 
 _stats_cache: dict[tuple, Any] = {}
@@ -306,6 +327,27 @@ def _comparison_metrics(c, vocab_size: int) -> dict:
             "top1": c.top1, "top1_se": c.top1_se, "collapsed": bool(c.ppl > vocab_size)}
 
 
+@contextlib.contextmanager
+def _weights_swapped(model, kernels: dict):
+    """The shared float model with ``kernels`` ({projection path or "embed": weight}) swapped in, restored on
+    exit. Weights are fetched to the host first: they may live on a training mesh."""
+    weights = {**{p: lin.kernel for p, lin in lm_linears(model).items()}, "embed": model.embed.embedding}
+    originals = {p: weights[p][...] for p in kernels}
+    try:
+        for p, w in kernels.items():
+            weights[p].value = jnp.asarray(jax.device_get(w))
+        yield model
+    finally:
+        for p, w in originals.items():
+            weights[p].value = w
+
+
+def _perplexity_with(run, kernels: dict) -> tuple[float, float]:
+    """Perplexity (and its standard error) of the shared float model with ``kernels`` swapped in."""
+    with _weights_swapped(lm_model(run["model"])[0], kernels) as model:
+        return perplexity_with_error(model, _eval_ids(run["model"], run["data"], int(run["eval_tokens"])))
+
+
 def _evaluate(run, quantize) -> tuple[dict, Any]:
     """Quantize the shared model's projections with ``quantize(model, rules) -> (qmodel, extra metrics)``
     and evaluate the result through the float model with the effective (fake-quantized) kernels swapped
@@ -321,18 +363,10 @@ def _evaluate(run, quantize) -> tuple[dict, Any]:
     tq = time.perf_counter()
     qm, extra = quantize(model, rules)
     quant_s = time.perf_counter() - tq - extra.pop("shared_s", 0.0)
-    kernels = _effective_kernels(qm)
-    weights = {**{p: lin.kernel for p, lin in linears.items()}, "embed": model.embed.embedding}
-    originals = {p: weights[p][...] for p in kernels}
     reference = nnx.clone(model)  # the float model, in variables of its own (merge would share them)
     te = time.perf_counter()
-    try:
-        for p, w in kernels.items():
-            weights[p].value = w
+    with _weights_swapped(model, _effective_kernels(qm)):
         c = compare_to_reference(model, reference, _eval_ids(*key))
-    finally:
-        for p, w in originals.items():
-            weights[p].value = w
     metrics = {"perplexity": c.ppl, "perplexity_se": c.ppl_se, "float_perplexity": fppl, "float_perplexity_se": fse,
                "perplexity_increase": c.ppl - fppl, **_comparison_metrics(c, model.config.vocab_size), **size_metrics(qm),
                "quant_s": quant_s, "eval_s": time.perf_counter() - te, **extra, **search_metrics}
@@ -366,15 +400,27 @@ def run_ptq_hqq(run, progress=False):
 
 
 
+_gptq_cache: dict[tuple, tuple[Any, dict]] = {}
+
+
+def _gptq(run, model, rules) -> tuple[Any, dict]:
+    """GPTQ of the shared model under ``rules``, with its extra metrics; the last result is kept, so a ``qat``
+    run from GPTQ right after ``ptq_gptq`` at the same settings reuses it (``gptq_reused`` = 1)."""
+    key = (run["model"], repr(rules), *(run[k] for k in (*_CALIBRATION_KEYS, "act_order")))
+    if key in _gptq_cache:
+        qm, extra = _gptq_cache[key]
+        return qm, {**extra, "shared_s": 0.0, "gptq_reused": 1}
+    _gptq_cache.clear()  # a quantized copy of the model: keep one
+    cal, extra = _calibration_args(run, rules)
+    qm = ptq.gptq(model, rules, act_order=bool(run["act_order"]), **cal)
+    _gptq_cache[key] = (qm, extra)
+    return qm, {**extra, "gptq_reused": 0}
+
+
 @register("ptq_gptq", family="lm", reads=(*SPEC_KEYS, *_CALIBRATION_KEYS, "act_order", *SEARCH_KEYS), check=_check)
 def run_ptq_gptq(run, progress=False):
     """GPTQ of the projections (``act_order``), calibrated on the ``calibration`` text."""
-
-    def quantize(model, rules):
-        cal, extra = _calibration_args(run, rules)
-        return ptq.gptq(model, rules, act_order=bool(run["act_order"]), **cal), extra
-
-    return _evaluate(run, quantize)
+    return _evaluate(run, lambda model, rules: _gptq(run, model, rules))
 
 
 @register("ptq_awq", family="lm", reads=(*SPEC_KEYS, *_CALIBRATION_KEYS), check=_check)
@@ -384,5 +430,58 @@ def run_ptq_awq(run, progress=False):
     def quantize(model, rules):
         cal, extra = _calibration_args(run, rules)
         return ptq.awq(model, rules, max_input_rows=512, **cal), extra
+
+    return _evaluate(run, quantize)
+
+
+def _is_projection_kernel(path, _value) -> bool:
+    return path[-1] == "kernel"
+
+
+#: What lm QAT trains: the projections' kernels (the tied embedding and the norms stay as loaded).
+QAT_TRAINS = nnx.All(nnx.Param, _is_projection_kernel)
+
+
+def qat_batches(run) -> np.ndarray:
+    """``(qat_steps, batch_size, qat_seq_len + 1)`` int32 training batches: BOS + text windows at random offsets
+    (seeded by ``seed``) of the ``calibration`` text; the model reads ``qat_seq_len`` tokens, predicts the next.
+
+    Example:
+        >>> from qlab.experiments import expand
+        >>> run = expand({"base": {"method": "qat", "model": "gemma3_tiny", "data": "tiny_text",
+        ...                        "calibration": "tiny_text", "qat_steps": 3, "batch_size": 2, "qat_seq_len": 8}})[0]
+        >>> b = qat_batches(run)
+        >>> b.shape, bool((b[:, :, 0] == lm_model("gemma3_tiny")[0].config.bos_id).all())
+        ((3, 2, 9), True)
+    """
+    steps, batch, length = int(run["qat_steps"]), int(run["batch_size"]), int(run["qat_seq_len"]) + 1
+    starts = _random_starts(run["model"], run["calibration"], length, f"qat_seq_len = {length - 1}",
+                            np.random.default_rng(run.seed), steps * batch)
+    return _windows(run["model"], run["calibration"], length, starts).reshape(steps, batch, length)
+
+
+@register("qat", family="lm", reads=(*SPEC_KEYS, *_CALIBRATION_KEYS, "act_order", "qat_init", "qat_steps",
+                                     "qat_learning_rate", "batch_size", "qat_seq_len"), check=_check)
+def run_qat(run, progress=False):
+    """Weight QAT (STE, Adam) of the projections' kernels from RTN or GPTQ (``qat_init``) on the ``calibration``
+    text; the calibration keys and ``act_order`` set up the GPTQ start."""
+
+    def quantize(model, rules):
+        if run["qat_init"] == "gptq":
+            gq, extra = _gptq(run, model, rules)
+            start = _effective_kernels(gq)
+        else:
+            start, extra = {}, {"calib_tokens": 0}
+        student = qnn.copy_model(model)
+        targets = {**{p: lin.kernel for p, lin in lm_linears(student).items()}, "embed": student.embed.embedding}
+        for path, w in start.items():
+            targets[path].value = w
+        qm = qnn.quantize_model(student, rules, allow_unmatched=True)
+        init_ppl, _ = _perplexity_with(run, _effective_kernels(qm))
+        batches = qat_batches(run)
+        hist = train(qm, iter(batches), loss="lm", learning_rate=float(run["qat_learning_rate"]), wrt=QAT_TRAINS,
+                     progress=progress)
+        return qm, {**extra, "init_perplexity": init_ppl, "qat_first_loss": hist.loss[0],
+                    "qat_final_loss": hist.final_loss, "qat_tokens": int(batches[:, :, 1:].size), "qat_s": hist.seconds}
 
     return _evaluate(run, quantize)

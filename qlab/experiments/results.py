@@ -334,17 +334,22 @@ def setting_label(weight) -> str:
 
 
 def method_labels(table) -> list[str]:
-    """The ``method`` column with GPTQ's act-order runs named apart (``"ptq_gptq act-order"``), for
-    tables and plot series.
+    """The ``method`` column with GPTQ's act-order runs named apart (``"ptq_gptq act-order"``) and language-model
+    QAT by its start (``"qat from gptq"``), for tables and plot series.
 
     Example:
         >>> import pandas as pd
         >>> method_labels(pd.DataFrame({"method": ["ptq_gptq", "ptq_gptq", "qat"], "act_order": [False, True, None]}))
         ['ptq_gptq', 'ptq_gptq act-order', 'qat']
+        >>> method_labels(pd.DataFrame({"method": ["qat", "qat"], "qat_init": ["rtn", "gptq"]}))
+        ['qat from rtn', 'qat from gptq']
     """
-    act = table["act_order"] if "act_order" in table else [None] * len(table)
-    return [f"{m} act-order" if m == "ptq_gptq" and str(a).lower() in ("true", "1", "1.0") else m
-            for m, a in zip(table["method"], act)]
+    none = [None] * len(table)
+    act = table["act_order"] if "act_order" in table else none
+    init = table["qat_init"] if "qat_init" in table else none
+    return [f"{m} act-order" if m == "ptq_gptq" and str(a).lower() in ("true", "1", "1.0")
+            else f"{m} from {i}" if m == "qat" and isinstance(i, str) else m
+            for m, a, i in zip(table["method"], act, init)]
 
 
 def method_table(table, metric: str = "perplexity", digits: int = 4):

@@ -79,7 +79,7 @@ KEYS: dict[str, Key] = {
     "steps": Key(300, "float training steps", "positive"),
     "batch_size": Key(64, "training batch size", "positive"),
     "learning_rate": Key(3e-3, "float training learning rate (Adam)", "positive"),
-    "qat_steps": Key(100, "QAT fine-tuning steps, starting from the float model", "positive"),
+    "qat_steps": Key(100, "QAT fine-tuning steps (image: from the float model; lm: from qat_init)", "positive"),
     "qat_learning_rate": Key(1e-3, "QAT learning rate (Adam)", "positive"),
     "calibration_size": Key(512, "calibration images (first N of the training split)", "positive"),
     "format": Key("int", '"int" / "uint" (+ bits) or a format name: fp8_e4m3, nf4, fp4_e2m1, mxfp4, ...'),
@@ -109,11 +109,17 @@ KEYS: dict[str, Key] = {
     "sensitivity": Key("sqnr", "how the search scores a layer at a candidate: sqnr, measured, fisher or hutchinson "
                                "(computed once per float model and shared by the runs); used with a budget"),
     "allocation": Key("dp", "how the search allocates bytes: dp, milp (exact) or greedy; used with a budget"),
+    "qat_init": Key("rtn", "lm qat: the kernels QAT starts from: rtn (the float kernels) or gptq (GPTQ's, calibrated "
+                           "as ptq_gptq)"),
+    "qat_seq_len": Key(128, "lm qat: tokens the model reads per window of the calibration text (BOS + text), "
+                            "predicting the next ones", "positive"),
 }
 DEFAULTS: dict[str, Any] = {k: v.default for k, v in KEYS.items()}
 #: Keys added after results were first committed: left out of a run (and its hash) when it does not read them.
 LATE_KEYS = ("eval_tokens", "calibration", "calibration_seqs", "calibration_len", "act_order", "sequential",
              "clip_ratio")
+#: Keys left out of a run (and its hash) when its method does not read them (added after results were committed).
+METHOD_ONLY_KEYS = ("qat_init", "qat_seq_len")
 #: Keys left out of a run (and its hash) at their default value.
 OMIT_AT_DEFAULT = ("clip_ratio",)
 TOP_LEVEL = ("name", "description", "base", "sweep", "include", "rule_sets", "batch")
@@ -448,6 +454,8 @@ def _normalize(config: dict, method: Method, weight: QuantSpec | None, resolved,
             out[k] = v
         elif k in LATE_KEYS and not any(k in m.reads for (f, _), m in REGISTRY.items() if f == fam.name):
             continue  # a key this family never reads: not part of its runs
+        elif k in METHOD_ONLY_KEYS:
+            continue
         else:
             out[k] = None
     for k in OMIT_AT_DEFAULT:
