@@ -13,7 +13,11 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"
 # <study>_small/ folders are the notebooks' scratch output at their default size (ignored by results/.gitignore)
-STUDIES = sorted(p for p in RESULTS.iterdir() if p.is_dir() and not p.name.endswith("_small"))
+# results/ablations/ holds one study folder per ablation (and an index README) instead of being one
+GROUPS = ("ablations",)
+STUDIES = sorted(q for p in RESULTS.iterdir() if p.is_dir() and not p.name.endswith("_small")
+                 for q in ([r for r in p.iterdir() if r.is_dir() and not r.name.endswith("_small")]
+                           if p.name in GROUPS else [p]))
 ALLOWED_SUFFIXES = {".csv", ".json", ".png", ".svg", ".md"}
 
 
