@@ -168,3 +168,27 @@ def test_lm_search_on_the_tiny_model(tmp_path):
     chosen = layers[(layers["config_hash"] == s["config_hash"]) & layers["candidate"].notna()]
     assert len(chosen) == 42 and set(chosen["candidate"]) == {"int2/ch", "int8/ch"}
     assert int(chosen["packed_bytes"].sum()) == s["searched_bytes"] <= s["budget_bytes"]
+
+
+def test_lm_search_can_spend_bytes_on_the_embedding(tmp_path):
+    """search_embed: the tied embedding is one more searched layer, and the uniform run that quantizes it too
+    (a rule set matching every layer) is the equal-bytes comparison."""
+    study = {"name": "lm_embed", "base": {"model": "gemma3_tiny", "data": "tiny_text", "eval_tokens": 32,
+                                          "candidates": ["int2/ch", "int8/ch"]},
+             "rule_sets": {"everything": [{"pattern": ".*"}]},
+             "sweep": {"method": ["ptq_rtn"], "budget_bpw": ["int4/ch"], "search_embed": [False, True]},
+             "include": [{"method": "ptq_rtn", "weight": "int4/ch", "rules": "everything"}]}
+    table = sweep(study, out=tmp_path, progress=False)
+    without, with_embed = (table[(table["rules"] == "searched(sqnr)") & (table["search_embed"] == v)].iloc[0]
+                           for v in (False, True))
+    uniform = table[table["rules"] != "searched(sqnr)"].iloc[0]
+    _, layers = load_results(tmp_path, layers=True)
+
+    def chosen(row):
+        return layers[(layers["config_hash"] == row["config_hash"]) & layers["candidate"].notna()]
+
+    assert "embed" not in set(chosen(without)["layer"])
+    c = chosen(with_embed)
+    assert len(c) == 43 and c.set_index("layer").loc["embed", "candidate"] in ("int2/ch", "int8/ch")
+    assert int(c["packed_bytes"].sum()) == with_embed["searched_bytes"] <= with_embed["budget_bytes"]
+    assert with_embed["model_bytes"] <= uniform["model_bytes"] < without["model_bytes"]

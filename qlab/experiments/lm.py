@@ -129,11 +129,11 @@ def _config(name: str):
 
 
 @functools.lru_cache(maxsize=16)
-def _candidate_costs(name: str, candidates: tuple[str, ...], spec: str | None):
-    shapes = _layer_shapes(name)
+def _candidate_costs(name: str, candidates: tuple[str, ...], spec: str | None, embed: bool = False):
+    shapes = _layer_shapes(name) + ((_embed_shape(name),) if embed else ())
     per_shape = {}
     for shape in dict.fromkeys(s for _, s in shapes):  # a throwaway Linear per distinct shape: bytes need shapes only
-        lin = nnx.Linear(*shape, use_bias=False, rngs=nnx.Rngs(0))
+        lin = nnx.Linear(*shape, use_bias=False, kernel_init=nnx.initializers.zeros, rngs=nnx.Rngs(0))
         per_shape[shape] = (analysis.candidate_table(lin, candidates),
                             None if spec is None else analysis.candidate_table(lin, [spec]))
 
@@ -148,7 +148,8 @@ def _candidate_costs(name: str, candidates: tuple[str, ...], spec: str | None):
 
 def search_costs(run):
     """``(candidate table, bytes outside the searched weights, table of a spec-string budget or None)`` of a
-    searched run: the projections the study's rules apply to (no model loaded: shapes only).
+    searched run: the projections the study's rules apply to, and the tied embedding (as its output head's
+    ``(d_model, vocab)`` kernel) with ``search_embed`` (no model loaded: shapes only).
 
     Example:
         >>> from qlab.experiments import expand
@@ -158,7 +159,8 @@ def search_costs(run):
         (True, True)
     """
     s = run.search
-    return _candidate_costs(run["model"], s.candidates, s.budget if isinstance(s.budget, str) else None)
+    return _candidate_costs(run["model"], s.candidates, s.budget if isinstance(s.budget, str) else None,
+                            bool(run["search_embed"]))
 
 
 def _check(run) -> None:
@@ -166,21 +168,23 @@ def _check(run) -> None:
         search.check_search(run.search, *search_costs(run))
         return
     rules = qnn.resolve_positions(run.rules, [p for p, _ in layer_shapes(run)])
-    shapes = layer_shapes(run) + ((_embed_shape(run),) if _rules_see_embed(run) else ())
+    shapes = layer_shapes(run) + ((_embed_shape(run["model"]),) if _rules_see_embed(run) else ())
     methods.check_rules(rules, shapes, run.method.name)
 
 
-def _embed_shape(run) -> tuple[str, tuple[int, int]]:
+def _embed_shape(name: str) -> tuple[str, tuple[int, int]]:
     """The tied embedding as its output head's ``(d_model, vocab)`` kernel: groups run along d_model, as they do
     in the ``(vocab, d_model)`` table's rows."""
-    c = G.Gemma3Config() if run["model"] == "gemma3" else G.Gemma3Config.tiny()
+    c = _config(name)
     return "embed", (c.d_model, c.vocab_size)
 
 
 def _rules_see_embed(run) -> bool:
-    """True when the run's rules are matched against the embedding (a study's own rule set, not a built-in one
-    nor a searched allocation, whose search covers the projections)."""
-    return run.search is None and run.rule_set not in BUILTIN_RULE_SETS
+    """True when the run's rules are matched against the embedding: a study's own rule set (not a built-in one),
+    or a searched allocation with ``search_embed``."""
+    if run.search is not None:
+        return bool(run["search_embed"])
+    return run.rule_set not in BUILTIN_RULE_SETS
 
 
 def _run_rules(run, own, order) -> tuple:
@@ -214,7 +218,8 @@ def _search_rules(run, model):
             data = (lm_loss, [jnp.asarray(calib[i:i + 4]) for i in range(0, len(calib), 4)])
         return analysis.sensitivity(model, table, s.sensitivity, data=data)
 
-    key = (*cal_key, s.sensitivity, s.candidates) if s.sensitivity != "sqnr" else (run["model"], "sqnr", s.candidates)
+    key = ((*cal_key, s.sensitivity) if s.sensitivity != "sqnr" else (run["model"], "sqnr")) + (
+        s.candidates, bool(run["search_embed"]))
     scores, sens_s = search.sensitivity_table(key, compute)
     rules, alloc, extra = search.searched_rules(s, scores, budget, run.act)
     return rules, {**extra, "sensitivity_s": sens_s}, (alloc, scores)
@@ -387,7 +392,7 @@ def run_float(run, progress=False):
 
 
 @register("ptq_rtn", family="lm", reads=(*SPEC_KEYS, *SEARCH_KEYS), check=_check,
-          search_reads=("calibration", "calibration_seqs", "calibration_len"))
+          search_reads=("calibration", "calibration_seqs", "calibration_len", "search_embed"))
 def run_ptq_rtn(run, progress=False):
     """Round-to-nearest quantization of the projections."""
     return _evaluate(run, lambda model, rules: (ptq.rtn(model, rules), {"calib_tokens": 0}))
@@ -417,7 +422,8 @@ def _gptq(run, model, rules) -> tuple[Any, dict]:
     return qm, {**extra, "gptq_reused": 0}
 
 
-@register("ptq_gptq", family="lm", reads=(*SPEC_KEYS, *_CALIBRATION_KEYS, "act_order", *SEARCH_KEYS), check=_check)
+@register("ptq_gptq", family="lm", reads=(*SPEC_KEYS, *_CALIBRATION_KEYS, "act_order", *SEARCH_KEYS), check=_check,
+          search_reads=("search_embed",))
 def run_ptq_gptq(run, progress=False):
     """GPTQ of the projections (``act_order``), calibrated on the ``calibration`` text."""
     return _evaluate(run, lambda model, rules: _gptq(run, model, rules))
