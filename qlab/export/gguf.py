@@ -227,6 +227,27 @@ def qtensor_from_blocks(blocks, qtype, shape) -> QTensor:
                    None if zp is None else zp.reshape(view), None, spec, (rows, cols), np.dtype(np.float32))
 
 
+def converted_layers(qmodel, what: str) -> tuple:
+    """``(converted model, {path: converted layer})``: ``qmodel`` itself when its quantized layers are converted
+    already, else ``qlab.nn.convert(qmodel)``; a ValueError starting with ``what`` when nothing is quantized.
+
+    Example:
+        >>> from flax import nnx
+        >>> converted_layers(nnx.Linear(4, 4, rngs=nnx.Rngs(0)), "export")
+        Traceback (most recent call last):
+        ...
+        ValueError: export: the model has no quantized layers (quantize it with qlab.ptq or qlab.quantize_model first)
+    """
+    layers = {p: L for p, L in qnn.quantized_layers(qmodel).items() if L.weight_quant is not None or L.converted}
+    if not layers:
+        raise ValueError(f"{what}: the model has no quantized layers (quantize it with qlab.ptq or "
+                         "qlab.quantize_model first)")
+    if any(not L.converted for L in layers.values()):
+        qmodel = qnn.convert(qmodel)
+        layers = {p: L for p, L in qnn.quantized_layers(qmodel).items() if L.converted}
+    return qmodel, layers
+
+
 def check_writable(path) -> Path:
     """``path`` as a Path, after checking that its folder exists and can be written (an OSError naming
     it otherwise), so an export fails before any work.
@@ -339,12 +360,7 @@ def export_gguf(qmodel, path, *, source) -> Path:
     if not isinstance(qmodel, Gemma3):
         raise ValueError(f"GGUF export writes Gemma 3 models (llama.cpp needs an architecture); got "
                          f"{type(qmodel).__name__}: use qlab.export.export_safetensors")
-    layers = {p: L for p, L in qnn.quantized_layers(qmodel).items() if L.weight_quant is not None or L.converted}
-    if not layers:
-        raise ValueError("GGUF export: the model has no quantized layers (quantize it with qlab.ptq or "
-                         "qlab.quantize_model first)")
-    if any(not L.converted for L in layers.values()):
-        qmodel = qnn.convert(qmodel)
+    qmodel, _ = converted_layers(qmodel, "GGUF export")
     if any(L.input_scale is not None for L in qnn.quantized_layers(qmodel).values()):
         qmodel = fold_input_scales(qmodel)
     reader = _open(source)

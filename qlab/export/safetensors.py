@@ -39,7 +39,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from qlab import nn as qnn
-from qlab.export.gguf import check_writable
+from qlab.export.gguf import check_writable, converted_layers
 from qlab.models.cache import atomic_write
 from qlab.numerics.packing import pack_qtensor, unpack_qtensor
 from qlab.numerics.spec import parse_spec
@@ -77,13 +77,7 @@ def export_safetensors(qmodel, path) -> Path:
     from qlab import __version__  # the package root imports qlab.export: deferred to avoid the cycle
 
     path = check_writable(path)
-    layers = {p: L for p, L in qnn.quantized_layers(qmodel).items() if L.weight_quant is not None or L.converted}
-    if not layers:
-        raise ValueError("safetensors export: the model has no quantized layers (quantize it with qlab.ptq or "
-                         "qlab.quantize_model first)")
-    if any(not L.converted for L in layers.values()):
-        qmodel = qnn.convert(qmodel)
-        layers = {p: L for p, L in qnn.quantized_layers(qmodel).items() if L.converted}
+    qmodel, layers = converted_layers(qmodel, "safetensors export")
     tensors, paths, meta_layers = {}, {}, {}
     for p, L in layers.items():
         if L.outlier_threshold is not None:
