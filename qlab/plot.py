@@ -201,10 +201,13 @@ def pareto(table, x: str = "model_mib", y: str = "accuracy", hue: str | None = "
 
 def metric_vs_bits(table, y: str = "accuracy", x: str = "bits_per_weight", hue: str = "method",
                    by: str | None = "granularity", *, ax=None, title: str | None = None,
-                   reference: str | None = "float", logy: bool | None = None, collapsed: str | None = None) -> Figure:
-    """``y`` against bits/weight, one line per ``hue`` (and per ``by`` value, as line styles); seeds
-    are averaged (error bars: standard deviation). Rows whose ``hue`` equals ``reference`` (float)
-    are drawn as a horizontal line. ``logy``: a log y axis (default: when positive ``y`` spans > 100x).
+                   reference: str | None = "float", logy: bool | None = None, logx: bool = False,
+                   collapsed: str | None = None) -> Figure:
+    """``y`` against bits/weight (or any numeric ``x``, e.g. ``bits`` or a learning rate with ``logx``), one line
+    per ``hue`` (and per ``by`` value, as line styles); runs at one ``x`` of a line (seeds) are averaged, error
+    bars: their standard deviation (:func:`qlab.experiments.results.seed_stats` gives the same numbers as a
+    table). Rows whose ``hue`` equals ``reference`` (float) are drawn as a horizontal line (their mean).
+    ``logy``: a log y axis (default: when positive ``y`` spans > 100x).
     ``collapsed``: a boolean column whose true rows are drawn as crosses on the top edge (see :func:`pareto`).
 
     Example:
@@ -232,6 +235,8 @@ def metric_vs_bits(table, y: str = "accuracy", x: str = "bits_per_weight", hue: 
     _mark_collapsed(ax, gone, x)
     if _wide(t[y].dropna(), 100) if logy is None else logy:
         ax.set_yscale("log")
+    if logx:
+        ax.set_xscale("log")
     ax.set_xlabel(_label(x))
     ax.set_ylabel(_label(y))
     ax.grid(True, alpha=0.3)
