@@ -350,7 +350,11 @@ def _given(v) -> bool:
 def series_labels(table) -> list[str]:
     """One plot series per method and scheme family: integer runs of one granularity form a line over bit
     widths (``"ptq_rtn int/g16"``), other formats are their own series (``"qat nf4/g16"``), mixed runs are
-    grouped by rule set (``"ptq_rtn first_last_8bit"``); GPTQ with act-order is its own method.
+    grouped by rule set (``"ptq_rtn first_last_8bit"``); GPTQ with act-order is its own method. Runs of one series
+    are averaged (seeds); so that nothing else is, a study key (other than ``seed``) that takes two values among
+    runs of one series at one ``bits_per_weight`` is added (bits, weight, act and the budgets, which move a
+    run along that axis, are not) to every label of that series (``"... range=mse"``;
+    a key a run left at its default reads as the default).
 
     Example:
         >>> import pandas as pd
@@ -359,6 +363,9 @@ def series_labels(table) -> list[str]:
         ...                   "rules": [None, "all", "all", "first_last_8bit"]})
         >>> series_labels(t)
         ['float', 'ptq_rtn int/g16', 'ptq_rtn nf4/g16', 'qat first_last_8bit']
+        >>> series_labels(pd.DataFrame({"method": ["ptq_rtn"] * 3, "format": ["int"] * 3, "granularity": ["ch"] * 3,
+        ...                             "range": ["absmax", "mse", "mse"], "bits_per_weight": [4.1, 4.1, 3.1]}))
+        ['ptq_rtn int/ch range=absmax', 'ptq_rtn int/ch range=mse', 'ptq_rtn int/ch range=mse']
     """
     from qlab.experiments.results import method_labels  # noqa: PLC0415 -- keeps `import qlab.plot` light
 
@@ -373,6 +380,28 @@ def series_labels(table) -> list[str]:
             out.append(f"{m} {w}")
         else:
             out.append(m)
+    return _split_varying(table, out)
+
+
+def _split_varying(table, labels: list[str]) -> list[str]:
+    """``labels`` with ``key=value`` added for the study keys that vary within a series at one bits/weight."""
+    import pandas as pd  # noqa: PLC0415 -- keeps `import qlab.plot` light
+
+    from qlab.experiments.study import KEYS  # noqa: PLC0415
+
+    x = table["bits_per_weight"] if "bits_per_weight" in table else pd.Series([0.0] * len(table), index=table.index)
+    # not split by: seeds (averaged), and what moves a run along the x axis (bits, the spec strings, a budget)
+    keys = [k for k in KEYS if k in table and k not in ("seed", "method", "bits", "weight", "act", "budget_bpw", "budget_mib")]
+    filled = {k: pd.Series([str(v) if _given(v) else str(KEYS[k].default) for v in table[k]], index=table.index)
+              for k in keys}
+    lab = pd.Series(labels, index=table.index)
+    out = list(labels)
+    for name, idx in lab.groupby(lab, sort=False).groups.items():
+        split = [k for k in keys if (filled[k][idx].groupby(x[idx].to_numpy()).nunique() > 1).any()]
+        if split:
+            for i in idx:
+                pos = table.index.get_loc(i)
+                out[pos] = name + "".join(f" {k}={filled[k][i]}" for k in split)
     return out
 
 
