@@ -86,9 +86,9 @@ SMALL_RANGE = {
     "sweep": [
         {"method": ["float"], "seed": [0, 1]},
         {"method": ["ptq_rtn"], "seed": [0, 1], "granularity": ["tensor", "ch"], "bits": [8, 3], "symmetric": [True],
-         "range": ["absmax", "p99.9", "mse"]},
+         "range": ["absmax", "mse"]},
         {"method": ["ptq_rtn"], "seed": [0, 1], "granularity": ["tensor", "ch"], "bits": [8, 3], "symmetric": [False],
-         "range": ["minmax", "mse"]},
+         "range": ["minmax"]},
     ],
 }
 rg = study_table("range_granularity", "ablation_range_granularity.toml", SMALL_RANGE)
@@ -143,7 +143,6 @@ SMALL_QAT = {
     "sweep": [
         {"method": ["float"], "seed": [0, 1]},
         {"method": ["ptq_rtn", "qat", "qat_lsq", "qat_pact"], "seed": [0, 1], "bits": [2], "act": ["uint2"]},
-        {"method": ["ptq_rtn", "qat", "qat_lsq", "qat_pact"], "seed": [0, 1], "bits": [4], "act": ["uint4"]},
         {"method": ["qat_lsq"], "seed": [0, 1], "bits": [2], "act": ["uint2"], "qat_optimizer": ["sgd"],
          "qat_learning_rate": [0.01], "lsq_grad_scale": [True, False]},
     ],
