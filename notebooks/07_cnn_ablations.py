@@ -197,7 +197,7 @@ fig
 # 85.3 ± 0.1, LSQ 87.8 ± 0.4 (float 87.6 ± 0.1); at W3A3 the learned quantizers lead by less (STE 88.6, PACT 89.0,
 # LSQ 89.1) and at W4A4 all three tie at 89.2-89.3 (100 QAT steps of extra training lift them above float).
 # LSQ's gradient scale: with SGD at lr 0.01, without it LSQ lags (84.9 ± 4.0 against 87.7 ± 0.3, one seed at
-# 79 %) but does not diverge as in the paper; at lr 1e-4 both under-train in 100 steps (79.0 ± 5.2 with it,
+# 80 %) but does not diverge as in the paper; at lr 1e-4 both under-train in 100 steps (79.0 ± 5.2 with it,
 # 82.2 ± 2.4 without). Under Adam the scale makes no difference (87.8 ± 0.4 with, 87.9 ± 0.1 without): Adam divides
 # each parameter's update by its own gradient's running magnitude, so a constant factor on a step's gradient cancels.
 # Table, paper figures and departures: `results/ablations/qat/README.md`.
