@@ -201,10 +201,13 @@ def pareto(table, x: str = "model_mib", y: str = "accuracy", hue: str | None = "
 
 def metric_vs_bits(table, y: str = "accuracy", x: str = "bits_per_weight", hue: str = "method",
                    by: str | None = "granularity", *, ax=None, title: str | None = None,
-                   reference: str | None = "float", logy: bool | None = None, collapsed: str | None = None) -> Figure:
-    """``y`` against bits/weight, one line per ``hue`` (and per ``by`` value, as line styles); seeds
-    are averaged (error bars: standard deviation). Rows whose ``hue`` equals ``reference`` (float)
-    are drawn as a horizontal line. ``logy``: a log y axis (default: when positive ``y`` spans > 100x).
+                   reference: str | None = "float", logy: bool | None = None, logx: bool = False,
+                   collapsed: str | None = None) -> Figure:
+    """``y`` against bits/weight (or any numeric ``x``, e.g. ``bits`` or a learning rate with ``logx``), one line
+    per ``hue`` (and per ``by`` value, as line styles); runs at one ``x`` of a line (seeds) are averaged, error
+    bars: their standard deviation (:func:`qlab.experiments.results.seed_stats` gives the same numbers as a
+    table). Rows whose ``hue`` equals ``reference`` (float) are drawn as a horizontal line (their mean).
+    ``logy``: a log y axis (default: when positive ``y`` spans > 100x).
     ``collapsed``: a boolean column whose true rows are drawn as crosses on the top edge (see :func:`pareto`).
 
     Example:
@@ -232,6 +235,8 @@ def metric_vs_bits(table, y: str = "accuracy", x: str = "bits_per_weight", hue: 
     _mark_collapsed(ax, gone, x)
     if _wide(t[y].dropna(), 100) if logy is None else logy:
         ax.set_yscale("log")
+    if logx:
+        ax.set_xscale("log")
     ax.set_xlabel(_label(x))
     ax.set_ylabel(_label(y))
     ax.grid(True, alpha=0.3)
@@ -345,7 +350,11 @@ def _given(v) -> bool:
 def series_labels(table) -> list[str]:
     """One plot series per method and scheme family: integer runs of one granularity form a line over bit
     widths (``"ptq_rtn int/g16"``), other formats are their own series (``"qat nf4/g16"``), mixed runs are
-    grouped by rule set (``"ptq_rtn first_last_8bit"``); GPTQ with act-order is its own method.
+    grouped by rule set (``"ptq_rtn first_last_8bit"``); GPTQ with act-order is its own method. Runs of one series
+    are averaged (seeds); so that nothing else is, a study key (other than ``seed``) that takes two values among
+    runs of one series at one ``bits_per_weight`` is added (bits, weight, act and the budgets, which move a
+    run along that axis, are not) to every label of that series (``"... range=mse"``;
+    a key a run left at its default reads as the default).
 
     Example:
         >>> import pandas as pd
@@ -354,6 +363,9 @@ def series_labels(table) -> list[str]:
         ...                   "rules": [None, "all", "all", "first_last_8bit"]})
         >>> series_labels(t)
         ['float', 'ptq_rtn int/g16', 'ptq_rtn nf4/g16', 'qat first_last_8bit']
+        >>> series_labels(pd.DataFrame({"method": ["ptq_rtn"] * 3, "format": ["int"] * 3, "granularity": ["ch"] * 3,
+        ...                             "range": ["absmax", "mse", "mse"], "bits_per_weight": [4.1, 4.1, 3.1]}))
+        ['ptq_rtn int/ch range=absmax', 'ptq_rtn int/ch range=mse', 'ptq_rtn int/ch range=mse']
     """
     from qlab.experiments.results import method_labels  # noqa: PLC0415 -- keeps `import qlab.plot` light
 
@@ -368,6 +380,28 @@ def series_labels(table) -> list[str]:
             out.append(f"{m} {w}")
         else:
             out.append(m)
+    return _split_varying(table, out)
+
+
+def _split_varying(table, labels: list[str]) -> list[str]:
+    """``labels`` with ``key=value`` added for the study keys that vary within a series at one bits/weight."""
+    import pandas as pd  # noqa: PLC0415 -- keeps `import qlab.plot` light
+
+    from qlab.experiments.study import KEYS  # noqa: PLC0415
+
+    x = table["bits_per_weight"] if "bits_per_weight" in table else pd.Series([0.0] * len(table), index=table.index)
+    # not split by: seeds (averaged), and what moves a run along the x axis (bits, the spec strings, a budget)
+    keys = [k for k in KEYS if k in table and k not in ("seed", "method", "bits", "weight", "act", "budget_bpw", "budget_mib")]
+    filled = {k: pd.Series([str(v) if _given(v) else str(KEYS[k].default) for v in table[k]], index=table.index)
+              for k in keys}
+    lab = pd.Series(labels, index=table.index)
+    out = list(labels)
+    for name, idx in lab.groupby(lab, sort=False).groups.items():
+        split = [k for k in keys if (filled[k][idx].groupby(x[idx].to_numpy()).nunique() > 1).any()]
+        if split:
+            for i in idx:
+                pos = table.index.get_loc(i)
+                out[pos] = name + "".join(f" {k}={filled[k][i]}" for k in split)
     return out
 
 

@@ -326,7 +326,7 @@ def test_format_columns_describe_the_spec_that_ran():
 
 def test_committed_results_keep_their_hashes():
     """Every committed study that a TOML defines expands to the same config hashes as its runs.csv."""
-    for toml, folder in [("quickstart", "quickstart"), ("gemma3_ptq", "gemma3_ptq")]:
+    for toml, folder in [("quickstart", "quickstart"), ("gemma3_ptq", "gemma3_ptq"), ("mixed", "mixed")]:
         st = load_study(ROOT / "experiments" / f"{toml}.toml", check=False)
         assert [r.config_hash for r in st.runs] == list(pd.read_csv(ROOT / "results" / folder / "runs.csv")["config_hash"])
 
@@ -341,3 +341,51 @@ def test_a_folder_of_another_study_is_an_error_before_any_run(tmp_path):
     (tmp_path / "study.json").unlink()  # the rows alone still say whose folder it is
     with pytest.raises(ConfigError, match="holds study 'first'"):
         sweep({"name": "second", "base": base, "sweep": {"bits": [4]}}, out=tmp_path, progress=False)
+
+
+# --------------------------------------------------------------------------- ablation keys and seed statistics
+
+
+def test_qat_ablation_keys_reach_the_rules_and_keep_old_hashes():
+    plain, off, sgd = expand({"base": {**TINY, "method": "qat_lsq", "bits": 2, "act": "uint2"},
+                              "sweep": [{"lsq_grad_scale": [True, False]}, {"qat_optimizer": ["sgd"]}]})
+    assert "lsq_grad_scale" not in plain.config and "qat_optimizer" not in plain.config  # at the default: not hashed
+    assert [r.lsq_grad_scale for r in plain.rules] == [True] and [r.lsq_grad_scale for r in off.rules] == [False]
+    assert off["lsq_grad_scale"] is False and sgd["qat_optimizer"] == "sgd"
+    assert len({plain.config_hash, off.config_hash, sgd.config_hash}) == 3
+    pact = expand({"base": {**TINY, "method": "qat_pact", "bits": 3, "act": "uint3"}})[0]
+    assert [(r.weight_quantizer, r.act_quantizer) for r in pact.rules] == [("ste", "pact")]
+
+
+@pytest.mark.parametrize("run, words", [
+    ({"method": "qat", "lsq_grad_scale": False}, r"method 'qat' does not read lsq_grad_scale; it reads: .*qat_optimizer"),
+    ({"method": "ptq_rtn", "qat_optimizer": "sgd"}, r"method 'ptq_rtn' does not read qat_optimizer"),
+    ({"method": "qat", "qat_optimizer": "rmsprop"}, r"qat_optimizer = 'rmsprop' is unknown; allowed: adam, sgd"),
+    ({"method": "qat_pact"}, r"method 'qat_pact' learns the activations' clip \(PACT\): set act"),
+    ({"method": "qat_pact", "act": "fp8_e4m3"}, r"'fp8_e4m3' is not a symmetric integer format"),
+])
+def test_qat_ablation_keys_are_errors_where_unread(run, words):
+    with pytest.raises(ConfigError, match=words):
+        load_study({"name": "k", "base": TINY, "include": [run]}, check=False)
+
+
+def test_qat_optimizer_and_grad_scale_change_training():
+    base = {**TINY, "method": "qat_lsq", "bits": 2, "qat_learning_rate": 0.05}
+    runs = expand({"base": base, "sweep": [{"lsq_grad_scale": [True, False], "qat_optimizer": ["sgd"]}]})
+    losses = [r.method.run(r)[0]["qat_final_loss"] for r in runs]
+    assert losses[0] != losses[1]
+
+
+def test_seed_stats_fold_seeds_into_mean_and_std():
+    from qlab.experiments.results import seed_stats
+
+    t = pd.DataFrame({"method": ["float", "qat", "qat", "qat", "qat", "qat", "qat"],
+                      "bits": [None, 2, 2, 2, 4, 4, 4], "seed": [0, 0, 1, 2, 0, 1, 2],
+                      "config_hash": list("abcdefg"), "accuracy": [0.9, 0.7, 0.8, 0.9, 0.85, 0.85, 0.88]})
+    s = seed_stats(t, scale=100)
+    assert list(s.columns) == ["method", "bits", "n", "mean", "std", "mean ± std"]  # hash and seed are not keys
+    assert s["n"].tolist() == [1, 3, 3]
+    assert s["mean"].round(6).tolist() == [90.0, 80.0, 86.0]
+    assert s["std"].round(6).tolist()[1:] == [10.0, round(float(pd.Series([85, 85, 88.0]).std()), 6)]
+    assert s["mean ± std"].tolist() == ["90.0", "80.0 ± 10.0", "86.0 ± 1.7"]
+    assert seed_stats(t, by="method")["n"].tolist() == [1, 6]

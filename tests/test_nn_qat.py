@@ -186,3 +186,16 @@ def test_w8a8_linear_multiplies_integer_codes():
     gf = nnx.grad(lambda mm: jnp.sum(mm.layers[0](x) ** 2))(qf)
     np.testing.assert_allclose(np.asarray(gi.layers[0].layer.kernel[...]), np.asarray(gf.layers[0].layer.kernel[...]),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_lsq_grad_scale_off_multiplies_the_step_gradient_by_one_over_g():
+    lin = nnx.Linear(16, 4, rngs=nnx.Rngs(0))
+    x = _x()
+    grads = []
+    for on in (True, False):
+        qm = qnn.quantize_model(lin, [qnn.Rule(".*", weight="int3/ch", weight_quantizer="lsq", lsq_grad_scale=on)])
+        g = nnx.grad(lambda m: jnp.mean(m(x) ** 2))(qm)
+        grads.append(np.asarray(g.weight_quant.step[...]))
+    g_lsq = 1 / np.sqrt(16 * 3)  # N = 16 inputs share each output channel's step, Qp = 3
+    np.testing.assert_allclose(grads[1] * g_lsq, grads[0], rtol=1e-5)
+    assert "lsq_grad_scale=False" in repr(qnn.Rule(".*", weight="int3", weight_quantizer="lsq", lsq_grad_scale=False))

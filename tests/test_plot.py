@@ -89,3 +89,15 @@ def test_collapsed_runs_are_crosses_on_the_top_edge_not_points_on_the_axis():
         assert "collapsed (1)" in labels
     # without the column, the same rows stretch the axis onto a log scale
     assert plot.study_figures(t.drop(columns="collapsed"))["pareto"].axes[0].get_yscale() == "log"
+
+
+def test_metric_vs_bits_error_bars_are_the_seed_std():
+    t = pd.DataFrame({"method": ["q"] * 6, "bits": [2, 2, 2, 4, 4, 4], "seed": [0, 1, 2] * 2,
+                      "accuracy": [0.6, 0.7, 0.8, 0.85, 0.85, 0.85]})
+    ax = plot.metric_vs_bits(t, y="accuracy", x="bits", by=None).axes[0]
+    line = ax.get_lines()[0]
+    np.testing.assert_allclose(np.asarray(line.get_ydata(), float), [0.7, 0.85])
+    bars = [c for c in ax.collections if len(c.get_segments()) == 2][0]  # the vertical error bars
+    spans = [seg[1][1] - seg[0][1] for seg in bars.get_segments()]
+    np.testing.assert_allclose(spans, [2 * 0.1, 0.0], atol=1e-9)
+    assert plot.metric_vs_bits(t.assign(lr=t["bits"] * 1e-3), x="lr", by=None, logx=True).axes[0].get_xscale() == "log"

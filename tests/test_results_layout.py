@@ -86,8 +86,11 @@ def test_study_folder_layout(folder):
 
 
 def test_results_readme_links_every_study():
+    """results/README.md links each study folder, and each group's folder, whose README links its studies."""
     index = (RESULTS / "README.md").read_text()
-    assert [p.name for p in STUDIES if f"]({p.name}/README.md)" not in index] == []
+    indexes = {p: (p.parent / "README.md").read_text() if p.parent != RESULTS else index for p in STUDIES}
+    assert [str(p.relative_to(RESULTS)) for p in STUDIES if f"]({p.name}/README.md)" not in indexes[p]] == []
+    assert [g for g in GROUPS if (RESULTS / g).is_dir() and f"]({g}/README.md)" not in index] == []
     assert {p.name for p in RESULTS.iterdir() if p.is_file()} == {"README.md", ".gitignore"}
 
 

@@ -4,7 +4,9 @@
 * ``ptq_rtn`` round-to-nearest fake quantization of the trained float model (weights; activations if ``act``),
               plus each layer's sensitivity (accuracy drop with only that layer quantized).
 * ``qat``     start from the float model, fine-tune ``qat_steps`` with fake-quantized weights (STE).
-* ``qat_lsq`` the same with LSQ: a learned step per scale group (integer formats).
+* ``qat_lsq`` the same with LSQ: a learned step per scale group (integer formats); ``lsq_grad_scale``.
+* ``qat_pact`` STE weights, PACT activations (a learned clip per layer input; integer formats).
+  The QAT methods train with ``qat_optimizer`` (Adam, or SGD with momentum 0.9).
 * ``ptq_gptq``, ``ptq_awq``, ``ptq_smoothquant`` (calibrated on the first ``calibration_size`` training
   images) and ``ptq_hqq``: the ``qlab.ptq`` model-level drivers.
 
@@ -32,6 +34,7 @@ import time
 from typing import Any
 
 import numpy as np
+import optax
 from flax import nnx
 
 from qlab import analysis, evaluate, ptq
@@ -56,7 +59,8 @@ def _check_data(name: str) -> None:
 FAMILY = register_family(Family(
     "image", models=("mlp", "cnn"), datasets=("digits", "fashion_mnist"),
     reads=("model", "hidden", "data", "train_size", "steps", "batch_size", "learning_rate", "seed"),
-    model_keys={"hidden": ("mlp",)}, check_data=_check_data, metric="accuracy"))
+    model_keys={"hidden": ("mlp",)}, choices={"qat_optimizer": ("adam", "sgd")}, check_data=_check_data,
+    metric="accuracy"))
 
 #: (image shape, classes) of each dataset, known without loading it (used to check specs early).
 DATA_SHAPES = {"digits": ((8, 8, 1), 10), "fashion_mnist": ((28, 28, 1), 10)}
@@ -170,6 +174,17 @@ def _check_lsq(run) -> None:
             if spec is not None and not isinstance(spec.fmt, IntFormat):
                 raise ValueError(f"method 'qat_lsq' learns integer step sizes; {what} spec {str(spec)!r} is not an "
                                  "integer format (allowed: int2..int8, uint*)")
+
+
+def _check_pact(run) -> None:
+    check_rules(run)
+    if run.act is None:
+        raise ValueError("method 'qat_pact' learns the activations' clip (PACT): set act, e.g. act = \"uint4\" "
+                         "(unsigned: inputs after a ReLU are >= 0)")
+    for r in run.rules:
+        if r.act is not None and (not isinstance(r.act.fmt, IntFormat) or not r.act.symmetric):
+            raise ValueError(f"method 'qat_pact' clips to [0, alpha] (uint) or [-alpha, alpha] (int); act spec "
+                             f"{str(r.act)!r} is not a symmetric integer format (allowed: uint2..uint8, int2..int8)")
 
 
 def _float_key(run) -> tuple:
@@ -342,29 +357,59 @@ def run_ptq_rtn(run, progress=False):
     return metrics, layers
 
 
+def qat_optimizer(run):
+    """The optax optimizer of the run's QAT: ``optax.adam(qat_learning_rate)`` (``qat_optimizer = "adam"``, also
+    when the run does not say) or ``optax.sgd(qat_learning_rate, momentum=0.9)`` (``"sgd"``, the LSQ paper's).
+
+    Example:
+        >>> qat_optimizer({"qat_optimizer": "sgd", "qat_learning_rate": 0.01}) is not None
+        True
+    """
+    return _optimizer(run.get("qat_optimizer") or "adam", float(run["qat_learning_rate"]))
+
+
+@functools.lru_cache(maxsize=32)
+def _optimizer(name: str, lr: float) -> optax.GradientTransformation:
+    # one object per (name, lr): optax transformations are pure, and reusing one keeps the compiled step cached
+    if name == "adam":
+        return optax.adam(lr)
+    if name == "sgd":
+        return optax.sgd(lr, momentum=0.9)
+    raise ValueError(f"qat_optimizer = {name!r} is unknown; allowed: adam, sgd")
+
+
 def _run_qat(run, progress=False):
     t0 = time.perf_counter()
     ds, model, info, order = _setup(run, progress)
     rules, extra, alloc = _rules(run, model, ds)
     qmodel = with_clip_ratio(_quantize(run, model, ds, rules), run)
     hist = train(qmodel, ds, steps=int(run["qat_steps"]), batch_size=int(run["batch_size"]),
-                 learning_rate=float(run["qat_learning_rate"]), seed=run.seed + 1, progress=progress)
+                 optimizer=qat_optimizer(run), seed=run.seed + 1, progress=progress)
     qmodel.eval()
-    return _finish(ds, qmodel, info, order, t0, {"qat_final_loss": hist.final_loss, "qat_s": hist.seconds, **extra},
-                   template=model, alloc=alloc)
+    diverged = not np.isfinite(np.asarray(hist.loss, np.float64)).all()
+    extra = {"qat_final_loss": hist.final_loss, "qat_s": hist.seconds, "qat_diverged": diverged, **extra}
+    return _finish(ds, qmodel, info, order, t0, extra, template=model, alloc=alloc)
 
 
-@register("qat", family="image", reads=(*SPEC_KEYS, "qat_steps", "qat_learning_rate", "clip_ratio", *SEARCH_KEYS),
-          check=check_rules)
+_QAT_KEYS = ("qat_steps", "qat_learning_rate", "qat_optimizer")
+
+
+@register("qat", family="image", reads=(*SPEC_KEYS, *_QAT_KEYS, "clip_ratio", *SEARCH_KEYS), check=check_rules)
 def run_qat(run, progress=False):
     """Quantization-aware fine-tuning (STE) from the float model, ``qat_steps`` steps."""
     return _run_qat(run, progress)
 
 
-@register("qat_lsq", family="image", reads=(*SPEC_KEYS, "qat_steps", "qat_learning_rate"), check=_check_lsq,
-          weight_quantizer="lsq", act_quantizer="lsq")
+@register("qat_lsq", family="image", reads=(*SPEC_KEYS, *_QAT_KEYS, "lsq_grad_scale"), check=_check_lsq,
+          rule_keys=("lsq_grad_scale",), weight_quantizer="lsq", act_quantizer="lsq")
 def run_qat_lsq(run, progress=False):
     """Quantization-aware fine-tuning with LSQ learned step sizes (integer formats)."""
+    return _run_qat(run, progress)
+
+
+@register("qat_pact", family="image", reads=(*SPEC_KEYS, *_QAT_KEYS), check=_check_pact, act_quantizer="pact")
+def run_qat_pact(run, progress=False):
+    """Quantization-aware fine-tuning: STE weights, PACT activations (a learned clip per layer input; needs `act`)."""
     return _run_qat(run, progress)
 
 
@@ -470,7 +515,8 @@ def run_batched(runs, progress: bool = False) -> list[tuple[dict, Any]]:
         _float_cache.clear()
     _ensure_floats_batched(runs)
     method = runs[0].method
-    if method.name not in ("qat", "qat_lsq") or len(runs) < 2:
+    adam = all((r.get("qat_optimizer") or "adam") == "adam" for r in runs)  # train_variants: Adam only
+    if method.name not in ("qat", "qat_lsq") or len(runs) < 2 or not adam:
         return [r.method.run(r, progress=progress) for r in runs]
     t0 = time.perf_counter()
     setups = [_setup(r, False) for r in runs]

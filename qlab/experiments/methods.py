@@ -67,7 +67,8 @@ class Method:
     """A registered method. ``run(run, progress) -> (metrics, layers_df | None)``; ``reads``: the study keys
     it reads beyond its family's; ``check(run)`` raises ValueError for a run it cannot do (called when the
     study is loaded, before anything runs); ``rule_options``: :class:`qlab.nn.Rule` fields its rules get
-    (e.g. LSQ quantizers)."""
+    (e.g. LSQ quantizers); ``rule_keys``: study keys (among ``reads``) passed to its rules as the
+    :class:`qlab.nn.Rule` fields of the same name (e.g. ``lsq_grad_scale``)."""
 
     name: str
     family: str
@@ -77,6 +78,7 @@ class Method:
     rule_options: dict = dataclasses.field(default_factory=dict)
     doc: str = ""
     search_reads: tuple[str, ...] = ()  # keys read only by its searched runs (a budget set)
+    rule_keys: tuple[str, ...] = ()  # keys passed to its rules as Rule fields of the same name
 
     @property
     def quantizes(self) -> bool:
@@ -100,10 +102,11 @@ def register_family(family: Family) -> Family:
 
 
 def register(name: str, *, family: str = "image", reads=(), check: Callable | None = None, search_reads=(),
-             **rule_options):
+             rule_keys=(), **rule_options):
     """Decorator: register ``fn(run, progress=False) -> metrics | (metrics, layers_df)`` as method ``name``
     of ``family``, reading the study keys ``reads`` (beyond the family's own) and, in its searched runs only,
-    ``search_reads``.
+    ``search_reads``. ``rule_options``: fixed :class:`qlab.nn.Rule` fields of its rules; ``rule_keys``: keys of
+    ``reads`` whose values become the Rule fields of the same name.
 
     Example:
         >>> @register("noop_example", reads=("qat_steps",))
@@ -114,9 +117,13 @@ def register(name: str, *, family: str = "image", reads=(), check: Callable | No
         >>> del REGISTRY["image", "noop_example"]
     """
 
+    if unread := [k for k in rule_keys if k not in reads]:
+        raise ValueError(f"register({name!r}): rule_keys {unread} must also be in reads")
+
     def deco(fn):
         REGISTRY[family, name] = Method(name, family, fn, tuple(reads), check, dict(rule_options),
-                                        (fn.__doc__ or "").strip().split("\n")[0], tuple(search_reads))
+                                        (fn.__doc__ or "").strip().split("\n")[0], tuple(search_reads),
+                                        tuple(rule_keys))
         return fn
 
     return deco

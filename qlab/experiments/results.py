@@ -42,7 +42,7 @@ from qlab.numerics import parse_spec
 
 __all__ = ["write_run", "read_runs", "atomic_write_text", "rebuild_tables", "load_results", "runs_dir", "setting_label",
            "method_labels", "method_table", "markdown_table", "result_row", "claim_run", "release_run", "compare_tables",
-           "spearman", "predictor_table", "sensitivity_from_layers"]
+           "spearman", "predictor_table", "sensitivity_from_layers", "seed_stats"]
 
 
 def runs_dir(out) -> pathlib.Path:
@@ -381,6 +381,37 @@ def method_table(table, metric: str = "perplexity", digits: int = 4):
     piv = piv[cols + [c for c in piv.columns if c not in cols]]
     piv.columns.name = None
     return piv
+
+
+def seed_stats(table, metric: str = "accuracy", by=None, *, scale: float = 1.0, digits: int = 1) -> pd.DataFrame:
+    """Runs that differ only in ``seed`` folded into one row per configuration: the ``by`` columns, ``n`` (runs),
+    ``mean`` and ``std`` (sample standard deviation, ddof 1; NaN for a single run) of ``metric`` times ``scale``,
+    and ``mean ± std``: the two as text with ``digits`` decimals (the mean alone for a single run). ``by``: the
+    columns naming a configuration; default: the study keys (:data:`qlab.experiments.KEYS`) of ``table`` other
+    than ``seed`` that take more than one value. Rows keep the order of their first run; NaN is a value.
+
+    Example:
+        >>> t = pd.DataFrame({"method": ["a", "a", "a", "b"], "seed": [0, 1, 2, 0], "accuracy": [0.5, 0.75, 1.0, 0.25]})
+        >>> seed_stats(t, scale=100).values.tolist()
+        [['a', 3, 75.0, 25.0, '75.0 ± 25.0'], ['b', 1, 25.0, nan, '25.0']]
+    """
+    if by is None:
+        from .study import KEYS  # noqa: PLC0415 -- study imports nothing from here; kept lazy all the same
+
+        by = [k for k in KEYS if k != "seed" and k in table and table[k].nunique(dropna=False) > 1]
+    by = [by] if isinstance(by, str) else list(by)
+    values = table[metric].astype(float) * scale
+    if not by:
+        groups = [((), values)]
+    else:
+        groups = [(k if isinstance(k, tuple) else (k,), g[metric].astype(float) * scale)
+                  for k, g in table.groupby(by, sort=False, dropna=False)]
+    rows = []
+    for key, v in groups:
+        mean, std = float(v.mean()), (float(v.std(ddof=1)) if len(v) > 1 else math.nan)
+        text = f"{mean:.{digits}f}" + ("" if math.isnan(std) else f" ± {std:.{digits}f}")
+        rows.append([*key, len(v), mean, std, text])
+    return pd.DataFrame(rows, columns=[*by, "n", "mean", "std", "mean ± std"])
 
 
 def markdown_table(table, *, index: bool = False, floatfmt: str = ".4g") -> str:

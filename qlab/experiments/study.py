@@ -80,7 +80,7 @@ KEYS: dict[str, Key] = {
     "batch_size": Key(64, "training batch size", "positive"),
     "learning_rate": Key(3e-3, "float training learning rate (Adam)", "positive"),
     "qat_steps": Key(100, "QAT fine-tuning steps (image: from the float model; lm: from qat_init)", "positive"),
-    "qat_learning_rate": Key(1e-3, "QAT learning rate (Adam)", "positive"),
+    "qat_learning_rate": Key(1e-3, "QAT learning rate (Adam; image QAT: of qat_optimizer)", "positive"),
     "calibration_size": Key(512, "calibration images (first N of the training split)", "positive"),
     "format": Key("int", '"int" / "uint" (+ bits) or a format name: fp8_e4m3, nf4, fp4_e2m1, mxfp4, ...'),
     "bits": Key(8, "integer bit width, 2..16 (format int / uint)", "positive"),
@@ -116,15 +116,19 @@ KEYS: dict[str, Key] = {
                            "as ptq_gptq)"),
     "qat_seq_len": Key(128, "lm qat: tokens the model reads per window of the calibration text (BOS + text), "
                             "predicting the next ones", "positive"),
+    "qat_optimizer": Key("adam", "image QAT: adam (Adam) or sgd (SGD, momentum 0.9: the LSQ paper's optimizer), at "
+                                 "qat_learning_rate"),
+    "lsq_grad_scale": Key(True, "qat_lsq: scale the learned steps' gradients by LSQ's g = 1/sqrt(N Qp) (N values share "
+                                "a step); false: g = 1 (the LSQ paper's ablation)"),
 }
 DEFAULTS: dict[str, Any] = {k: v.default for k, v in KEYS.items()}
 #: Keys added after results were first committed: left out of a run (and its hash) when it does not read them.
 LATE_KEYS = ("eval_tokens", "calibration", "calibration_seqs", "calibration_len", "act_order", "sequential",
              "clip_ratio")
 #: Keys left out of a run (and its hash) when its method does not read them (added after results were committed).
-METHOD_ONLY_KEYS = ("qat_init", "qat_seq_len", "search_embed")
-#: Keys left out of a run (and its hash) at their default value.
-OMIT_AT_DEFAULT = ("clip_ratio",)
+METHOD_ONLY_KEYS = ("qat_init", "qat_seq_len", "search_embed", "qat_optimizer", "lsq_grad_scale")
+#: Keys left out of a run (and its hash) at their default value (so results from before the key keep their hashes).
+OMIT_AT_DEFAULT = ("clip_ratio", "qat_optimizer", "lsq_grad_scale")
 TOP_LEVEL = ("name", "description", "base", "sweep", "include", "rule_sets", "batch")
 
 #: Built-in rule sets. Patterns are regexes over layer paths (``layers/0``, ``head``, ``convs/1``...; matched
@@ -462,9 +466,9 @@ def _normalize(config: dict, method: Method, weight: QuantSpec | None, resolved,
         else:
             out[k] = None
     for k in OMIT_AT_DEFAULT:
-        if out.get(k) in (None, KEYS[k].default):
+        if out.get(k) is None or out.get(k) == KEYS[k].default:
             out.pop(k, None)
-        else:
+        elif isinstance(KEYS[k].default, float):
             out[k] = float(out[k])
     for k in SEARCH_KEYS:
         if search is None:  # not part of an unsearched run (results from before the search keep their hashes)
@@ -491,7 +495,8 @@ def _make_run(config: dict, where: str, rule_sets) -> Run:
     normalized = _normalize(config, method, weight, resolved, rule_sets, search)
     rules = ()
     if method.quantizes and search is None:
-        rules = tuple(qnn.Rule(r["pattern"], weight=r["weight"], act=r["act"],
+        from_keys = {k: config[k] for k in method.rule_keys}  # study keys that are Rule fields of this method's rules
+        rules = tuple(qnn.Rule(r["pattern"], weight=r["weight"], act=r["act"], **from_keys,
                                **{k: v for k, v in method.rule_options.items()
                                   if r["weight" if k.startswith("weight") else "act"] is not None})
                       for r in resolved)

@@ -141,12 +141,14 @@ class QuantizedLayer(nnx.Module):
                 rule.weight.resolve(self.channel_axis, self.contract_axis),
                 method=rule.weight_quantizer,
                 weight=w,
+                grad_scale=rule.lsq_grad_scale,
             )
         else:
             self.weight_quant = nnx.data(None)
         if rule.act is not None:
             self.act_quant = ActQuantizer(
-                rule.act, method=rule.act_quantizer, range=rule.act_range, ema_decay=rule.ema_decay
+                rule.act, method=rule.act_quantizer, range=rule.act_range, ema_decay=rule.ema_decay,
+                grad_scale=rule.lsq_grad_scale,
             )
         else:
             self.act_quant = nnx.data(None)

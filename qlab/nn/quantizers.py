@@ -120,14 +120,24 @@ class WeightQuantizer(nnx.Module):
         method: ``"ste"`` or ``"lsq"``.
         weight: the initial weight (LSQ initialises its steps from it: ``2 mean|w| / sqrt(Qp)``
             per scale group).
+        grad_scale: LSQ only: scale the steps' gradient by ``g = 1/sqrt(N * Qp)`` (the paper's choice);
+            False: ``g = 1`` (the paper's "no gradient scale" ablation).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> WeightQuantizer("int4/ch", method="lsq", weight=jnp.ones((8, 4)), channel_axis=1,
+        ...                 contract_axis=0, grad_scale=False)._lsq_grad_scale(7)
+        1.0
     """
 
-    def __init__(self, spec, *, method: str = "ste", weight=None, channel_axis=None, contract_axis=None):
+    def __init__(self, spec, *, method: str = "ste", weight=None, channel_axis=None, contract_axis=None,
+                 grad_scale: bool = True):
         spec = as_spec(spec)
         if channel_axis is not None:
             spec = spec.resolve(channel_axis, contract_axis)
         self.spec = spec
         self.method = method
+        self.grad_scale = bool(grad_scale)
         if method == "lsq":
             fmt = _int_fmt(spec, "LSQ weight quantizer")
             wv, axes = to_view(jnp.asarray(weight, jnp.float32), spec.granularity)
@@ -156,7 +166,10 @@ class WeightQuantizer(nnx.Module):
         _set_traced(self, self.spec, "WeightQuantizer", bits, clip_ratio)
 
     def _lsq_grad_scale(self, qmax) -> float:
-        """LSQ's gradient scale ``1/sqrt(N * Qp)``, N = ``group_size`` weights per step."""
+        """LSQ's gradient scale ``1/sqrt(N * Qp)``, N = ``group_size`` weights per step (1.0 without
+        ``grad_scale``)."""
+        if not self.grad_scale:
+            return 1.0
         return 1.0 / math.sqrt(self.group_size * max(float(qmax), 1))
 
     def __call__(self, w):
@@ -189,12 +202,15 @@ class ActQuantizer(nnx.Module):
     Methods: ``"ste"`` + ``range="dynamic"`` (qlab.fake_quant on each batch), ``"ste"`` +
     ``range="ema"`` (static per-tensor range, EMA in ``QuantStat``s), ``"lsq"``, ``"pact"``.
     ``use_running_average`` (set by ``model.eval()`` / ``model.train()``) freezes statistics.
+    ``grad_scale``: LSQ only: the step's gradient scale ``1/sqrt(N * Qp)`` (False: 1, LSQ's ablation).
     """
 
-    def __init__(self, spec, *, method: str = "ste", range: str = "dynamic", ema_decay: float = 0.99):
+    def __init__(self, spec, *, method: str = "ste", range: str = "dynamic", ema_decay: float = 0.99,
+                 grad_scale: bool = True):
         spec = as_spec(spec).resolve(0, 1)
         self.spec = spec
         self.method = method
+        self.grad_scale = bool(grad_scale)
         self.range = range
         self.ema_decay = float(ema_decay)
         self.use_running_average = False
@@ -265,7 +281,7 @@ class ActQuantizer(nnx.Module):
             fmt = spec.fmt
             qp = max(fmt.qmax, 1)
             s0 = self._first(lambda: jnp.maximum(2 * jnp.mean(jnp.abs(xs)) / math.sqrt(qp), 1e-8), self.step_init)
-            g = 1.0 / math.sqrt(max(1, x2.size) * qp)
+            g = 1.0 / math.sqrt(max(1, x2.size) * qp) if self.grad_scale else 1.0
             s = scale_grad(jnp.abs(self.step[...]) + 1e-12, g) * s0
             _, y = _lsq_codes(x2.astype(jnp.float32), s, fmt)
             y = y.astype(x2.dtype)

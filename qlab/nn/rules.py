@@ -57,6 +57,8 @@ class Rule:
         weight_quantizer: ``"ste"`` (fake_quant with a straight-through gradient; scales from
             the current weight) or ``"lsq"`` (a learned step per scale group, a ``QuantParam``).
         act_quantizer: ``"ste"``, ``"lsq"`` (learned step) or ``"pact"`` (learned clip alpha).
+        lsq_grad_scale: for ``"lsq"`` quantizers: scale each step's gradient by LSQ's
+            ``g = 1/sqrt(N * Qp)`` (N values share the step); False: ``g = 1`` (the LSQ paper's ablation).
         act_range: for ``"ste"`` activations: ``"dynamic"`` (range from each batch) or ``"ema"``
             (a static per-tensor range tracked by an exponential moving average in a
             ``QuantStat``, updated by forward passes in training mode, frozen after ``.eval()``).
@@ -84,6 +86,7 @@ class Rule:
     ema_decay: float = 0.99
     outlier_threshold: float | None = None
     int_matmul: bool = True
+    lsq_grad_scale: bool = True
 
     def __post_init__(self):
         try:
@@ -100,6 +103,8 @@ class Rule:
             raise ValueError(f"Rule.act_range: got {self.act_range!r}; allowed: {_ACT_RANGES}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"Rule.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not isinstance(self.lsq_grad_scale, bool):
+            raise ValueError(f"Rule.lsq_grad_scale must be True or False, got {self.lsq_grad_scale!r}")
         if not isinstance(self.int_matmul, bool):
             raise ValueError(f"Rule.int_matmul must be True or False, got {self.int_matmul!r}")
         if self.outlier_threshold is not None and not self.outlier_threshold > 0:
@@ -159,7 +164,8 @@ class Rule:
         if self.act is not None:
             parts.append(f"act={str(self.act)!r}")
         defaults = {"weight_quantizer": "ste", "act_quantizer": "ste", "act_range": "dynamic",
-                    "ema_decay": 0.99, "outlier_threshold": None, "int_matmul": True}
+                    "ema_decay": 0.99, "outlier_threshold": None, "int_matmul": True,
+                    "lsq_grad_scale": True}
         for k, d in defaults.items():
             v = getattr(self, k)
             if v != d:
