@@ -58,3 +58,15 @@ def test_no_act_spec_or_no_data_is_an_error():
         ptq.calibrate_activations(ptq.rtn(_model(), [Rule("layers/.*", weight="int8/ch")]), X)
     with pytest.raises(ValueError, match="calibration_batches or calibration_stats"):
         ptq.calibrate_activations(ptq.rtn(_model(), [Rule("layers/.*", weight="int8/ch", act="int8")]))
+
+
+def test_smoothquant_smooth_selects_layers():
+    rules = [Rule("layers/.*", weight="int8/ch", act="int8")]
+    fwd = lambda m, b: m(b)  # noqa: E731
+    sq = ptq.smoothquant(_model(), rules + [Rule("head", weight="int8/ch", act="int8")], X, forward=fwd,
+                         smooth="layers/.*")
+    assert sq.layers[0].input_scale is not None and sq.head.input_scale is None
+    rtn = ptq.rtn(_model(), rules + [Rule("head", weight="int8/ch", act="int8")])
+    assert bool((sq.head.weight_value() == rtn.head.weight_value()).all())  # the unsmoothed layer is plain RTN
+    with pytest.raises(ValueError, match="not a valid regex"):
+        ptq.smoothquant(_model(), rules, X, forward=fwd, smooth="(")

@@ -44,6 +44,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from typing import Callable, Iterable
 
@@ -563,11 +564,18 @@ def hqq(model, rules, *, iters: int = 20, lp_norm: float = 0.7, beta: float = 10
 
 
 def smoothquant(model, rules, calibration_batches: Iterable, forward: Callable | None = None, *,
-                alpha: float = 0.5, calibration_stats=None, sequential: bool | str = False, example=None):
+                alpha: float = 0.5, calibration_stats=None, sequential: bool | str = False, example=None,
+                smooth: str | None = None):
     """SmoothQuant: per-layer smoothing ``s = max|X|^alpha / max|W|^(1-alpha)`` from captured activation
     absmax, weights quantized (RTN) as ``W * s``, and ``set_input_scale(path, s)``; the rules' ``act`` specs
     (e.g. ``Rule(".*", weight="int8/ch", act="int8")`` for W8A8) then quantize the smoothed activations.
-    ``sequential`` as for :func:`gptq`.
+    ``sequential`` as for :func:`gptq`. The activation scales are the rules' (dynamic by default); make them
+    static with :func:`calibrate_activations`.
+
+    ``smooth``: a regex (``re.fullmatch`` on layer paths) of the layers to smooth; the other weight-quantized
+    layers are quantized as RTN with their specs and no input scale. The paper smooths the inputs of the
+    q/k/v and first MLP projections (after a norm, where outliers live) and not those of the attention output
+    and second MLP projections: ``smooth=r".*/(q|k|v|up|gate)_proj"``. Default: every layer.
 
     Example:
         >>> import jax
@@ -578,9 +586,18 @@ def smoothquant(model, rules, calibration_batches: Iterable, forward: Callable |
         >>> bool(ptq_info(qm)["act_absmax_smoothed"].iloc[0] < ptq_info(qm)["act_absmax"].iloc[0])
         True
     """
+    if smooth is not None:
+        try:
+            pattern = re.compile(smooth)
+        except re.error as e:
+            raise ValueError(f"smoothquant: smooth={smooth!r} is not a valid regex: {e}") from None
+
     def layer(path, L, s):
         a = s["absmax"]
         w, spec, to_layer = _kernel(L, "smoothquant")
+        if smooth is not None and not pattern.fullmatch(path):
+            return to_layer(_rtn_weight(w, spec)), None, dict(act_absmax=float(np.max(a)),
+                                                              act_absmax_smoothed=float(np.max(a)))
         sc = smoothquant_scales(a, w, alpha)
         q = to_layer(_rtn_weight(w * sc[:, None], spec))
         return q, sc, dict(act_absmax=float(np.max(a)), act_absmax_smoothed=float(np.max(np.asarray(a) / np.asarray(sc))))
