@@ -154,7 +154,32 @@ dequantized from:
 
 ![formats](formats.png)
 
-FINDINGS
+## What it shows
+
+Paper beside qlab:
+
+| finding | paper | qlab | agrees? |
+|---|---|---|---|
+| NF4 lowest weight error of the 4-bit types | QLoRA: NF4 MSE 0.00846 < int4 0.00988 < E2M1 0.01118 (N(0,1), g64) | at 4.5 bpw NF4 21.17 dB > NVFP4 20.57 > E2M1 20.01 > int4 19.67 (only asym int4, at 4.625 bpw, is higher: 21.26); at 4.25 bpw NF4 20.52 dB is the highest | yes (at equal bits) |
+| NF4 best perplexity | QLoRA: NF4 27.41 < FP4 31.07 < Int4 34.34 | g64 tier: NF4 1.246 < E2M1 1.341 < int4 asym 1.480 < int4 1.875 (ratio to float); g32 tier: NVFP4 1.206, NF4 1.221, E2M1 1.237, int4 asym 1.267, int4 1.585 | yes, with NVFP4 tied with NF4 at 4.5 bpw |
+| NVFP4 better than MXFP4 | MX / NVFP4 reports | NVFP4 1.206 (4.5 bpw) against MXFP4 1.487 (4.25 bpw); MXFP4 trails even E2M1 g64 with an f16 scale (1.341) at the same 4.25 bpw | yes |
+
+- The order of weight SQNR and of perplexity agree within each tier except NVFP4 against NF4 at 4.5 bpw: NVFP4 has
+  0.6 dB less weight SQNR but a ratio 0.014 lower (about half a paired standard error of either: a tie).
+  Its finer blocks (16) with an E4M3 scale buy what NF4's better-placed levels buy.
+- Symmetric int4 with `scale = absmax / 7` uses 15 of its 16 codes; it is the worst format in both tiers by far
+  (ratio 1.585 / 1.875), and asymmetric int4 (one more code, a zero point) closes most of the gap at +0.125 / +0.06
+  bpw. QLoRA's "Int4" sits last for the same reason.
+- MXFP4's power-of-two scale costs about 0.9 dB of SQNR against E2M1 with an f16 scale at the same block of 32 /
+  4.25 bpw, and 0.15 in perplexity ratio: the E8M0 scale rounds the block maximum down to a power of two and
+  the element grid then clips (or wastes range), as the MX papers' direct-cast results show.
+- Departures: RTN only (no GPTQ / AWQ); one model and one text of 1,024 tokens (perplexity standard errors of about
+  8%; the paired ratios are the figures to compare, at 0.02-0.07). The float baseline is itself dequantized from
+  a Q4_K_M GGUF (q/k/gate/up from Q5_0 blocks of 32, o_proj from Q4_K, v/down half Q8_0 / Q6_K), so the "real
+  weights" already sit on 5-bit grids; asymmetric int4 gains 0.6 dB on the Q4_K-stored o_proj over its average,
+  a small advantage from matching the source grid, and no other format shows a kind-dependent pattern.
+- Time: {minutes:.0f} min for the {len(runs)} runs (about 2 min each on 2 shared CPU cores; the model loads per
+  process, each run ran in its own process because of memory: a run peaks at about 9 GB).
 """
 
 
