@@ -78,7 +78,7 @@ def kind_sqnr(layers: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     Example:
         >>> l = pd.DataFrame({"config_hash": ["a", "a"], "layer": ["layers/0/attn/q_proj", "layers/1/attn/q_proj"],
         ...                   "weight_sqnr_db": [20.0, 22.0]})
-        >>> kind_sqnr(l, pd.DataFrame({"config_hash": ["a"], "weight": ["nf4/g32"]})).loc["q_proj", "nf4/g32"]
+        >>> float(kind_sqnr(l, pd.DataFrame({"config_hash": ["a"], "weight": ["nf4/g32"]})).loc["q_proj", "nf4/g32"])
         21.0
     """
     lay = layers.dropna(subset=["weight_sqnr_db"])
