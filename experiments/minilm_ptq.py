@@ -330,8 +330,9 @@ What it shows:
   {cos('gptq', 'W2 g64'):.2f}): the GPTQ paper's 2-bit results are on 175B-parameter models, not a 22M encoder.
 - SmoothQuant departs from the paper's default: at alpha 0.5 (its OPT setting) the cosine drops to
   {cos('smoothquant_w8a8', 'W8A8'):.3f} against RTN W8A8's {cos('rtn_w8a8', 'W8A8'):.3f}; at alpha 0.8 (its LLaMA setting) it rises to
-  {cos('smoothquant_w8a8_a0.8', 'W8A8'):.4f}. The paper's best range 0.4-0.6 is for static per-tensor activation scales;
-  these are dynamic, which hides much of what smoothing is for.
+  {cos('smoothquant_w8a8_a0.8', 'W8A8'):.4f}. The cause (`results/ablations/smoothquant`): every projection is smoothed here,
+  including down_proj, whose weight rows have outliers on its activation-outlier channels, so alpha 0.5 widens that
+  layer's activation spread; smoothing only q/k/v/up, as the paper does, gives 0.985 at alpha 0.5.
 - Calibration inputs with |x| > {out.get('threshold', 6)} (LLM.int8's outlier threshold): {out.get('total', 'n/a')} feature columns over
   {out.get('layers', 'n/a')} layers, at most {out.get('max_per_layer', 'n/a')} in one layer. This counts any position, not the paper's
   systematic outliers (in 25% of layers and 6% of positions), which that paper finds in every layer only from

@@ -5,7 +5,8 @@ Two levels, one obvious place each:
 * model level (this namespace): ``rtn(model, rules)``, ``gptq(model, rules, calibration_batches, ...)``,
   ``awq(...)``, ``hqq(model, rules)``, ``smoothquant(model, rules, calibration_batches, alpha=0.5)``
   return a quantized copy of an NNX model (``qlab.nn`` layers holding real codes + scales);
-  ``ptq_info(qmodel)`` gives per-layer details of the run. ``awq(..., share_scales=True)`` shares scales
+  ``ptq_info(qmodel)`` gives per-layer details of the run; ``calibrate_activations(qmodel, batches)`` turns the
+  rules' dynamic per-tensor activation scales into static ones calibrated on data (SmoothQuant's O3). ``awq(..., share_scales=True)`` shares scales
   among layers reading one input so that ``fold_input_scales(qmodel)`` moves them into the norms before
   (no runtime divide: what GGUF export needs); ``ScaleGroup``/``scale_groups`` name those layers.
 * array level, on one Flax kernel ``W (in, out)``: ``rtn_weight(W, spec)``, ``gptq_weight(W, H, spec, ...)``,
@@ -36,7 +37,7 @@ from qlab.ptq.rtn import resolve_weight_spec
 from qlab.ptq.rtn import rtn as rtn_weight
 from qlab.ptq.smoothquant import apply_input_scale, smoothquant_scales
 
-from qlab.ptq.apply import awq, gptq, hqq, ptq_info, rtn, smoothquant, weight_layers  # noqa: E402  (shadows module names)
+from qlab.ptq.apply import awq, calibrate_activations, gptq, hqq, ptq_info, rtn, smoothquant, weight_layers  # noqa: E402  (shadows module names)
 
 __all__ = [
     "rtn",
@@ -44,6 +45,7 @@ __all__ = [
     "awq",
     "hqq",
     "smoothquant",
+    "calibrate_activations",
     "ptq_info",
     "weight_layers",
     "rtn_weight",

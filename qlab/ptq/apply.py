@@ -44,6 +44,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from typing import Callable, Iterable
 
@@ -66,7 +67,7 @@ from qlab.ptq.rtn import rtn as _rtn_weight
 from qlab.ptq.outliers import outlier_columns
 from qlab.ptq.smoothquant import smoothquant_scales
 
-__all__ = ["rtn", "gptq", "awq", "hqq", "smoothquant", "ptq_info", "weight_layers"]
+__all__ = ["rtn", "gptq", "awq", "hqq", "smoothquant", "calibrate_activations", "ptq_info", "weight_layers"]
 
 
 def weight_layers(qmodel) -> dict:
@@ -563,11 +564,18 @@ def hqq(model, rules, *, iters: int = 20, lp_norm: float = 0.7, beta: float = 10
 
 
 def smoothquant(model, rules, calibration_batches: Iterable, forward: Callable | None = None, *,
-                alpha: float = 0.5, calibration_stats=None, sequential: bool | str = False, example=None):
+                alpha: float = 0.5, calibration_stats=None, sequential: bool | str = False, example=None,
+                smooth: str | None = None):
     """SmoothQuant: per-layer smoothing ``s = max|X|^alpha / max|W|^(1-alpha)`` from captured activation
     absmax, weights quantized (RTN) as ``W * s``, and ``set_input_scale(path, s)``; the rules' ``act`` specs
     (e.g. ``Rule(".*", weight="int8/ch", act="int8")`` for W8A8) then quantize the smoothed activations.
-    ``sequential`` as for :func:`gptq`.
+    ``sequential`` as for :func:`gptq`. The activation scales are the rules' (dynamic by default); make them
+    static with :func:`calibrate_activations`.
+
+    ``smooth``: a regex (``re.fullmatch`` on layer paths) of the layers to smooth; the other weight-quantized
+    layers are quantized as RTN with their specs and no input scale. The paper smooths the inputs of the
+    q/k/v and first MLP projections (after a norm, where outliers live) and not those of the attention output
+    and second MLP projections: ``smooth=r".*/(q|k|v|up|gate)_proj"``. Default: every layer.
 
     Example:
         >>> import jax
@@ -578,12 +586,88 @@ def smoothquant(model, rules, calibration_batches: Iterable, forward: Callable |
         >>> bool(ptq_info(qm)["act_absmax_smoothed"].iloc[0] < ptq_info(qm)["act_absmax"].iloc[0])
         True
     """
+    if smooth is not None:
+        try:
+            pattern = re.compile(smooth)
+        except re.error as e:
+            raise ValueError(f"smoothquant: smooth={smooth!r} is not a valid regex: {e}") from None
+
     def layer(path, L, s):
         a = s["absmax"]
         w, spec, to_layer = _kernel(L, "smoothquant")
+        if smooth is not None and not pattern.fullmatch(path):
+            return to_layer(_rtn_weight(w, spec)), None, dict(act_absmax=float(np.max(a)),
+                                                              act_absmax_smoothed=float(np.max(a)))
         sc = smoothquant_scales(a, w, alpha)
         q = to_layer(_rtn_weight(w * sc[:, None], spec))
         return q, sc, dict(act_absmax=float(np.max(a)), act_absmax_smoothed=float(np.max(np.asarray(a) / np.asarray(sc))))
 
     return _calibrated(model, rules, "smoothquant", calibration_batches, forward, ("absmax",), 1, calibration_stats,
                        sequential, layer, example)
+
+
+def calibrate_activations(qmodel, calibration_batches: Iterable | None = None, forward: Callable | None = None, *,
+                          calibration_stats=None):
+    """Static activation scales: a copy of ``qmodel`` whose per-tensor activation quantizers use one fixed range
+    each, ``max |x|`` of the layer's input over the calibration data (after the layer's ``input_scale``, i.e. of
+    the smoothed input for SmoothQuant), instead of each batch's own range (the rules' default, dynamic). This
+    is SmoothQuant's O3 setting (static per-tensor) and what an integer kernel with a precomputed input scale
+    runs; inputs beyond the calibrated range are clipped.
+
+    The range comes from ``calibration_batches`` (``forward(model, batch)``; one pass of ``qmodel`` computing
+    in float activations, with whatever weights it holds) or from ``calibration_stats``: the dict of
+    :func:`qlab.nn.capture` as the PTQ functions take it, captured on the model *before* any input scale (e.g.
+    the float model's), per layer ``"absmax"``; the layer's ``input_scale`` is divided out here.
+
+    Every layer with an activation spec gets a static range; the spec must be a symmetric per-tensor one with
+    the ``"ste"`` quantizer (``act="int8"``): per-token or per-group activation scales are dynamic by nature,
+    and an asymmetric range would need minima that capture does not keep. The quantizers are frozen
+    (``use_running_average = True``); ``model.train()`` would let them track an EMA of the range again.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from qlab.nn import Rule
+        >>> x = [jax.random.normal(jax.random.key(0), (16, 64))]
+        >>> qm = rtn(nnx.Linear(64, 8, rngs=nnx.Rngs(0)), [Rule(".*", weight="int8/ch", act="int8")])
+        >>> sm = calibrate_activations(qm, x)
+        >>> float(sm.act_quant.hi[...]) == float(jnp.max(jnp.abs(x[0])))
+        True
+        >>> big = 100 * x[0]                               # beyond the calibrated range: clipped, not rescaled
+        >>> bool(jnp.abs(sm(big) - qm(big)).max() > 1)
+        True
+    """
+    layers = {p: L for p, L in qnn.quantized_layers(qmodel).items() if L.act_quant is not None}
+    if not layers:
+        raise ValueError("calibrate_activations: no layer quantizes its input (give the rules an act spec, e.g. "
+                         "act=\"int8\")")
+    for p, L in layers.items():
+        aq = L.act_quant
+        if aq.method != "ste" or not isinstance(aq.spec.granularity, PerTensor) or not aq.spec.symmetric:
+            raise ValueError(f"calibrate_activations: {p or '<root>'} has activation spec {str(aq.spec)!r} "
+                             f"({aq.method}); a static range needs a symmetric per-tensor spec with the ste "
+                             "quantizer (e.g. act=\"int8\"); per-token scales (\"int8/ch\") are dynamic by nature")
+    if calibration_stats is None:
+        if calibration_batches is None:
+            raise ValueError("calibrate_activations: give calibration_batches or calibration_stats")
+        st = qnn.capture(qmodel, calibration_batches, forward=forward, stats=("absmax",), max_input_rows=1)
+        amax = {p: np.asarray(st[p]["absmax"]) for p in layers if p in st}
+    else:
+        amax = {}
+        for p, L in layers.items():
+            if p in calibration_stats and "absmax" in calibration_stats[p]:
+                a = np.asarray(calibration_stats[p]["absmax"], np.float32)
+                amax[p] = a if L.input_scale is None else a / np.asarray(L.input_scale[...], np.float32)
+    _check_seen({p: {"count": 1} for p in amax}, list(layers), layers)
+    out = qnn.copy_model(qmodel)
+    for p, L in qnn.quantized_layers(out).items():
+        if p not in layers:
+            continue
+        hi = float(np.max(amax[p]))
+        aq = qnn.ActQuantizer(L.act_quant.spec, method="ste", range="ema")
+        aq.lo[...] = jnp.float32(-hi)
+        aq.hi[...] = jnp.float32(hi)
+        aq.count[...] = jnp.int32(1)
+        aq.use_running_average = True
+        L.act_quant = aq
+    return out
