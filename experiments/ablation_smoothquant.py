@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from qlab import ptq  # noqa: E402
+from qlab.evaluate import probe_accuracy  # noqa: E402
 from qlab.experiments import config_hash  # noqa: E402
 from qlab.experiments.results import atomic_write_text, read_runs, rebuild_tables, write_run  # noqa: E402
 from qlab.nn import Rule, capture, model_size, quantize_model, quantized_layers  # noqa: E402
@@ -132,26 +133,10 @@ def rules_for(weight, act):
     return [Rule(r"embed/.*"), Rule(PROJ, weight=weight, act=act)]
 
 
-def probe_acc(emb, labels, n_train):
-    from sklearn.linear_model import LogisticRegression  # deferred: only the probe needs scikit-learn
-
-    clf = LogisticRegression(max_iter=2000, C=10.0)
-    clf.fit(emb[:n_train], labels[:n_train])
-    return float((clf.predict(emb[n_train:]) == labels[n_train:]).mean())
-
-
 def _batches(tok, texts, size=32):
-    tok.enable_truncation(64)
-    out = []
-    for s in range(0, len(texts), size):
-        enc = tok.encode_batch(texts[s:s + size])
-        t = -(-max(len(e.ids) for e in enc) // 16) * 16
-        ids = np.zeros((len(enc), t), np.int32)
-        mask = np.zeros_like(ids)
-        for i, e in enumerate(enc):
-            ids[i, :len(e.ids)], mask[i, :len(e.ids)] = e.ids, e.attention_mask
-        out.append((jnp.asarray(ids), jnp.asarray(mask), jnp.zeros_like(jnp.asarray(ids))))
-    return out
+    from qlab.models.minilm import sentence_batches  # deferred: as in main(), --plot runs without the model stack
+
+    return [tuple(map(jnp.asarray, b)) for b in sentence_batches(tok, texts, max_len=64, batch_size=size)]
 
 
 def layer_rows(qm, cfg, calib_stats, eval_inputs, float_kernels) -> list[dict]:
@@ -191,23 +176,14 @@ def main():
     if ns.plot:
         return write_study(out, args, configs)
     # deferred: the model and data loaders need the optional MiniLM package and tokenizers; --plot runs without them
-    from qlab.data.text import load_fortunes
+    from qlab.data.text import fortune_topics
     from qlab.models.minilm import embed_sentences, load_minilm
 
     t_start = time.time()
     model, tok = load_minilm()
-    pairs = [(c, t) for c, t in load_fortunes() if len(t) < 600]
-    counts = pd.Series([c for c, _ in pairs]).value_counts()
-    cats = list(counts.index[:8])
-    pairs = [(c, t) for c, t in pairs if c in cats]
-    order = np.random.default_rng(0).permutation(len(pairs))
-    pairs = [pairs[i] for i in order]
-    calib = [t for _, t in pairs[: ns.n_calib]]
-    ev = pairs[ns.n_calib: ns.n_calib + ns.n_eval]
-    texts = [t for _, t in ev]
-    labels = np.array([cats.index(c) for c, _ in ev])
-    n_train = 2 * len(ev) // 3
-    log(f"calib {len(calib)}, eval {len(ev)} (probe train {n_train})")
+    calib, texts, labels, cats = fortune_topics(ns.n_calib, ns.n_eval)
+    n_train = 2 * len(texts) // 3
+    log(f"calib {len(calib)}, eval {len(texts)} (probe train {n_train})")
 
     def forward(m, b):
         return m.encode(*b)
@@ -227,7 +203,7 @@ def main():
     t = time.time()
     ref = embed_sentences(model, tok, texts, max_len=64, batch_size=len(texts))
     if configs[0]["config_hash"] not in done:
-        write_run(out, {**configs[0], "cos_mean": 1.0, "cos_min": 1.0, "probe_acc": probe_acc(ref, labels, n_train),
+        write_run(out, {**configs[0], "cos_mean": 1.0, "cos_min": 1.0, "probe_acc": probe_accuracy(ref, labels, n_train),
                         "model_mib": model_size(quantize_model(model, [Rule(".*")]))["packed_mib"],
                         "quant_s": 0.0, "eval_s": time.time() - t})
     calib_batches = _batches(tok, calib)
@@ -248,7 +224,7 @@ def main():
         emb = embed_sentences(qm, tok, texts, max_len=64, batch_size=len(texts))
         cos = np.sum(emb * ref, axis=1)
         row = {**cfg, "cos_mean": float(cos.mean()), "cos_min": float(cos.min()),
-               "probe_acc": probe_acc(emb, labels, n_train), "model_mib": model_size(qm)["packed_mib"],
+               "probe_acc": probe_accuracy(emb, labels, n_train), "model_mib": model_size(qm)["packed_mib"],
                "quant_s": qs, "eval_s": time.time() - t}
         write_run(out, row, [{"config_hash": cfg["config_hash"], **r}
                              for r in layer_rows(qm, cfg, stats, eval_inputs, float_kernels)])

@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from qlab import ptq  # noqa: E402
+from qlab.evaluate import probe_accuracy  # noqa: E402
 from qlab.experiments import config_hash  # noqa: E402
 from qlab.experiments.results import atomic_write_text, read_runs, rebuild_tables, write_run  # noqa: E402
 from qlab.nn import Rule, capture, model_size, quantize_model  # noqa: E402
@@ -108,14 +109,6 @@ def rules_for(spec, act=None):
     return [Rule(r"embed/.*"), Rule(PROJ, weight=spec, act=act)]
 
 
-def probe_acc(emb, labels, n_train):
-    from sklearn.linear_model import LogisticRegression  # deferred: only the probe needs scikit-learn
-
-    clf = LogisticRegression(max_iter=2000, C=10.0)
-    clf.fit(emb[:n_train], labels[:n_train])
-    return float((clf.predict(emb[n_train:]) == labels[n_train:]).mean())
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n-eval", type=int, default=600)
@@ -129,36 +122,17 @@ def main():
     if ns.plot:
         return write_study(out, args, configs)
     # deferred: the model and data loaders need the optional MiniLM package and tokenizers; --plot runs without them
-    from qlab.data.text import load_fortunes
-    from qlab.models.minilm import embed_sentences, load_minilm
+    from qlab.data.text import fortune_topics
+    from qlab.models.minilm import embed_sentences, load_minilm, sentence_batches
 
     t_start = time.time()
     model, tok = load_minilm()
-    pairs = [(c, t) for c, t in load_fortunes() if len(t) < 600]
-    counts = pd.Series([c for c, _ in pairs]).value_counts()
-    cats = list(counts.index[:8])
-    pairs = [(c, t) for c, t in pairs if c in cats]
-    rng = np.random.default_rng(0)
-    order = rng.permutation(len(pairs))
-    pairs = [pairs[i] for i in order]
-    calib = [t for _, t in pairs[: ns.n_calib]]
-    ev = pairs[ns.n_calib: ns.n_calib + ns.n_eval]
-    texts = [t for _, t in ev]
-    labels = np.array([cats.index(c) for c, _ in ev])
-    n_train = 2 * len(ev) // 3
-    log(f"categories {cats}; calib {len(calib)}, eval {len(ev)} (probe train {n_train})")
+    calib, texts, labels, cats = fortune_topics(ns.n_calib, ns.n_eval)
+    n_train = 2 * len(texts) // 3
+    log(f"categories {cats}; calib {len(calib)}, eval {len(texts)} (probe train {n_train})")
 
-    # calibration batches: (ids, mask, types), 32 sentences each, padded to a multiple of 16 tokens
-    tok.enable_truncation(128)
-    batches = []
-    for s in range(0, len(calib), 32):
-        enc = tok.encode_batch(calib[s:s + 32])
-        t = -(-max(len(e.ids) for e in enc) // 16) * 16
-        ids = np.zeros((len(enc), t), np.int32)
-        mask = np.zeros_like(ids)
-        for i, e in enumerate(enc):
-            ids[i, :len(e.ids)], mask[i, :len(e.ids)] = e.ids, e.attention_mask
-        batches.append((jnp.asarray(ids), jnp.asarray(mask), jnp.zeros_like(jnp.asarray(ids))))
+    # calibration batches: (ids, mask, types), 32 sentences each
+    batches = [tuple(map(jnp.asarray, b)) for b in sentence_batches(tok, calib, max_len=128, batch_size=32)]
 
     def forward(m, b):
         return m.encode(*b)
@@ -172,7 +146,7 @@ def main():
 
     t = time.time()
     ref = embed_sentences(model, tok, texts, max_len=64, batch_size=len(texts))
-    ref_acc = probe_acc(ref, labels, n_train)
+    ref_acc = probe_accuracy(ref, labels, n_train)
     if configs[0]["config_hash"] not in done:
         record(configs[0], cos_mean=1.0, cos_min=1.0, probe_acc=ref_acc,
                model_mib=model_size(quantize_model(model, [Rule(".*")]))["packed_mib"], quant_s=0.0,
@@ -214,7 +188,7 @@ def main():
         t = time.time()
         emb = embed_sentences(qm, tok, texts, max_len=64, batch_size=len(texts))
         cos = np.sum(emb * ref, axis=1)
-        record(config, cos_mean=float(cos.mean()), cos_min=float(cos.min()), probe_acc=probe_acc(emb, labels, n_train),
+        record(config, cos_mean=float(cos.mean()), cos_min=float(cos.min()), probe_acc=probe_accuracy(emb, labels, n_train),
                model_mib=model_size(qm)["packed_mib"], quant_s=qs, eval_s=time.time() - t)
     write_study(out, args, configs, wall_s=time.time() - t_start, outliers=outliers)
 

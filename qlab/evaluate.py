@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-__all__ = ["compare_to_reference", "ReferenceComparison", "perplexity_with_error", "predict", "accuracy", "token_nll", "nll", "perplexity", "lm_windows"]
+__all__ = ["compare_to_reference", "ReferenceComparison", "perplexity_with_error", "predict", "accuracy", "probe_accuracy", "token_nll", "nll", "perplexity", "lm_windows"]
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -221,6 +221,26 @@ def accuracy(model: nnx.Module, images, labels, batch_size: int = 1000) -> float
         _correct(graphdef, state, x, y, m) for (x, y), m in _padded_batches([images, labels], batch_size)
     )
     return float(total) / len(images)
+
+
+def probe_accuracy(embeddings, labels, n_train: int, *, C: float = 10.0) -> float:
+    """Test accuracy of a linear probe (logistic regression, scikit-learn) fitted on the first ``n_train``
+    embeddings and scored on the rest: how much of the labels' information a (quantized) encoder keeps.
+
+    Example:
+        >>> import numpy as np
+        >>> e = np.concatenate([np.eye(3), np.eye(3)]).astype(np.float32)  # 3 classes, seen twice
+        >>> probe_accuracy(e, [0, 1, 2, 0, 1, 2], n_train=3)
+        1.0
+    """
+    from sklearn.linear_model import LogisticRegression  # deferred: scikit-learn takes ~1 s to import
+
+    emb, labels = np.asarray(embeddings), np.asarray(labels)
+    if not 0 < n_train < len(emb):
+        raise ValueError(f"probe_accuracy: n_train must be in 1..{len(emb) - 1} (embeddings: {len(emb)}), got {n_train}")
+    clf = LogisticRegression(max_iter=2000, C=C)
+    clf.fit(emb[:n_train], labels[:n_train])
+    return float((clf.predict(emb[n_train:]) == labels[n_train:]).mean())
 
 
 def lm_windows(tokens, seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -36,6 +36,7 @@ __all__ = [
     "load_austen",
     "load_kjv",
     "load_fortunes",
+    "fortune_topics",
     "load_text",
     "CharCorpus",
     "char_splits",
@@ -220,6 +221,31 @@ def load_fortunes(directory: str | os.PathLike | None = None) -> list[tuple[str,
             if entry.strip() and entry.strip() != "%":
                 out.append((p.name, entry))
     return out
+
+
+def fortune_topics(n_calib: int, n_eval: int, *, topics: int = 8, max_chars: int = 600, seed: int = 0,
+                   directory: str | os.PathLike | None = None):
+    """A seeded split of the fortunes of the ``topics`` largest categories (entries under ``max_chars``), for
+    sentence-embedding studies: ``(calib_texts, eval_texts, eval_labels, topic_names)``, where ``eval_labels``
+    index ``topic_names``. The first ``n_calib`` entries of one permutation calibrate, the next ``n_eval``
+    evaluate (a linear probe on their embeddings measures what a model keeps of the topic).
+
+    Example:
+        >>> calib, texts, labels, names = fortune_topics(4, 6, topics=3)
+        >>> len(calib), len(texts), labels.shape, len(names), int(labels.max()) < 3
+        (4, 6, (6,), 3, True)
+    """
+    pairs = [(c, t) for c, t in load_fortunes(directory) if len(t) < max_chars]
+    sizes: dict[str, int] = {}
+    for c, _ in pairs:
+        sizes[c] = sizes.get(c, 0) + 1
+    names = sorted(sizes, key=lambda c: -sizes[c])[:topics]
+    pairs = [(c, t) for c, t in pairs if c in names]
+    order = np.random.default_rng(seed).permutation(len(pairs))
+    pairs = [pairs[i] for i in order]
+    ev = pairs[n_calib:n_calib + n_eval]
+    labels = np.array([names.index(c) for c, _ in ev], np.int64)
+    return [t for _, t in pairs[:n_calib]], [t for _, t in ev], labels, names
 
 
 def load_text(name: str) -> str:

@@ -49,6 +49,7 @@ __all__ = [
     "model_state_dict",
     "mean_pool",
     "embed_sentences",
+    "sentence_batches",
     "MissingModelPackageError",
 ]
 
@@ -328,6 +329,31 @@ def _encode(model: MiniLM, ids, mask, types):
     return model.encode(ids, mask, types)
 
 
+def sentence_batches(tokenizer, sentences: Sequence[str], max_len: int = 128, batch_size: int = 64,
+                     max_positions: int = 512) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Tokenized ``(ids, mask, types)`` int32 batches for ``MiniLM.encode``: truncated to ``max_len`` tokens and
+    padded per batch to a multiple of 16 (fewer recompiles), at most ``max_positions``.
+
+    Example:
+        >>> tok = minilm_tokenizer()
+        >>> [b[0].shape for b in sentence_batches(tok, ["a cat", "a dog sat"], batch_size=2)]
+        [(2, 16)]
+    """
+    if isinstance(sentences, str):
+        raise TypeError("pass a list of sentences")
+    tokenizer.enable_truncation(max_len)
+    out = []
+    for s in range(0, len(sentences), batch_size):
+        enc = tokenizer.encode_batch(list(sentences[s:s + batch_size]))
+        t = min(-(-max(len(e.ids) for e in enc) // 16) * 16, max_positions)
+        ids, mask, types = (np.zeros((len(enc), t), np.int32) for _ in range(3))
+        for i, e in enumerate(enc):
+            n = min(len(e.ids), t)
+            ids[i, :n], mask[i, :n], types[i, :n] = e.ids[:n], e.attention_mask[:n], e.type_ids[:n]
+        out.append((ids, mask, types))
+    return out
+
+
 def embed_sentences(model: MiniLM, tokenizer, sentences: Sequence[str], max_len: int = 128,
                     batch_size: int = 64) -> np.ndarray:
     """Unit-norm sentence embeddings ``[N, hidden]`` (float32); ``e @ e.T`` are cosine similarities.
@@ -337,19 +363,8 @@ def embed_sentences(model: MiniLM, tokenizer, sentences: Sequence[str], max_len:
     """
     if isinstance(sentences, str):
         raise TypeError("pass a list of sentences")
-    tokenizer.enable_truncation(max_len)
-    out = []
-    for s in range(0, len(sentences), batch_size):
-        enc = tokenizer.encode_batch(list(sentences[s:s + batch_size]))
-        t = max(len(e.ids) for e in enc)
-        t = min(-(-t // 16) * 16, model.config.max_positions)
-        ids = np.zeros((len(enc), t), np.int32)
-        mask = np.zeros((len(enc), t), np.int32)
-        types = np.zeros((len(enc), t), np.int32)
-        for i, e in enumerate(enc):
-            n = min(len(e.ids), t)
-            ids[i, :n], mask[i, :n], types[i, :n] = e.ids[:n], e.attention_mask[:n], e.type_ids[:n]
-        out.append(np.asarray(_encode(model, ids, mask, types)))
+    out = [np.asarray(_encode(model, *b))
+           for b in sentence_batches(tokenizer, sentences, max_len, batch_size, model.config.max_positions)]
     if not out:
         return np.zeros((0, model.config.hidden), np.float32)
     return np.concatenate(out).astype(np.float32)
