@@ -15,9 +15,9 @@ Three parts, on the first ``--eval-tokens`` tokens of Pride and Prejudice (the t
   magnitude exceeds the threshold anywhere in the sequence stay float with their weight rows:
   ``qlab.nn.Rule(outlier_threshold=...)``). Dynamic activation ranges; float32 products of the fake-quantized
   operands. Every projection is quantized, the tied embedding stays float.
-* **zeroing**: each projection's own outlier features (per-layer definition above) set to zero (their weight rows
-  zeroed: :func:`qlab.ptq.zero_input_features`), against as many random non-outlier features per layer (3 seeds);
-  and the systematic dimensions, where there are any.
+* **zeroing** (the paper's "remove the outlier features"): the systematic hidden dimensions set to zero in the
+  input of every q/k/v and gate/up projection (their weight rows zeroed: :func:`qlab.ptq.zero_input_features`),
+  against as many random non-systematic dimensions (3 seeds, one draw per seed shared by all those projections).
 
 Metrics per run: perplexity with its standard error, the paired ratio to float (``compare_to_reference``), KL to
 float and top-1 agreement. Writes the study layout (``results/README.md``): ``runs/<hash>.json`` as each run
@@ -95,24 +95,20 @@ def command(args: dict) -> str:
     return f"python {SCRIPT} --eval-tokens {args['eval_tokens']}{extra}"
 
 
-def jobs(args: dict, zero_systematic: bool = False) -> list[dict]:
+def jobs(args: dict) -> list[dict]:
     """Every run's config in run order, each with its ``config_hash``: float, the W8A8 schemes, then the zeroing
-    runs (``zero_systematic``: also the systematic dimensions and their random counterparts).
+    runs (the systematic dimensions, then random ones).
 
     >>> js = jobs({"model": "gemma3", "eval_tokens": 1024})
     >>> len(js), js[0]["method"], js[-1]["method"], js[-1]["seed"]
     (12, 'float', 'zero_random', 2)
-    >>> len(jobs({"model": "gemma3", "eval_tokens": 1024}, zero_systematic=True))
-    16
     """
     base = dict(study=STUDY, model=args["model"], data="austen", eval_tokens=args["eval_tokens"])
     out = [dict(base, method="float")]
     for name, (_, act, thr) in SCHEMES.items():
         out.append(dict(base, method="w8a8", scheme=name, weight="int8/ch", act=act, outlier_threshold=thr))
-    scopes = ["per_layer"] + (["systematic"] if zero_systematic else [])
-    for scope in scopes:
-        out.append(dict(base, method="zero_outliers", zero_scope=scope))
-        out += [dict(base, method="zero_random", zero_scope=scope, seed=s) for s in SEEDS]
+    out.append(dict(base, method="zero_outliers", zero_scope="systematic"))
+    out += [dict(base, method="zero_random", zero_scope="systematic", seed=s) for s in SEEDS]
     for c in out:
         c["config_hash"] = config_hash({**c, "script_args": args})
     return out
@@ -169,34 +165,22 @@ def outlier_table(stats: dict) -> tuple[pd.DataFrame, dict]:
     return table, systematic
 
 
-def zero_features(stats: dict, scope: str, systematic_dims, seed: int | None) -> dict[str, np.ndarray]:
-    """``{projection path: input features to zero}``: each projection's own outlier features (``per_layer``) or the
-    systematic hidden dimensions in every q/k/v/gate/up input (``systematic``); with ``seed``, as many random
-    features per projection drawn from the non-outlier ones.
+def zero_features(paths, width: int, systematic_dims, seed: int | None = None) -> dict[str, np.ndarray]:
+    """``{projection path: input features to zero}``: the systematic hidden dimensions in the input of every
+    q/k/v/gate/up projection among ``paths`` (o_proj and down_proj read other feature spaces); with ``seed``, as
+    many random dimensions drawn once from the ``width - len(systematic_dims)`` others.
 
-    >>> x = np.zeros((50, 6), np.float32); x[:5, 2] = 9.0
-    >>> st = {"layers/0/attn/q_proj": {"inputs": x}, "layers/0/attn/o_proj": {"inputs": x * 0}}
-    >>> zero_features(st, "per_layer", [], None)["layers/0/attn/q_proj"].tolist()
-    [2]
-    >>> r = zero_features(st, "per_layer", [], 0)["layers/0/attn/q_proj"]; len(r), 2 in r.tolist()
-    (1, False)
+    >>> ps = ["layers/0/attn/q_proj", "layers/0/attn/o_proj", "layers/0/mlp/up_proj"]
+    >>> z = zero_features(ps, 8, [2, 5]); sorted(z), z["layers/0/mlp/up_proj"].tolist()
+    (['layers/0/attn/q_proj', 'layers/0/mlp/up_proj'], [2, 5])
+    >>> r = zero_features(ps, 8, [2, 5], seed=0)["layers/0/attn/q_proj"].tolist(); len(r), {2, 5} & set(r)
+    (2, set())
     """
-    out = {}
-    for p, s in stats.items():
-        x = np.asarray(s["inputs"], np.float32)
-        if scope == "per_layer":
-            dims = ptq.outlier_dims(x)
-        elif SITES[p.rsplit("/", 1)[-1]] in ("attn_in", "mlp_in"):
-            dims = np.asarray(systematic_dims, np.int64)
-        else:
-            continue
-        if seed is not None:
-            rng = np.random.default_rng([seed, int(p.split("/")[1]), list(SITES).index(p.rsplit("/", 1)[-1])])
-            pool = np.setdiff1d(np.arange(x.shape[1]), ptq.outlier_dims(x) if scope == "per_layer" else dims)
-            dims = np.sort(rng.choice(pool, size=len(dims), replace=False))
-        if len(dims):
-            out[p] = np.asarray(dims, np.int64)
-    return out
+    dims = np.asarray(systematic_dims, np.int64)
+    if seed is not None:
+        pool = np.setdiff1d(np.arange(width), dims)
+        dims = np.sort(np.random.default_rng(seed).choice(pool, size=len(dims), replace=False))
+    return {p: dims for p in paths if SITES[p.rsplit("/", 1)[-1]] in ("attn_in", "mlp_in") and len(dims)}
 
 
 def _environment() -> str:
@@ -213,8 +197,7 @@ def main():
     out = Path(ns.out)
     args = {"model": ns.model, "eval_tokens": ns.eval_tokens}
     if ns.readme:
-        systematic = json.loads((out / "study.json").read_text())["systematic"]
-        return write_study(out, args, jobs(args, bool(systematic["hidden"])))
+        return write_study(out, args, jobs(args))
     from qlab.data.text import load_austen  # deferred: the heavy loaders are not needed for --readme
     from qlab.experiments.lm import TINY_TEXT, lm_model
 
@@ -233,15 +216,18 @@ def main():
     table, systematic = outlier_table(stats)
     atomic_write_text(out / "outliers.csv", table.to_csv(index=False))
     sys_dims = systematic["hidden"][0]
+    for st in stats.values():  # the runs need only the absmax: free the captured inputs (memory)
+        st.pop("inputs", None)
     log(f"captured {len(stats)} layers in {capture_s:.0f}s; per-layer outliers {int(table.outliers.sum())}, "
         f"systematic hidden dims {sys_dims.tolist()}")
-    configs = jobs(args, bool(len(sys_dims)))
+    configs = jobs(args)
+    width = int(table[table.site == "attn_in"].width.iloc[0])
     done = {r["row"]["config_hash"] for r in read_runs(out)}
     for cfg in configs:
         if cfg["config_hash"] in done:
             continue
         t = time.time()
-        layers = None
+        layers, zeroed = None, None
         if cfg["method"] == "float":
             qm = model
         elif cfg["method"] == "w8a8":
@@ -254,17 +240,18 @@ def main():
                     layers.append(dict(config_hash=cfg["config_hash"], layer=p, width=len(s["absmax"]),
                                        float_columns=n, float_fraction=n / len(s["absmax"])))
         else:
-            feats = zero_features(stats, cfg["zero_scope"], sys_dims, cfg.get("seed"))
+            feats = zero_features(list(stats), width, sys_dims, cfg.get("seed"))
             qm = ptq.zero_input_features(model, feats)
             layers = [dict(config_hash=cfg["config_hash"], layer=p, width=len(stats[p]["absmax"]),
                            zeroed=len(d), zeroed_dims=" ".join(map(str, d))) for p, d in feats.items()]
+            zeroed = len(next(iter(feats.values()))) if feats else 0
         quant_s = time.time() - t
         t = time.time()
-        c = compare_to_reference(qm, model, ids, any_structure=True)
+        c = compare_to_reference(qm, model, ids, any_structure=True, chunk=128)
         row = {**cfg, "perplexity": c.ppl, "perplexity_se": c.ppl_se, "float_perplexity": c.ref_ppl,
                "float_perplexity_se": c.ref_ppl_se, "ppl_ratio": c.ppl_ratio, "ppl_ratio_se": c.ppl_ratio_se,
                "kl": c.kl, "kl_se": c.kl_se, "top1": c.top1, "top1_se": c.top1_se,
-               "zeroed_features": sum(r["zeroed"] for r in layers) if cfg["method"].startswith("zero") else None,
+               "zeroed_features": zeroed if cfg["method"].startswith("zero") else None,
                "quant_s": quant_s, "eval_s": time.time() - t}
         write_run(out, row, layers)
         del qm

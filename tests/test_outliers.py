@@ -94,3 +94,42 @@ def test_compare_to_reference_scores_an_activation_quantized_model_against_float
     c = evaluate.compare_to_reference(qm, g, tokens, any_structure=True)
     assert c.ref_ppl == evaluate.perplexity(g, tokens) and c.ppl == evaluate.perplexity(qm, tokens)
     assert 0 < c.kl < 0.1 and c.top1 > 0.5
+
+
+def test_salient_channels_and_keep_float_follow_awq_table_1():
+    rng = np.random.default_rng(0)
+    W = jnp.asarray(rng.normal(size=(256, 16)), jnp.float32)
+    act = np.ones(256)
+    act[[7, 100, 200]] = [50.0, 40.0, 30.0]
+    ch = ptq.salient_channels(act, 0.01)  # 1% of 256 -> 3 channels
+    assert ch.tolist() == [7, 100, 200]
+    assert len(ptq.salient_channels(act, 0.001)) == 1 and len(ptq.salient_channels(act, 0.03)) == 8
+    r = ptq.salient_channels(act, 0.01, seed=3)
+    assert len(r) == 3 and len(set(r.tolist())) == 3
+    q = np.asarray(ptq.rtn_keep_float(W, "int3/g128/asym", ch))
+    rtn = np.asarray(ptq.rtn_keep_float(W, "int3/g128/asym", []))
+    np.testing.assert_array_equal(q[ch], np.asarray(W)[ch])
+    others = np.setdiff1d(np.arange(256), ch)
+    np.testing.assert_array_equal(q[others], rtn[others])  # the scales are the whole kernel's, as RTN's
+    # on activations with salient channels, keeping them float lowers the output error most
+    X = rng.normal(size=(64, 256)).astype(np.float32) * act.astype(np.float32)
+    err = lambda K: float(np.linalg.norm(X @ (np.asarray(W) - K)))  # noqa: E731
+    assert err(q) < err(np.asarray(ptq.rtn_keep_float(W, "int3/g128/asym", r))) < err(rtn) * 1.001
+    with pytest.raises(ValueError, match="fraction"):
+        ptq.salient_channels(act, 0.0)
+
+
+def test_rtn_scaled_is_exact_in_float_and_plain_rtn_at_one():
+    rng = np.random.default_rng(1)
+    W = jnp.asarray(rng.normal(size=(128, 8)), jnp.float32)
+    ch = [3, 50]
+    np.testing.assert_array_equal(np.asarray(ptq.rtn_scaled(W, "int3/g128/asym", ch, 1.0)),
+                                  np.asarray(ptq.rtn_keep_float(W, "int3/g128/asym", [])))
+    S = np.ones(128, np.float32)
+    S[ch] = 2.0
+    x = rng.normal(size=(4, 128)).astype(np.float32)
+    # (x / s) @ Q(s W) == x @ rtn_scaled(W)
+    from qlab.numerics.quantize import fake_quant
+    from qlab.ptq.rtn import resolve_weight_spec
+    want = (x / S) @ np.asarray(fake_quant(W * S[:, None], resolve_weight_spec("int3/g128/asym")))
+    np.testing.assert_allclose(x @ np.asarray(ptq.rtn_scaled(W, "int3/g128/asym", ch, 2.0)), want, rtol=1e-5, atol=1e-5)

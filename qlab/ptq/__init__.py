@@ -12,7 +12,8 @@ Two levels, one obvious place each:
 * array level, on one Flax kernel ``W (in, out)``: ``rtn_weight(W, spec)``, ``gptq_weight(W, H, spec, ...)``,
   ``awq_weight(W, X, spec, ...) -> (qtensor, s)``, ``hqq_weight(W, spec, ...)`` return a ``qlab.QTensor``;
   ``smoothquant_scales(act_absmax, W, alpha)``, ``outlier_columns(act_absmax, threshold=6.0)``; the paper's outlier-feature count ``outlier_dims`` /
-  ``systematic_outliers`` and ``zero_input_features(model, {path: dims})``.
+  ``systematic_outliers`` and ``zero_input_features(model, {path: dims})``; AWQ's saliency ablation ``salient_channels``,
+  ``rtn_keep_float``, ``rtn_scaled``.
   (They are also ``qlab.ptq.gptq.gptq`` etc. in their modules.)
 
 Example:
@@ -36,6 +37,7 @@ from qlab.ptq.hqq import shrink_lp
 from qlab.ptq.outliers import (outlier_columns, outlier_dims, outlier_fraction, position_fractions,
                                 systematic_outliers, zero_input_features)
 from qlab.ptq.rtn import resolve_weight_spec
+from qlab.ptq.saliency import rtn_keep_float, rtn_scaled, salient_channels
 from qlab.ptq.rtn import rtn as rtn_weight
 from qlab.ptq.smoothquant import apply_input_scale, smoothquant_scales
 
@@ -71,5 +73,8 @@ __all__ = [
     "outlier_dims",
     "systematic_outliers",
     "zero_input_features",
+    "salient_channels",
+    "rtn_keep_float",
+    "rtn_scaled",
     "resolve_weight_spec",
 ]
