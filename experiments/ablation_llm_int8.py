@@ -406,6 +406,30 @@ def _md(t: pd.DataFrame) -> str:
     return t.to_markdown(index=False, floatfmt=".4g")
 
 
+def _blocks_note(outl: pd.DataFrame, full: list, sys_wo: list, rest: pd.DataFrame, total: int) -> str:
+    """The README's bullet on the blocks where every dimension of q/k/v's input counts as an outlier."""
+    if not full:
+        return f"- {total} (layer, feature) outliers in all."
+    med = outl[outl.site == "attn_in"].set_index("block").median_absmax
+    others = med.drop(full)
+    note = (f"- In blocks {', '.join(map(str, full))} *every* one of the {int(outl.width.iloc[0])} dimensions of "
+            f"q/k/v's input passes the test: the whole normed input is large there (median feature maximum "
+            f"{', '.join(f'{med[b]:.0f}' for b in full)}, against {others.min():.1f}-{others.max():.1f} in the other "
+            f"blocks). The threshold of 6 is an absolute one, set for OPT's LayerNorm outputs.")
+    if "top_share" in outl:
+        a = outl[outl.site == "attn_in"].set_index("block")
+        note += (f" The norm's gain does not set them apart (median |gain| of q/k/v's RMSNorm "
+                 f"{', '.join(f'{a.gain_median[b]:.0f}' for b in full)} there, {a.gain_median.drop(full).min():.1f}-"
+                 f"{a.gain_median.drop(full).max():.0f} in the other blocks); the normed input before the gain (RMS 1 "
+                 f"per token) does: its largest dimension holds on average "
+                 f"{', '.join(f'{100 * a.top_share[b]:.0f}%' for b in full)} of a token's squared norm there, and "
+                 f"{100 * a.top_share.drop(full).min():.0f}-{100 * a.top_share.drop(full).max():.0f}% in the other "
+                 f"blocks (most often dimension {', '.join(str(int(d)) for d in a.top_dim.drop(full).value_counts().index[:2])}).")
+    return note + (f" Leaving those blocks out ({len(rest)} layers, 25% = {0.25 * len(rest):.1f}) still leaves "
+                   f"{len(sys_wo)} systematic dimensions: {sys_wo}. {total} (layer, feature) outliers in all, counting "
+                   f"the {len(full)} x {int(outl.width.iloc[0])} of those blocks.")
+
+
 def readme(runs: pd.DataFrame, outl: pd.DataFrame, study: dict, layers: pd.DataFrame | None = None) -> str:
     """The study's README.md: question, setup, the tables beside the paper's figures, the plot and the findings
     (figures taken from the stored runs)."""
@@ -429,6 +453,7 @@ def readme(runs: pd.DataFrame, outl: pd.DataFrame, study: dict, layers: pd.DataF
     by_count = ", ".join(f"{d} ({layer_counts[d]})" for d in sorted(hidden, key=lambda d: -layer_counts[d])) \
         if layer_counts else ""
     n_hid = int(outl.site.isin(["attn_in", "mlp_in"]).sum())
+    width = int(outl[outl.site == "attn_in"].width.iloc[0])
     full = outl[(outl.site == "attn_in") & (outl.outliers == outl.width)].block.tolist()
     sys_wo = systematic_from_table(outl, exclude_blocks=full)
     rest = outl[outl.site.isin(["attn_in", "mlp_in"]) & ~outl.block.isin(full)]
@@ -473,13 +498,7 @@ gate/up's, `mlp_hidden`: down_proj's). Dimensions per layer: `outliers.csv`.
 - **Systematic hidden dimensions** (an outlier in >= 25% of the {n_hid} normed inputs): {len(hidden)}, namely (with
   the number of the {n_hid} layers in which each is an outlier) {by_count}. Over `attn_in` alone (18 layers):
   {len(sysinfo.get('attn_in') or [])} dimensions; over `mlp_in` alone: {sysinfo.get('mlp_in')}.
-- In blocks {', '.join(map(str, full))} *every* one of the 640 dimensions of q/k/v's input passes the test: there the
-  whole normed input is large (median feature maximum {med.loc[full[0], 'attn_in']:.0f} and
-  {med.loc[full[-1], 'attn_in']:.0f}, against 1.5-9 in the other blocks), because Gemma's RMSNorm scales by
-  `1 + w` with large learned `w` there. The threshold of 6 is an absolute one, set for OPT's LayerNorm outputs.
-  Leaving those blocks out ({len(rest)} layers, 25% = {0.25 * len(rest):.1f}) still leaves {len(sys_wo)} systematic
-  dimensions: {sys_wo}. {total_outliers} (layer, feature) outliers in all, counting the {len(full)} x 640 of those
-  blocks.
+{_blocks_note(outl, full, sys_wo, rest, total_outliers)}
 
 ## W8A8
 
@@ -503,7 +522,7 @@ random other dimensions (3 seeds; one draw per seed shared by all those projecti
 
 | finding | paper | qlab (Gemma 3 270M) | agrees? |
 |---|---|---|---|
-| few or no systematic outlier features below 6.7B (PAPERS.md) | in >= 25% of the layers only from about 6B on; fewer layers below | {len(hidden)} systematic dimensions of 640 (2.2%); dimension {max(hidden, key=lambda d: layer_counts[d]) if hidden and layer_counts else ''} is an outlier in {max(layer_counts) if layer_counts else ''} of the {n_hid} layers; {len(sys_wo)} remain without the two blocks where every dimension passes | no |
+| few or no systematic outlier features below 6.7B (PAPERS.md) | in >= 25% of the layers only from about 6B on; fewer layers below | {len(hidden)} systematic dimensions of {width} ({100 * len(hidden) / width:.1f}%); dimension {max(hidden, key=lambda d: layer_counts[d]) if hidden and layer_counts else ''} is an outlier in {max(layer_counts) if layer_counts else ''} of the {n_hid} layers; {len(sys_wo)} remain without the two blocks where every dimension passes | no |
 | per-tensor activations lose most (Table 1) | absmax row-wise (per-tensor A) 30.93, ratio 1.21 to float's 25.65; per-tensor W and A 87.76 | per-tensor absmax A (per-channel W) {r('tensor_absmax'):.3f} | yes |
 | a zero point helps (Table 1) | per-tensor 87.76 -> 56.66; vector-wise 35.84 -> 25.72 | per-tensor {r('tensor_absmax'):.3f} -> {r('tensor_zeropoint'):.3f}; per-token {r('vector_wise'):.4f} -> {r('vector_zeropoint'):.4f} | yes |
 | per-token (vector-wise) against per-tensor activations (Table 1) | vector-wise 35.84 *worse* than row-wise 30.93 at 125M | per-token {r('vector_wise'):.4f} far better than per-tensor {r('tensor_absmax'):.3f} | no |
@@ -516,8 +535,8 @@ random other dimensions (3 seeds; one draw per seed shared by all those projecti
   count is the absolute threshold meeting Gemma's scales (blocks {', '.join(map(str, full))}), but {len(sys_wo)} dimensions are
   outliers in more than a quarter of the other layers, with the same dimensions recurring from block to block (the
   paper's "systematic" property). A model trained far beyond the paper's token budgets, with a different norm
-  (RMSNorm, sandwich norms) and a 262k vocabulary need not sit on the paper's OPT scaling curve; 2.2% of the
-  dimensions is also a far larger share than the paper's ~0.1% at 6.7B, so random zeroing of 14 dimensions is not
+  (RMSNorm, sandwich norms) and a 262k vocabulary need not sit on the paper's OPT scaling curve; {100 * len(hidden) / width:.1f}% of the
+  dimensions is also a far larger share than the paper's ~0.1% at 6.7B, so random zeroing of {len(hidden)} dimensions is not
   the small perturbation the paper's random control is (one seed's random set costs a ratio of
   {zr.ppl_ratio.max():.2f} with no outlier-prone dimension in it).
 - **W8A8 follows the paper's order.** Per-tensor activation scales are the failure (ratio {r('tensor_absmax'):.2f};

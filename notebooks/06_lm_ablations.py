@@ -11,22 +11,28 @@
 # ---
 
 # %% [markdown]
-# # 06 · Language-model ablations: 4-bit formats, SmoothQuant's alpha, sanity checks
+# # 06 · Language-model ablations: 4-bit formats, SmoothQuant's alpha, sanity checks, LLM.int8() outliers, AWQ saliency
 #
-# Three classic findings rerun with qlab on real models, each as a short paper section: the question, the
+# Five classic findings rerun with qlab on real models, each as a short paper section: the question, the
 # setup, qlab's table beside the paper's figure, the plot, and what it shows.
 #
 # * **4-bit formats** (QLoRA's NF4; the MX and NVFP4 block formats) on Gemma 3 270M at matched bits per weight;
 # * **SmoothQuant's alpha** on all-MiniLM-L6-v2, W8A8 with static per-tensor (the paper's O3) and per-token
 #   activation scales;
 # * **sanity**: the quantization machinery at full precision equals float; SmoothQuant / AWQ rescaling leaves a
-#   float model's outputs unchanged.
+#   float model's outputs unchanged;
+# * **LLM.int8() outlier features** in Gemma 3 270M: their count, W8A8 activation schemes with and without the
+#   mixed-precision decomposition, zeroing them against zeroing random dimensions;
+# * **AWQ's salient channels** on Gemma 3 270M at W3 g128: keeping 0.1-3% of the input channels float, chosen by
+#   activation, by weight or at random, and scaling the salient ones instead.
 #
 # `SMALL = True` (the default, what CI runs: about two minutes on 2 CPU cores) runs each experiment shrunk, on the
 # toy `gemma3_tiny` and on MiniLM with a few dozen sentences, into `$QLAB_RESULTS/nb06_*_small/`, to show the
 # mechanics; the findings come from the committed full-size studies under `results/ablations/`, which every
 # section loads. `SMALL = False` reruns the full formats study into `$QLAB_RESULTS/ablations/formats4/` (about 25
-# min; it resumes) and the SmoothQuant one is `python experiments/ablation_smoothquant.py` (about 35 min).
+# min; it resumes) and sections 4-5 on the real model; the SmoothQuant one is `python experiments/ablation_smoothquant.py`
+# (about 35 min), the LLM.int8 and AWQ ones `python experiments/ablation_llm_int8.py` (10 min) and
+# `python experiments/ablation_awq_saliency.py`.
 #
 # Needs the Gemma and MiniLM packages and Debian `fortunes` (the loaders say how to install them).
 
@@ -288,7 +294,6 @@ fig
 # %%
 from qlab.evaluate import compare_to_reference
 from qlab.experiments.lm import TINY_TEXT, lm_model
-from qlab.models.gemma3 import load_gemma3
 
 if SMALL:
     gm, gtok = lm_model("gemma3_tiny")
@@ -297,7 +302,7 @@ if SMALL:
 else:
     from qlab.data.text import load_austen
 
-    gm, gtok = load_gemma3()
+    gm, gtok = lm_model("gemma3")  # loaded once per process (shared with the formats study above)
     g_ids = jnp.asarray([gtok.encode(load_austen("prideprejudice")).ids[:1024]], jnp.int32)
     THRESHOLD = 6.0
 PROJ = r"layers/\d+/(attn|mlp)/\w+_proj"
