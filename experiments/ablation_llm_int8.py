@@ -137,8 +137,8 @@ def site_inputs(stats: dict, site: str) -> dict[str, np.ndarray]:
 
 def outlier_table(stats: dict, norm_gains: dict | None = None) -> tuple[pd.DataFrame, dict]:
     """Per block and input site: width, the largest magnitude, the paper's outlier features (>= 6 at >= 6% of
-    positions: count and dims), and the features above 4 / 6 / 8 anywhere (the columns LLM.int8 keeps float at
-    that threshold); with ``{"attn_in" | "mlp_in" | "hidden": (systematic dims, per-dim layer counts)}``.
+    positions: count and dims), the features above 4 / 6 / 8 anywhere (the columns LLM.int8 keeps float at
+    that threshold) and ``wide_positions``, the share of positions at which more than half the features reach 6; with ``{"attn_in" | "mlp_in" | "hidden": (systematic dims, per-dim layer counts)}``.
     ``norm_gains`` (``{(block, site): RMSNorm gain}`` of the normed sites) adds what the normed input was before the
     gain, ``x / gain`` (RMS 1 per position): the median gain, the mean share of a position's squared norm held by its
     largest dimension (``top_share``; near 1 where a few "massive" residual dimensions dominate the RMS), and the
@@ -173,6 +173,7 @@ def outlier_table(stats: dict, norm_gains: dict | None = None) -> tuple[pd.DataF
                              top_dim=float(np.bincount(e.argmax(1)[ok]).argmax()) if ok.any() else float("nan"))
             rows.append(dict(block=b, site=site, width=x.shape[1], positions=x.shape[0],
                              absmax=float(a.max()), median_absmax=float(np.median(a)),
+                             wide_positions=float(((np.abs(x) >= 6.0).mean(1) > 0.5).mean()),
                              outliers=len(dims), outlier_dims=" ".join(map(str, dims)),
                              **{f"above_{t}": int((a > t).sum()) for t in (4, 6, 8)}, **extra))
     table = pd.DataFrame(rows).sort_values(["block", "site"], kind="stable").reset_index(drop=True)
@@ -299,7 +300,7 @@ def write_study(out: Path, args: dict, configs: list[dict], wall_s: float = 0.0,
                  systematic=systematic if systematic is not None else before.get("systematic"),
                  capture_s=capture_s if capture_s is not None else before.get("capture_s"),
                  wall_s=before.get("wall_s", 0.0) + wall_s, environment=before.get("environment", _environment()),
-                 runs=configs)
+                 invocations=before.get("invocations", 0) + (wall_s > 0), runs=configs)
     atomic_write_text(path, json.dumps(study, indent=1))
     runs = pd.read_csv(out / "runs.csv")
     layers = pd.read_csv(out / "layers.csv") if (out / "layers.csv").exists() else None
@@ -382,6 +383,7 @@ def plot(out: Path, runs: pd.DataFrame, outl: pd.DataFrame):
         s = outl[outl.site == site]
         ax1.plot(s.block, s.outliers, "o-", color=f"C{i}", label=f"{site} ({int(s.width.iloc[0])} dims)")
         ax2.semilogy(s.block, s.absmax, "o-", color=f"C{i}", label=site)
+    ax1.set_yscale("symlog", linthresh=1)
     ax1.set_xlabel("block")
     ax1.set_ylabel("outlier features (|x| >= 6 at >= 6% of positions)")
     ax1.legend(fontsize=7)
@@ -410,24 +412,30 @@ def _blocks_note(outl: pd.DataFrame, full: list, sys_wo: list, rest: pd.DataFram
     """The README's bullet on the blocks where every dimension of q/k/v's input counts as an outlier."""
     if not full:
         return f"- {total} (layer, feature) outliers in all."
-    med = outl[outl.site == "attn_in"].set_index("block").median_absmax
-    others = med.drop(full)
-    note = (f"- In blocks {', '.join(map(str, full))} *every* one of the {int(outl.width.iloc[0])} dimensions of "
+    a = outl[outl.site == "attn_in"].set_index("block")
+    others = a.drop(full)
+    note = (f"- In blocks {', '.join(map(str, full))} *every* one of the {int(a.width.iloc[0])} dimensions of "
             f"q/k/v's input passes the test: the whole normed input is large there (median feature maximum "
-            f"{', '.join(f'{med[b]:.0f}' for b in full)}, against {others.min():.1f}-{others.max():.1f} in the other "
-            f"blocks). The threshold of 6 is an absolute one, set for OPT's LayerNorm outputs.")
-    if "top_share" in outl:
-        a = outl[outl.site == "attn_in"].set_index("block")
-        note += (f" The norm's gain does not set them apart (median |gain| of q/k/v's RMSNorm "
-                 f"{', '.join(f'{a.gain_median[b]:.0f}' for b in full)} there, {a.gain_median.drop(full).min():.1f}-"
-                 f"{a.gain_median.drop(full).max():.0f} in the other blocks); the normed input before the gain (RMS 1 "
-                 f"per token) does: its largest dimension holds on average "
-                 f"{', '.join(f'{100 * a.top_share[b]:.0f}%' for b in full)} of a token's squared norm there, and "
-                 f"{100 * a.top_share.drop(full).min():.0f}-{100 * a.top_share.drop(full).max():.0f}% in the other "
-                 f"blocks (most often dimension {', '.join(str(int(d)) for d in a.top_dim.drop(full).value_counts().index[:2])}).")
-    return note + (f" Leaving those blocks out ({len(rest)} layers, 25% = {0.25 * len(rest):.1f}) still leaves "
-                   f"{len(sys_wo)} systematic dimensions: {sys_wo}. {total} (layer, feature) outliers in all, counting "
-                   f"the {len(full)} x {int(outl.width.iloc[0])} of those blocks.")
+            f"{', '.join(f'{a.median_absmax[b]:.0f}' for b in full)}, against {others.median_absmax.min():.1f}-"
+            f"{others.median_absmax.max():.1f} in the other blocks); at "
+            f"{', '.join(f'{100 * a.wide_positions[b]:.1f}%' for b in full)} of the tokens more than half of the "
+            f"dimensions reach 6 (above the 6% bar), at {100 * others.wide_positions.max():.0f}% in any other block.")
+    if "top_share" in a:
+        dims = others.top_dim.value_counts().index[:2]
+        note += (f" The norm's gain does not set these blocks apart (median |gain| "
+                 f"{', '.join(f'{a.gain_median[b]:.0f}' for b in full)} there, {others.gain_median.min():.1f}-"
+                 f"{others.gain_median.max():.0f} elsewhere); the normed input before the gain (RMS 1 per token) "
+                 f"does: its largest dimension holds on average "
+                 f"{', '.join(f'{100 * a.top_share[b]:.0f}%' for b in full)} of a token's squared norm in blocks "
+                 f"{', '.join(map(str, full))}, against {100 * others.top_share.min():.0f}-"
+                 f"{100 * others.top_share.max():.0f}% in the others, where one residual dimension (most often "
+                 f"{', '.join(str(int(d)) for d in dims)}) takes most of the RMS on nearly every token and leaves the "
+                 f"other dimensions small after normalisation; in a block in between, the tokens it does not dominate "
+                 f"are the ones with most dimensions above 6.")
+    return note + (f" The threshold of 6 is an absolute one, set for OPT's LayerNorm outputs. Leaving those blocks "
+                   f"out ({len(rest)} layers, 25% = {0.25 * len(rest):.1f}) still leaves {len(sys_wo)} systematic "
+                   f"dimensions: {sys_wo}. {total} (layer, feature) outliers in all, counting the {len(full)} x "
+                   f"{int(a.width.iloc[0])} of those blocks.")
 
 
 def readme(runs: pd.DataFrame, outl: pd.DataFrame, study: dict, layers: pd.DataFrame | None = None) -> str:
@@ -473,8 +481,9 @@ absmax row-wise 30.93, vector-wise 35.84, zeropoint vector-wise 25.72, LLM.int8(
 and which W8A8 scheme does it need?
 
 **Setup.** `{study['command']}`, after which `python {SCRIPT} --readme` rewrote this file and the plot
-({wall:.0f} min wall over two invocations, model loading and one capture each included; {study['environment']}, shared
-with another job and run at low priority); {len(runs)} runs, each 30-60 s. Gemma 3 270M (the float baseline
+({wall:.0f} min wall over {study.get('invocations') or 1} invocations that resumed one another, model loading and one
+capture each included; {study['environment']}, shared with another job and run at low priority); {len(runs)} runs,
+each 30-60 s. Gemma 3 270M (the float baseline
 dequantized from the Q4_K_M GGUF, as in every qlab Gemma study), the first {int(fl['eval_tokens'])} tokens of Pride
 and Prejudice (float perplexity {fl['perplexity']:.2f} +- {fl['perplexity_se']:.2f}, the figure formats4 reports).
 Outliers are counted on the same tokens, on the inputs of the projections (the normed hidden state for q/k/v and
