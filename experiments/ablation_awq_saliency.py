@@ -8,8 +8,8 @@ does not. Table 2: instead of keeping them float, scaling the 1% activation-sali
 activations down; exact in float) gives a U shape in ``s`` (best at 2).
 
 Setting: every attention / MLP projection at ``int3/g128/asym`` (AWQ's zero-point INT3 with groups of 128 along the
-input; 3.25 bits per weight with the f16 scale and 3-bit zero point), the tied embedding float; RTN (qlab's absmax /
-min-max range, no clipping search). Saliency per projection and input channel: ``activation`` = mean |x| over the
+input; 3.148 bits per weight with the f16 scale and 3-bit zero point per group), the tied embedding float; RTN
+(qlab's min-max range for an asymmetric spec, no clipping search). Saliency per projection and input channel: ``activation`` = mean |x| over the
 calibration tokens (32 windows x 256 tokens of Emma, BOS + text, random offsets with seed 0; one float pass:
 ``qlab.nn.capture``), ``weight`` = the L2 norm of the kernel's input row, ``random`` = a uniform draw (seeds 0, 1,
 2). Channels kept per projection: ``max(1, round(fraction x inputs))`` (:func:`qlab.ptq.salient_channels`), their

@@ -57,7 +57,8 @@ def test_systematic_outliers_need_a_quarter_of_the_layers():
 @given(st.integers(1, 40), st.integers(1, 6), st.floats(0.5, 8.0), st.floats(0.0, 1.0), st.integers(0, 2 ** 16))
 def test_outlier_dims_match_the_definition(rows, cols, threshold, min_positions, seed):
     x = np.random.default_rng(seed).normal(0, 4, (rows, cols)).astype(np.float32)
-    want = [j for j in range(cols) if sum(abs(float(x[i, j])) >= threshold for i in range(rows)) / rows >= min_positions]
+    want = [j for j in range(cols)
+            if sum(abs(float(x[i, j])) >= threshold for i in range(rows)) / rows >= min_positions]
     got = ptq.outlier_dims(x, threshold, min_positions).tolist()
     assert got == want
     # the order of the positions does not matter
