@@ -78,10 +78,10 @@ def _log_probs_and_nll(logits, targets):
     return logits - lse[..., None], lse - jnp.take_along_axis(logits, targets, axis=-1)[..., 0]
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def _paired_token_stats(graphdef, state, ref_state, tokens, chunk):
+@functools.partial(jax.jit, static_argnums=(0, 1, 5))
+def _paired_token_stats(graphdef, ref_graphdef, state, ref_state, tokens, chunk):
     """Traced: per-token [B, T-1] NLL of both models, KL(reference || model) and whether the argmaxes agree."""
-    model, ref = nnx.merge(graphdef, state), nnx.merge(graphdef, ref_state)
+    model, ref = nnx.merge(graphdef, state), nnx.merge(ref_graphdef, ref_state)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     (hid, head), (ref_hid, ref_head) = _model_head(model), _model_head(ref)
     h, rh = hid(inputs), ref_hid(inputs)
@@ -129,12 +129,14 @@ class ReferenceComparison:
         return {prefix + k: v for k, v in dataclasses.asdict(self).items() if k != "tokens"}
 
 
-def compare_to_reference(model: nnx.Module, reference: nnx.Module, tokens, *, chunk: int = 256) -> ReferenceComparison:
+def compare_to_reference(model: nnx.Module, reference: nnx.Module, tokens, *, chunk: int = 256,
+                         any_structure: bool = False) -> ReferenceComparison:
     """Score ``model`` against ``reference`` on ``tokens`` (``[T]`` or ``[B, T]``, whole causal sequences as in
     :func:`token_nll`): both perplexities with their errors, the paired perplexity ratio, the mean KL divergence
     and the top-1 agreement. Both models must share one structure (e.g. a quantized copy whose kernels were
-    swapped for their dequantized values); both run in one compiled program, logits ``chunk`` positions at a
-    time.
+    swapped for their dequantized values) unless ``any_structure`` is True (then the reference may be another
+    model over the same vocabulary, e.g. the float original of a model whose activations are quantized);
+    both run in one compiled program, logits ``chunk`` positions at a time.
 
     Example:
         >>> import numpy as np
@@ -153,10 +155,11 @@ def compare_to_reference(model: nnx.Module, reference: nnx.Module, tokens, *, ch
         raise ValueError(f"tokens: need at least 2 per row to score, got shape {tuple(tokens.shape)}")
     graphdef, state = nnx.split(model)
     ref_graphdef, ref_state = nnx.split(reference)
-    if ref_graphdef != graphdef:
-        raise ValueError("reference: must have the same structure as model (same modules and shapes)")
-    cols = {k: np.asarray(v, np.float64).ravel() for k, v in _paired_token_stats(graphdef, state, ref_state, tokens,
-                                                                                  chunk).items()}
+    if ref_graphdef != graphdef and not any_structure:
+        raise ValueError("reference: must have the same structure as model (same modules and shapes), "
+                         "or pass any_structure=True")
+    cols = {k: np.asarray(v, np.float64).ravel()
+            for k, v in _paired_token_stats(graphdef, ref_graphdef, state, ref_state, tokens, chunk).items()}
     n = len(cols["nll"])
     # exp of the float32 mean, as perplexity() computes it, so the figures agree bit for bit
     ppl = float(np.exp(np.float32(np.mean(cols["nll"].astype(np.float32)))))

@@ -11,7 +11,9 @@ Two levels, one obvious place each:
   (no runtime divide: what GGUF export needs); ``ScaleGroup``/``scale_groups`` name those layers.
 * array level, on one Flax kernel ``W (in, out)``: ``rtn_weight(W, spec)``, ``gptq_weight(W, H, spec, ...)``,
   ``awq_weight(W, X, spec, ...) -> (qtensor, s)``, ``hqq_weight(W, spec, ...)`` return a ``qlab.QTensor``;
-  ``smoothquant_scales(act_absmax, W, alpha)``, ``outlier_columns(act_absmax, threshold=6.0)``.
+  ``smoothquant_scales(act_absmax, W, alpha)``, ``outlier_columns(act_absmax, threshold=6.0)``; the paper's outlier-feature count ``outlier_dims`` /
+  ``systematic_outliers`` and ``zero_input_features(model, {path: dims})``; AWQ's saliency ablation ``salient_channels``,
+  ``rtn_keep_float``, ``rtn_scaled``.
   (They are also ``qlab.ptq.gptq.gptq`` etc. in their modules.)
 
 Example:
@@ -32,8 +34,10 @@ from qlab.ptq.gptq import gptq as gptq_weight
 from qlab.ptq.gptq import inverse_hessian_cholesky
 from qlab.ptq.hqq import hqq as hqq_weight
 from qlab.ptq.hqq import shrink_lp
-from qlab.ptq.outliers import outlier_columns, outlier_fraction
+from qlab.ptq.outliers import (outlier_columns, outlier_dims, outlier_fraction, position_fractions,
+                                systematic_outliers, zero_input_features)
 from qlab.ptq.rtn import resolve_weight_spec
+from qlab.ptq.saliency import rtn_keep_float, rtn_scaled, salient_channels
 from qlab.ptq.rtn import rtn as rtn_weight
 from qlab.ptq.smoothquant import apply_input_scale, smoothquant_scales
 
@@ -65,5 +69,12 @@ __all__ = [
     "apply_input_scale",
     "outlier_columns",
     "outlier_fraction",
+    "position_fractions",
+    "outlier_dims",
+    "systematic_outliers",
+    "zero_input_features",
+    "salient_channels",
+    "rtn_keep_float",
+    "rtn_scaled",
     "resolve_weight_spec",
 ]
