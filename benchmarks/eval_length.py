@@ -115,7 +115,7 @@ def main():
     print(f"summary: float perplexity se < 1% from {ppl_ok if ppl_ok else '> ' + str(table[-1]['tokens'])} tokens "
           f"({100 * table[-1]['ppl_rel_se']:.2f}% at {table[-1]['tokens']}); {ns.spec} paired ratio se < 1% from "
           f"{ratio_ok if ratio_ok else '> ' + str(table[-1]['tokens'])} tokens "
-          f"({100 * table[0]['ratio_rel_se']:.2f}% at {table[0]['tokens']}); total {time.time() - t0:.0f}s")
+          f"({100 * table[-1]['ratio_rel_se']:.2f}% at {table[-1]['tokens']}); total {time.time() - t0:.0f}s")
 
 
 if __name__ == "__main__":
