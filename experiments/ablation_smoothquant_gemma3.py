@@ -384,14 +384,14 @@ FINDINGS = """## What it shows
 | paper | qlab (Gemma 3 270M, W8 per-channel) | agrees? |
 |---|---|---|
 | O3 (static per-tensor activations): U shape in alpha, best 0.4-0.6 (OPT-175B) | static per-tensor: RTN 1.561, alpha 0 1.511, falling to 1.32-1.33 at 0.6-0.7 (best 1.320 +- 0.033 at 0.7), rising to 1.418 / 1.428 at 0.9 / 1.0; KL 0.422 (RTN) -> 0.281 (0.7) -> 0.312 (1.0) | partly: a shallow U with its bottom at 0.6-0.7, not 0.4-0.6; neighbouring alphas differ by about one paired se (0.3 vs 0.4), so the U's shape is clear only across the range |
-| per-token activations hide much of the effect | per-token: ratio 1.009-1.039 at every alpha (RTN 1.023), no trend beyond its se (0.007); KL halves, 0.038 (RTN) -> 0.019-0.023 for alpha >= 0.2 | yes |
+| per-token activations hide much of the effect | per-token: ratio 1.009-1.039 at every alpha (RTN 1.023), no monotone trend (the values scatter by a few of their paired se, 0.007); KL halves, 0.038 (RTN) -> 0.019-0.023 for alpha >= 0.2 | yes |
 | SmoothQuant W8A8 close to float (O3, OPT-175B) | static per-tensor stays 32% above float at its best; per-token is within 1-4% with or without smoothing | no (static) |
 
 - **Why the U is shallow and its bottom late.** Before smoothing, the normed inputs have channel max/median ratios
   of 7-19 (q/k/v: median 10.4 over blocks 2-17; gate/up: 8.4) and absolute maxima far above the rest of the model in
   blocks 0-1 (q/k/v input max 316 and 257, against a median of 66 in the other blocks): the outlier channels the
   paper describes, plus the whole-vector scale of blocks 0-1 that `results/ablations/llm_int8` found (every one of
-  the 640 dimensions above 6 there). The weights are flat (max/median row ratio 1.9-5.5, median 2.4 / 3.4), so
+  the 640 dimensions above 6 there). The weights are flat (max/median row ratio 1.8-5.5, median 2.4 / 3.4), so
   migrating costs them little, and with per-channel weight scales the smoothed rows (max/median 7.5 / 5.8 at alpha
   0.8, 12.4 / 9.0 at 1.0) still quantize well: the right arm of the U rises late and only a little, as MiniLM's
   per-channel columns showed. At alpha 0.5 the smoothed inputs still have max/median 3.5 (q/k/v) and 2.7 / 4.9 in
@@ -399,11 +399,12 @@ FINDINGS = """## What it shows
 - **Why static per-tensor W8A8 stays far from float.** SmoothQuant (as the paper) leaves o_proj and down_proj
   unsmoothed, and their static per-tensor ranges are large: the largest static range of the model after smoothing is
   139 at every alpha >= 0.1 (`static_range_max` in `runs.csv`: an unsmoothed layer; 316, block 0's q/k/v input,
-  before smoothing). `results/ablations/llm_int8` found the attention output of blocks 0-1 to hold hundreds of
-  features above 6. Smoothing removes at most 38% of the log-perplexity gap of RTN (ratio 1.561 -> 1.320); the
+  before smoothing). `results/ablations/llm_int8` found 286 and 41 outlier features (maxima 78 and 97) in the
+  attention output of blocks 0 and 1, o_proj's input. Smoothing removes at most 38% of the log-perplexity gap of RTN (ratio 1.561 -> 1.320); the
   rest is not attributed layer by layer here (no per-layer error was measured in this study).
 - **Per-token scales** already handle the outlier channels token by token, so perplexity is flat in alpha within
-  its paired se, as the paper says; KL, which is ten times more precise here, still halves with smoothing.
+  its paired se, as the paper says; KL, whose se (about 0.001) is small against its changes, still halves with
+  smoothing.
 - **Folding.** Scales are per layer, stored as a runtime divide of each layer's input (as qlab.ptq.smoothquant does
   and as the MiniLM study ran), not one scale shared by q/k/v and folded into Gemma's RMSNorm gain; that the folded
   form is exact in float on Gemma 3 (max |logit diff| 0.6-1.2e-6 of the largest logit at alpha 0 / 0.5 / 0.85 / 1)
