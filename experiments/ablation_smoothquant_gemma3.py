@@ -390,7 +390,8 @@ FINDINGS = """## What it shows
 - **Why the U is shallow and its bottom late.** Before smoothing, the normed inputs have channel max/median ratios
   of 7-19 (q/k/v: median 10.4 over blocks 2-17; gate/up: 8.4) and absolute maxima far above the rest of the model in
   blocks 0-1 (q/k/v input max 316 and 257, against a median of 66 in the other blocks): the outlier channels the
-  paper describes, plus the whole-vector scale of blocks 0-1 that `results/ablations/llm_int8` found (every one of
+  paper describes (in `channels.png`, block 8's q/k/v input: max/median 15.8, largest on dimension 87, one of the
+  14 systematic outlier dimensions of `results/ablations/llm_int8`; 3.9 after alpha 0.5, 1.7 after 0.8), plus the whole-vector scale of blocks 0-1 that `results/ablations/llm_int8` found (every one of
   the 640 dimensions above 6 there). The weights are flat (max/median row ratio 1.8-5.5, median 2.4 / 3.4), so
   migrating costs them little, and with per-channel weight scales the smoothed rows (max/median 7.5 / 5.8 at alpha
   0.8, 12.4 / 9.0 at 1.0) still quantize well: the right arm of the U rises late and only a little, as MiniLM's
