@@ -335,26 +335,10 @@ def _plot_layers(out, runs, layers, plt):
 
 def channel_plot(out: Path, ch: pd.DataFrame, layer: str):
     """Per-channel activation absmax of ``layer`` before smoothing and after (``channels.csv``: columns ``absmax``
-    and ``smoothed_<alpha>``)."""
-    import matplotlib
+    and ``smoothed_<alpha>``): :func:`qlab.plot.channel_maxima`."""
+    from qlab import plot as qplot  # deferred: matplotlib only when plotting
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    absmax = ch["absmax"].to_numpy()
-    after = {c.split("_", 1)[1]: ch[c].to_numpy() for c in ch if c.startswith("smoothed_")}
-    fig, axes = plt.subplots(1, 1 + len(after), figsize=(4 * (1 + len(after)), 3.4), sharey=True)
-    axes[0].bar(np.arange(len(absmax)), absmax, width=1.0, color="C3")
-    axes[0].set_title(f"{layer}: before (max/median {absmax.max() / np.median(absmax):.1f})", fontsize=8)
-    for ax, (alpha, v) in zip(axes[1:], after.items()):
-        ax.bar(np.arange(len(v)), v, width=1.0, color="C0")
-        ax.set_title(f"after, alpha {alpha} (max/median {v.max() / np.median(v):.1f})", fontsize=8)
-    for ax in axes:
-        ax.set_xlabel("input channel")
-    axes[0].set_ylabel("max |x| over calibration tokens")
-    fig.tight_layout()
-    fig.savefig(out / "channels.png", dpi=120)
-    plt.close(fig)
+    qplot.save(qplot.channel_maxima(ch, layer), out / "channels.png")
 
 
 def readme(runs, layers, study: dict) -> str:

@@ -128,6 +128,19 @@ class ReferenceComparison:
         """The fields as a flat dict (``tokens`` left out), keys prefixed by ``prefix``."""
         return {prefix + k: v for k, v in dataclasses.asdict(self).items() if k != "tokens"}
 
+    def row(self) -> dict[str, float]:
+        """The columns the language-model studies store per run: ``perplexity`` (+ ``_se``), ``float_perplexity``
+        (+ ``_se``: the reference's), ``ppl_ratio`` (+ ``_se``), ``kl`` (+ ``_se``), ``top1`` (+ ``_se``).
+
+        Example:
+            >>> c = ReferenceComparison(8, 12.0, 1.0, 10.0, 0.9, 1.2, 0.01, 0.05, 0.01, 0.9, 0.03)
+            >>> r = c.row(); r["perplexity"], r["float_perplexity_se"], r["ppl_ratio"], len(r)
+            (12.0, 0.9, 1.2, 10)
+        """
+        return {"perplexity": self.ppl, "perplexity_se": self.ppl_se, "float_perplexity": self.ref_ppl,
+                "float_perplexity_se": self.ref_ppl_se, "ppl_ratio": self.ppl_ratio, "ppl_ratio_se": self.ppl_ratio_se,
+                "kl": self.kl, "kl_se": self.kl_se, "top1": self.top1, "top1_se": self.top1_se}
+
 
 def compare_to_reference(model: nnx.Module, reference: nnx.Module, tokens, *, chunk: int = 256,
                          any_structure: bool = False) -> ReferenceComparison:

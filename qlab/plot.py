@@ -29,7 +29,7 @@ from matplotlib.figure import Figure
 from qlab.numerics import Fixed, PerTensor, fake_quant, parse_spec, sqnr_db
 
 __all__ = ["figure", "QFigure", "quant_grid", "pareto", "pareto_front", "metric_vs_bits", "layer_bars", "weight_histogram", "save",
-           "LABELS", "series_labels", "study_figures", "save_study_figures"]
+           "channel_maxima", "LABELS", "series_labels", "study_figures", "save_study_figures"]
 
 #: Axis labels (with units) for the usual result columns.
 LABELS = {
@@ -337,6 +337,37 @@ def weight_histogram(w, spec=None, *, bins: int = 120, ax=None, title: str | Non
     ax.set_ylabel("count")
     ax.legend(fontsize=7)
     ax.set_title(title or head)
+    return fig
+
+
+def channel_maxima(channels, layer: str = "", *, log: bool = False) -> Figure:
+    """Per-input-channel activation maxima of one layer before smoothing and after (SmoothQuant's picture):
+    ``channels`` is a table (or dict of arrays) with a column ``absmax`` (``max |x|`` per input channel over the
+    calibration tokens) and one ``smoothed_<alpha>`` column per alpha (``absmax / s``); one panel each, titled with
+    the max / median channel ratio. ``log``: a log y axis (for maxima that span decades).
+
+    Example:
+        >>> import numpy as np
+        >>> a = np.array([1.0, 2.0, 40.0, 1.5])
+        >>> fig = channel_maxima({"absmax": a, "smoothed_0.5": np.sqrt(a)}, "layers/0/mlp/up_proj")
+        >>> len(fig.axes), fig.axes[1].get_title()
+        (2, 'after, alpha 0.5 (max/median 4.8)')
+    """
+    absmax = np.asarray(channels["absmax"], np.float64)
+    after = {c.split("_", 1)[1]: np.asarray(channels[c], np.float64) for c in channels if c.startswith("smoothed_")}
+    fig = figure(figsize=(4 * (1 + len(after)), 3.4))
+    axes = fig.subplots(1, 1 + len(after), sharey=True, squeeze=False)[0]
+    axes[0].bar(np.arange(len(absmax)), absmax, width=1.0, color="C3")
+    axes[0].set_title(f"{layer + ': ' if layer else ''}before (max/median {absmax.max() / np.median(absmax):.1f})",
+                      fontsize=8)
+    for ax, (alpha, v) in zip(axes[1:], after.items()):
+        ax.bar(np.arange(len(v)), v, width=1.0, color="C0")
+        ax.set_title(f"after, alpha {alpha} (max/median {v.max() / np.median(v):.1f})", fontsize=8)
+    for ax in axes:
+        ax.set_xlabel("input channel")
+        if log:
+            ax.set_yscale("log")
+    axes[0].set_ylabel("max |x| over calibration tokens")
     return fig
 
 

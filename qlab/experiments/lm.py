@@ -53,7 +53,7 @@ from . import methods, search
 from .methods import SEARCH_KEYS, SPEC_KEYS, Family, layer_table, register, register_family, size_metrics
 from .study import BUILTIN_RULE_SETS
 
-__all__ = ["lm_model", "lm_linears", "layer_shapes", "search_costs", "TINY_TEXT"]
+__all__ = ["lm_model", "lm_linears", "layer_shapes", "search_costs", "calibration_windows", "TINY_TEXT"]
 
 #: A short text for ``data`` / ``calibration`` = "tiny_text" (tests).
 TINY_TEXT = ("the cat sat at the inn. the heat in the attic was a trial, and the cat ran. "
@@ -268,6 +268,19 @@ def _calibration(model: str, calibration: str, seqs: int, length: int) -> np.nda
     rng = np.random.default_rng(0)
     starts = _random_starts(model, calibration, length, f"calibration_len = {length}", rng, seqs)
     return _windows(model, calibration, length, starts)
+
+
+def calibration_windows(model: str, text: str, seqs: int = 32, length: int = 256) -> np.ndarray:
+    """The calibration tokens of qlab's Gemma studies: ``(seqs, length)`` int32, ``seqs`` windows of the text
+    (``"emma"``: Emma, ``"tiny_text"`` for ``gemma3_tiny``), each BOS + ``length - 1`` tokens from a random start
+    (seed 0; the same windows as the ``calibration*`` keys of an ``lm`` study pick).
+
+    Example:
+        >>> w = calibration_windows("gemma3_tiny", "tiny_text", seqs=3, length=8)
+        >>> w.shape, bool((w[:, 0] == lm_model("gemma3_tiny")[0].config.bos_id).all())
+        ((3, 8), True)
+    """
+    return _calibration(model, text, seqs, length)
 
 
 _stats_cache: dict[tuple, Any] = {}
