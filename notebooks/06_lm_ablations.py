@@ -11,9 +11,9 @@
 # ---
 
 # %% [markdown]
-# # 06 · Language-model ablations: 4-bit formats, SmoothQuant's alpha, sanity checks, LLM.int8() outliers, AWQ saliency
+# # 06 · Language-model ablations: 4-bit formats, SmoothQuant's alpha, sanity, LLM.int8() outliers, AWQ saliency, GPTQ
 #
-# Five classic findings rerun with qlab on real models, each as a short paper section: the question, the
+# Six classic findings rerun with qlab on real models, each as a short paper section: the question, the
 # setup, qlab's table beside the paper's figure, the plot, and what it shows.
 #
 # * **4-bit formats** (QLoRA's NF4; the MX and NVFP4 block formats) on Gemma 3 270M at matched bits per weight;
@@ -24,7 +24,9 @@
 # * **LLM.int8() outlier features** in Gemma 3 270M: their count, W8A8 activation schemes with and without the
 #   mixed-precision decomposition, zeroing them against zeroing random dimensions;
 # * **AWQ's salient channels** on Gemma 3 270M at W3 g128: keeping 0.1-3% of the input channels float, chosen by
-#   activation, by weight or at random, and scaling the salient ones instead.
+#   activation, by weight or at random, and scaling the salient ones instead;
+# * **GPTQ** on Gemma 3 270M: int4 / int3 per-channel and in groups of 128 / 64 / 32, act-order off and on, the size
+#   and the domain of the calibration text, against RTN.
 #
 # `SMALL = True` (the default, what CI runs: about two minutes on 2 CPU cores) runs each experiment shrunk, on the
 # toy `gemma3_tiny` and on MiniLM with a few dozen sentences, into `$QLAB_RESULTS/nb06_*_small/`, to show the
@@ -32,7 +34,8 @@
 # section loads. `SMALL = False` reruns the full formats study into `$QLAB_RESULTS/ablations/formats4/` (about 25
 # min; it resumes) and sections 4-5 on the real model; the SmoothQuant one is `python experiments/ablation_smoothquant.py`
 # (about 35 min), the LLM.int8 and AWQ ones `python experiments/ablation_llm_int8.py` (10 min) and
-# `python experiments/ablation_awq_saliency.py`.
+# `python experiments/ablation_awq_saliency.py`, the GPTQ one `qlab sweep experiments/ablation_gptq.toml --out
+# results/ablations/gptq` (about two minutes a run on 2 CPU cores).
 #
 # Needs the Gemma and MiniLM packages and Debian `fortunes` (the loaders say how to install them).
 
@@ -447,3 +450,67 @@ else:
 # (61% of the log-perplexity gap at 1%, 73% at 3%, against 94% for OPT-6.7B): W3 RTN hurts Gemma 3 270M far more to
 # begin with (ratio 13.3 against 2.2) and its salient set is wider than 1%. Scaling the 1% channels instead gives
 # AWQ's U in s with its best at s = 2 (72.8; s = 4: 98.8). Details: `results/ablations/awq_saliency/README.md`.
+
+# %% [markdown]
+# ## 6 · GPTQ: group size, act-order and calibration
+#
+# **Question.** GPTQ (Frantar et al. 2023, OPT on WikiText-2): 4- and 3-bit RTN collapse first on the small models
+# and GPTQ recovers most of the gap; groups (g128, g64, g32) help further at 3 bits; act-order ("desc_act") matters
+# most on models with outliers (OPT-66B: 4-bit 9.55 -> 9.34, 3-bit 14.16 -> 9.95). How much do group size,
+# act-order, the number of calibration sequences and the calibration text's domain matter on Gemma 3 270M?
+#
+# **Setup.** The study `experiments/ablation_gptq.toml`: every projection at int4 / int3, per-channel or in groups
+# of 128 / 64 / 32, GPTQ with act-order off and on, one-pass calibration (`sequential = false`: the Hessians captured
+# once from the float model per calibration setting) on 8 / 32 / 128 windows of 256 tokens of Emma, or 32 of the
+# King James Bible or of fortunes; RTN at the same specs. At the small size: the toy `gemma3_tiny` (random weights,
+# 32-wide layers, so groups of 16), int3/g16 only, calibration on 8 windows of 16 tokens of the tiny text (and 2 windows
+# without act-order).
+
+# %%
+if SMALL:
+    gptq_study = {"name": "nb06_gptq_small",
+                  "base": {"model": "gemma3_tiny", "data": "tiny_text", "eval_tokens": 64, "calibration": "tiny_text",
+                           "calibration_seqs": 8, "calibration_len": 16, "sequential": False},
+                  "include": [{"method": "float"}],
+                  "sweep": [{"method": ["ptq_rtn"], "weight": ["int3/g16"]},
+                            {"method": ["ptq_gptq"], "weight": ["int3/g16"], "act_order": [False, True]},
+                            {"method": ["ptq_gptq"], "weight": ["int3/g16"], "calibration_seqs": [2]}]}
+    GPTQ_OUT = RESULTS / "nb06_gptq_small"
+else:
+    gptq_study = REPO / "experiments" / "ablation_gptq.toml"
+    GPTQ_OUT = RESULTS / "ablations" / "gptq"
+gptq_study = qx.load_study(gptq_study)
+qx.sweep(gptq_study, out=GPTQ_OUT, progress=False)
+
+
+def gptq_table(out):
+    """Per run: method (RTN / GPTQ / GPTQ + act-order), weight spec, calibration text and size, perplexity +- se,
+    the paired ratio to float +- se, KL and top-1."""
+    r = qx.load_results(out)
+    act = r["act_order"].eq(True) & r["method"].eq("ptq_gptq")
+    r = r.assign(method=r["method"].str.replace("ptq_", "") + np.where(act, "+act", ""),
+                 weight=r["weight"].fillna("float"),
+                 calibration=np.where(r["method"].eq("ptq_gptq"), r["calibration"].astype(object), "-"),
+                 seqs=np.where(r["method"].eq("ptq_gptq"), r["calibration_seqs"].fillna(0), 0).astype(int))
+    cols = {"method": "method", "weight": "weight", "calibration": "calibration", "seqs": "seqs",
+            "perplexity": "ppl", "perplexity_se": "ppl se", "ppl_ratio": "ratio", "ppl_ratio_se": "ratio se",
+            "kl": "KL", "top1": "top-1"}
+    return (r[list(cols)].rename(columns=cols).sort_values(["calibration", "seqs", "weight", "method"])
+            .reset_index(drop=True).round(4))
+
+
+display(gptq_table(GPTQ_OUT))
+
+# %% [markdown]
+# The committed full-size run (`results/ablations/gptq/`: Gemma 3 270M, 1,024 evaluation tokens of Pride and
+# Prejudice; its README lists the runs of the study that were not run):
+
+# %%
+FULL_GPTQ = ABL / "gptq"
+if (FULL_GPTQ / "runs.csv").is_file():
+    full_gptq = gptq_table(FULL_GPTQ)
+    display(full_gptq.pivot_table(index="weight", columns=["method", "calibration", "seqs"], values="ratio"))
+    display(Image(filename=str(FULL_GPTQ / "gptq.png")))
+else:
+    print(f"{FULL_GPTQ / 'runs.csv'} is absent: run `qlab sweep experiments/ablation_gptq.toml "
+          "--out results/ablations/gptq`.")
