@@ -277,6 +277,9 @@ NOTES = """Paper beside qlab (ratio = perplexity / float perplexity, paired se; 
   ratios, so a difference under about two combined se (sqrt(se1^2 + se2^2)) is a tie. Act-order never loses; its
   gain at int4/ch (0.13) and int4/g128 (0.066) is at the edge of that, and at int3/g128 the top-1 agreement
   (se about 0.015) separates the two clearly.
+- RTN alone gains far more from groups than GPTQ does (int4 ch / g128 / g64 / g32: 3.75 / 2.04 / 1.88 / 1.59;
+  int3: collapsed / 201 / 32.3 / 13.2), so GPTQ's lead over RTN shrinks with the group size (int4/g32: 1.15 against
+  1.59). RTN int4/g64 and int4/g32 reproduce `results/ablations/formats4` exactly (1.875, 1.585).
 - One-pass against block-by-block calibration: the study `results/gemma3_ptq` (same model, same 1,024 tokens, same
   32 x 256 Emma windows, `sequential = true`) measured GPTQ int4/ch 25.47 (act-order 25.21), int4/g128 21.52
   (20.98), int3/g128 66.11 (51.49). One pass gives int4/ch 25.83 (23.60), int4/g128 21.65 (20.51): the same at 4
