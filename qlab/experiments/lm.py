@@ -44,7 +44,7 @@ import pandas as pd
 
 from qlab import analysis, ptq
 from qlab import nn as qnn
-from qlab.data.text import AUSTEN_NOVELS, load_austen
+from qlab.data.text import AUSTEN_NOVELS, load_austen, load_text
 from qlab.evaluate import compare_to_reference, perplexity_with_error
 from qlab.models import gemma3 as G
 from qlab.train import lm_loss, train
@@ -72,7 +72,8 @@ def _check_data(name: str) -> None:
 FAMILY = register_family(Family(
     "lm", models=("gemma3", "gemma3_tiny"), datasets=("austen", "tiny_text"),
     reads=("model", "data", "eval_tokens", "seed"),
-    choices={"calibration": (*AUSTEN_NOVELS, "tiny_text"), "qat_init": ("rtn", "gptq")}, check_data=_check_data,
+    choices={"calibration": (*AUSTEN_NOVELS, "kjv", "fortunes", "tiny_text"), "qat_init": ("rtn", "gptq")},
+    check_data=_check_data,
     metric="perplexity"))
 
 _models: dict[str, tuple[Any, Any]] = {}
@@ -226,6 +227,8 @@ def _search_rules(run, model):
 
 
 def _text(name: str) -> str:
+    if name in ("kjv", "fortunes"):  # other-domain calibration text (King James Bible, Debian fortunes)
+        return load_text(name)
     return TINY_TEXT if name == "tiny_text" else load_austen("prideprejudice" if name == "austen" else name)
 
 

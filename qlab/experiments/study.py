@@ -94,7 +94,7 @@ KEYS: dict[str, Key] = {
     "rules": Key("all", "rule set: all, first_last_8bit, first_last_float, or one of [rule_sets]"),
     "seed": Key(0, "model init and batch order (the float model and QAT)", "nonneg"),
     "eval_tokens": Key(1024, "perplexity over the first N tokens (BOS + text) of the data text", "positive"),
-    "calibration": Key("emma", "calibration text: an Austen novel name or tiny_text"),
+    "calibration": Key("emma", "calibration text: an Austen novel name, kjv, fortunes or tiny_text"),
     "calibration_seqs": Key(32, "calibration windows ...", "positive"),
     "calibration_len": Key(256, "... of this many tokens (BOS + text), at fixed random offsets", "positive"),
     "act_order": Key(False, "GPTQ: quantize columns in order of decreasing Hessian diagonal"),
