@@ -16,7 +16,7 @@ Example:
     3
 """
 
-from . import image, lm  # noqa: F401 -- registers the image and language-model families and their methods
+from . import image, lm, lm_ablations  # noqa: F401 -- registers the image and language-model families and their methods
 from .methods import FAMILIES, REGISTRY, SPEC_KEYS, Family, Method, method_for, register, register_family, size_metrics
 from .results import compare_tables, load_results, method_labels, method_table, setting_label
 from .runner import SweepError, plan, sweep

@@ -1,6 +1,7 @@
 """The language-model family: Gemma 3 (``model = "gemma3"``: Gemma 3 270M; ``"gemma3_tiny"``: a random toy for
 tests) and its methods ``float``, ``ptq_rtn``, ``ptq_gptq`` (``act_order``), ``ptq_awq``, ``ptq_hqq`` and ``qat``
-(weight QAT of the projections from RTN or GPTQ, trained on the ``calibration`` text).
+(weight QAT of the projections from RTN or GPTQ, trained on the ``calibration`` text); the ablation methods
+``ptq_smoothquant``, ``rtn_salient`` and ``zero_outliers`` are in :mod:`qlab.experiments.lm_ablations`.
 
 The model is loaded once per process. The built-in rule sets (``all``, ``first_last_*``: ``@first`` / ``@last``
 are projections) apply to the attention and MLP projections, and the tied embedding stays float; a study's own
@@ -8,7 +9,9 @@ are projections) apply to the attention and MLP projections, and the tied embedd
 rule quantizes it; ``{pattern = "embed", weight = "int8/ch"}`` names it), and what no rule matches stays float.
 An embedding's spec resolves per token row (``int8/ch`` = one scale per row, ``int4/g32`` = groups along the row);
 GPTQ / AWQ calibrate it as the tied output head, on the final hidden states. The attention's own products
-(q.k^T, p.v) stay float. Each run reports ``perplexity``
+(q.k^T, p.v) stay float. Weight-only runs are evaluated through the float model with their effective kernels
+swapped in (one compiled evaluation for every spec); runs that quantize inputs (``act``; ``ptq_rtn``'s
+``outlier_threshold``: LLM.int8's decomposition) evaluate the quantized model itself. Each run reports ``perplexity``
 on the first ``eval_tokens`` tokens of the ``data`` text with its standard error over tokens (``perplexity_se``),
 ``float_perplexity`` (and ``float_perplexity_se``), ``perplexity_increase``, the paired figures against the float
 model on the same tokens (``ppl_ratio`` with ``ppl_ratio_se``, mean KL divergence ``kl``, top-1 agreement ``top1``,
@@ -72,7 +75,9 @@ def _check_data(name: str) -> None:
 FAMILY = register_family(Family(
     "lm", models=("gemma3", "gemma3_tiny"), datasets=("austen", "tiny_text"),
     reads=("model", "data", "eval_tokens", "seed"),
-    choices={"calibration": (*AUSTEN_NOVELS, "kjv", "fortunes", "tiny_text"), "qat_init": ("rtn", "gptq")},
+    choices={"calibration": (*AUSTEN_NOVELS, "kjv", "fortunes", "tiny_text"), "qat_init": ("rtn", "gptq"),
+             "smooth": ("norm_inputs", "all", "none"), "act_scales": ("dynamic", "static"),
+             "saliency": ("activation", "weight", "random"), "zero_dims": ("systematic", "random")},
     check_data=_check_data,
     metric="perplexity"))
 
@@ -165,6 +170,9 @@ def search_costs(run):
 
 
 def _check(run) -> None:
+    if run.get("outlier_threshold") is not None and run.act is None:
+        raise ValueError(f"outlier_threshold = {run['outlier_threshold']} decomposes the quantized inputs: set act "
+                         "(e.g. act = \"int8/ch\", LLM.int8's per-token int8)")
     if run.search is not None:
         search.check_search(run.search, *search_costs(run))
         return
@@ -369,10 +377,16 @@ def _perplexity_with(run, kernels: dict) -> tuple[float, float]:
         return perplexity_with_error(model, _eval_ids(run["model"], run["data"], int(run["eval_tokens"])))
 
 
+def _quantizes_inputs(rules) -> bool:
+    """Whether any rule quantizes a layer's input (an ``act`` spec, or LLM.int8's decomposition)."""
+    return any(r.act is not None or r.outlier_threshold is not None for r in rules)
+
+
 def _evaluate(run, quantize) -> tuple[dict, Any]:
     """Quantize the shared model's projections with ``quantize(model, rules) -> (qmodel, extra metrics)``
     and evaluate the result through the float model with the effective (fake-quantized) kernels swapped
-    in, so every spec shares one compiled evaluation."""
+    in, so every spec shares one compiled evaluation; ``extra["kernels"]`` (popped) overrides those kernels
+    (``{path: effective kernel}``). Runs that quantize activations evaluate the quantized model itself."""
     t0 = time.perf_counter()
     model, _ = lm_model(run["model"])
     key = (run["model"], run["data"], int(run["eval_tokens"]))
@@ -384,10 +398,14 @@ def _evaluate(run, quantize) -> tuple[dict, Any]:
     tq = time.perf_counter()
     qm, extra = quantize(model, rules)
     quant_s = time.perf_counter() - tq - extra.pop("shared_s", 0.0)
-    reference = nnx.clone(model)  # the float model, in variables of its own (merge would share them)
+    kernels = extra.pop("kernels", None)
     te = time.perf_counter()
-    with _weights_swapped(model, _effective_kernels(qm)):
-        c = compare_to_reference(model, reference, _eval_ids(*key))
+    if _quantizes_inputs(rules):  # activation quantizers (or outlier decomposition) run in the quantized model
+        c = compare_to_reference(qm, model, _eval_ids(*key), any_structure=True, chunk=128)
+    else:
+        reference = nnx.clone(model)  # the float model, in variables of its own (merge would share them)
+        with _weights_swapped(model, _effective_kernels(qm) if kernels is None else kernels):
+            c = compare_to_reference(model, reference, _eval_ids(*key))
     metrics = {"perplexity": c.ppl, "perplexity_se": c.ppl_se, "float_perplexity": fppl, "float_perplexity_se": fse,
                "perplexity_increase": c.ppl - fppl, **_comparison_metrics(c, model.config.vocab_size), **size_metrics(qm),
                "quant_s": quant_s, "eval_s": time.perf_counter() - te, **extra, **search_metrics}
@@ -407,10 +425,11 @@ def run_float(run, progress=False):
             **size_metrics(qnn.quantize_model(model, (), allow_unmatched=True)), "eval_s": eval_s}, None
 
 
-@register("ptq_rtn", family="lm", reads=(*SPEC_KEYS, *SEARCH_KEYS), check=_check,
-          search_reads=("calibration", "calibration_seqs", "calibration_len", "search_embed"))
+@register("ptq_rtn", family="lm", reads=(*SPEC_KEYS, *SEARCH_KEYS, "outlier_threshold"), check=_check,
+          search_reads=("calibration", "calibration_seqs", "calibration_len", "search_embed"),
+          rule_keys=("outlier_threshold",), int_matmul=False)
 def run_ptq_rtn(run, progress=False):
-    """Round-to-nearest quantization of the projections."""
+    """Round-to-nearest quantization of the projections (and their inputs: ``act``, ``outlier_threshold``)."""
     return _evaluate(run, lambda model, rules: (ptq.rtn(model, rules), {"calib_tokens": 0}))
 
 

@@ -19,7 +19,7 @@ Add your own (for the image family, reading the precision keys)::
 
 Example:
     >>> sorted(name for family, name in REGISTRY if family == "lm")
-    ['float', 'ptq_awq', 'ptq_gptq', 'ptq_hqq', 'ptq_rtn', 'qat']
+    ['float', 'ptq_awq', 'ptq_gptq', 'ptq_hqq', 'ptq_rtn', 'ptq_smoothquant', 'qat', 'rtn_salient', 'zero_outliers']
 """
 
 from __future__ import annotations

@@ -118,6 +118,26 @@ KEYS: dict[str, Key] = {
                             "predicting the next ones", "positive"),
     "qat_optimizer": Key("adam", "image QAT: adam (Adam) or sgd (SGD, momentum 0.9: the LSQ paper's optimizer), at "
                                  "qat_learning_rate"),
+    "outlier_threshold": Key(None, "lm ptq_rtn: LLM.int8's decomposition: input columns whose |x| exceeds this "
+                                   "anywhere in the sequence stay float with their weight rows (needs act)",
+                             "optional_positive"),
+    "alpha": Key(0.5, "ptq_smoothquant: migration strength in [0, 1], s = max|X|^alpha / max|W|^(1 - alpha)", "unit"),
+    "smooth": Key("norm_inputs", "ptq_smoothquant: the layers smoothed: norm_inputs (q/k/v and gate/up, whose "
+                                 "inputs follow a norm, as in the paper), all (every projection), or none (the "
+                                 "unsmoothed W8A8 baseline under the same activation calibration)"),
+    "act_scales": Key("dynamic", "ptq_smoothquant: dynamic (each input's own range) or static (one per-tensor range "
+                                 "per layer from the calibration maximum: the paper's O3)"),
+    "saliency": Key("activation", "rtn_salient: how a projection's salient input channels are chosen: activation "
+                                  "(mean |x| on the calibration text), weight (L2 norm of the kernel row) or "
+                                  "random (drawn with seed)"),
+    "salient_fraction": Key(0.01, "rtn_salient: the share of each projection's input channels that is salient, "
+                                  "in (0, 1) (at least one channel)", "unit"),
+    "salient_scale": Key(None, "rtn_salient: none keeps the salient channels' weight rows float (AWQ Table 1); s: "
+                               "scales them by s before RTN and their activations by 1/s (AWQ Table 2)",
+                         "optional_positive"),
+    "zero_dims": Key("systematic", "zero_outliers: systematic (the hidden dimensions that are outlier features in "
+                                   ">= 25% of the layers, LLM.int8's definition, on the evaluation text) or random "
+                                   "(as many other dimensions, drawn with seed)"),
     "lsq_grad_scale": Key(True, "qat_lsq: scale the learned steps' gradients by LSQ's g = 1/sqrt(N Qp) (N values share "
                                 "a step); false: g = 1 (the LSQ paper's ablation)"),
 }
@@ -126,9 +146,10 @@ DEFAULTS: dict[str, Any] = {k: v.default for k, v in KEYS.items()}
 LATE_KEYS = ("eval_tokens", "calibration", "calibration_seqs", "calibration_len", "act_order", "sequential",
              "clip_ratio")
 #: Keys left out of a run (and its hash) when its method does not read them (added after results were committed).
-METHOD_ONLY_KEYS = ("qat_init", "qat_seq_len", "search_embed", "qat_optimizer", "lsq_grad_scale")
+METHOD_ONLY_KEYS = ("qat_init", "qat_seq_len", "search_embed", "qat_optimizer", "lsq_grad_scale", "outlier_threshold",
+                    "alpha", "smooth", "act_scales", "saliency", "salient_fraction", "salient_scale", "zero_dims")
 #: Keys left out of a run (and its hash) at their default value (so results from before the key keep their hashes).
-OMIT_AT_DEFAULT = ("clip_ratio", "qat_optimizer", "lsq_grad_scale")
+OMIT_AT_DEFAULT = ("clip_ratio", "qat_optimizer", "lsq_grad_scale", "outlier_threshold")
 TOP_LEVEL = ("name", "description", "base", "sweep", "include", "rule_sets", "batch")
 
 #: Built-in rule sets. Patterns are regexes over layer paths (``layers/0``, ``head``, ``convs/1``...; matched
@@ -307,6 +328,10 @@ def _check_type(key: str, value, where: str):
     elif kind == "int_list":
         ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
         want = "a list of positive integers"
+    elif kind == "optional_positive":
+        ok, want = value is None or (number and value > 0), "a positive number (or left out)"
+    elif kind == "unit":
+        ok, want = number and 0 <= value <= 1, "a number in [0, 1]"
     elif kind == "nonneg":
         ok, want = isinstance(value, int) and not isinstance(value, bool) and value >= 0, "an integer >= 0"
     elif isinstance(default, bool):
@@ -397,7 +422,7 @@ def _search(config: dict, method: Method, where: str) -> Search | None:
 
 def _validate(config: dict, where: str, rule_sets) -> tuple[Method, QuantSpec | None, QuantSpec | None, list | None]:
     for k, v in config.items():
-        if v is not None or KEYS[k].kind not in ("spec", "budget"):
+        if v is not None or KEYS[k].kind not in ("spec", "budget", "optional_positive"):
             _check_type(k, v, where)
     try:
         fam = family_of(config["model"])
