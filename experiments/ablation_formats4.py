@@ -11,7 +11,6 @@ rewrites the table, plot and README from the stored runs.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -183,15 +182,8 @@ Paper beside qlab:
 """
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=str(ROOT / "results/ablations/formats4"))
-    ap.add_argument("--readme", action="store_true", help="only rewrite README.md and the plot from the stored runs")
-    a = ap.parse_args()
-    study = qx.load_study(ROOT / STUDY)
-    out = Path(a.out)
-    if not a.readme:
-        qx.sweep(study, out=out)
+def write(out: Path, study) -> None:
+    """The format table, ``formats.png`` and ``README.md`` from the stored runs."""
     runs, layers = qx.load_results(out, layers=True)
     plot(out, format_table(runs, layers))
     (out / "README.md").write_text(readme(runs, layers, study))
@@ -199,4 +191,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    qx.study_script(__doc__, ROOT / STUDY, ROOT / "results/ablations/formats4", write)

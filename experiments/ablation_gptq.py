@@ -10,7 +10,6 @@ plot and README from the stored runs; the runs of the study that are not stored 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -297,15 +296,8 @@ NOTES = """Paper beside qlab (ratio = perplexity / float perplexity, paired se; 
 """
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=str(ROOT / OUT))
-    ap.add_argument("--readme", action="store_true", help="only rewrite README.md and the plot from the stored runs")
-    a = ap.parse_args()
-    study = qx.load_study(ROOT / STUDY)
-    out = Path(a.out)
-    if not a.readme:
-        qx.sweep(study, out=out)
+def write(out: Path, study) -> None:
+    """The tables, ``gptq.png`` and ``README.md`` from the stored runs."""
     runs = qx.load_results(out)
     t = run_table(runs)
     plot(out, t)
@@ -316,4 +308,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    qx.study_script(__doc__, ROOT / STUDY, ROOT / OUT, write)

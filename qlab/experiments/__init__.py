@@ -19,11 +19,11 @@ Example:
 from . import image, lm, lm_ablations  # noqa: F401 -- registers the image and language-model families and their methods
 from .methods import FAMILIES, REGISTRY, SPEC_KEYS, Family, Method, method_for, register, register_family, size_metrics
 from .results import compare_tables, load_results, method_labels, method_table, setting_label
-from .runner import SweepError, plan, sweep
+from .runner import SweepError, plan, study_script, sweep
 from .study import (BUILTIN_RULE_SETS, DEFAULTS, KEYS, ConfigError, Run, Study, config_hash, expand, load_study, methods_table,
                     schema_table)
 
 __all__ = ["FAMILIES", "REGISTRY", "SPEC_KEYS", "Family", "Method", "method_for", "register", "register_family",
            "size_metrics", "compare_tables", "load_results", "method_labels", "method_table", "setting_label",
-           "SweepError", "plan", "sweep", "BUILTIN_RULE_SETS", "DEFAULTS", "KEYS", "ConfigError", "Run", "Study",
+           "SweepError", "plan", "study_script", "sweep", "BUILTIN_RULE_SETS", "DEFAULTS", "KEYS", "ConfigError", "Run", "Study",
            "config_hash", "expand", "load_study", "schema_table", "methods_table"]

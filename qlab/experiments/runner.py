@@ -36,7 +36,7 @@ from .results import (atomic_write_text, claim_run, load_results, read_runs, reb
                       write_run)
 from .study import KEYS, ConfigError, Run, Study, load_study
 
-__all__ = ["sweep", "plan", "parse_only", "SweepError"]
+__all__ = ["sweep", "plan", "parse_only", "SweepError", "study_script"]
 
 
 class SweepError(RuntimeError):
@@ -281,3 +281,28 @@ def sweep(study, *, force: bool = False, only: str | None = None, out=None, prog
     if failures and raise_on_error:
         raise SweepError(failures)
     return table
+
+
+def study_script(doc: str, study, default_out, write, argv=None):
+    """The command line of a study's report script, ``python experiments/<script>.py [--out DIR] [--readme]``:
+    run the study (resumable: the same as ``qlab sweep <study_file> --out DIR``) unless ``--readme``, then
+    ``write(out_dir, study)`` (``study``: a TOML path, a dict or a :class:`Study`), which writes the study's own tables, plots and README.md from the stored runs.
+
+    Example:
+        >>> import tempfile
+        >>> out = tempfile.mkdtemp()
+        >>> study = {"name": "doc", "base": {"steps": 20, "hidden": [16], "train_size": 256}}
+        >>> study_script("A study.", study, out, lambda o, st: print(st.name, len(load_results(o))), argv=[])
+        doc 1
+    """
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
+    ap.add_argument("--out", default=str(default_out), help=f"results folder (default {default_out})")
+    ap.add_argument("--readme", action="store_true", help="only rewrite the tables, plots and README from the stored runs")
+    a = ap.parse_args(argv)
+    st = study if isinstance(study, Study) else load_study(study)
+    out = pathlib.Path(a.out)
+    if not a.readme:
+        sweep(st, out=out)
+    return write(out, st)
