@@ -34,11 +34,10 @@
 # toy `gemma3_tiny` and on MiniLM with a few dozen sentences, into `$QLAB_RESULTS/nb06_*_small/`, to show the
 # mechanics; the findings come from the committed full-size studies under `results/ablations/`, which every
 # section loads. `SMALL = False` reruns the full formats study into `$QLAB_RESULTS/ablations/formats4/` (about 25
-# min; it resumes) and sections 4-5 on the real model; the SmoothQuant one is `python experiments/ablation_smoothquant.py`
-# (about 35 min), the LLM.int8 and AWQ ones `python experiments/ablation_llm_int8.py` (10 min) and
-# `python experiments/ablation_awq_saliency.py`, the Gemma SmoothQuant one `python experiments/ablation_smoothquant_gemma3.py`
-# (about 25 min), the GPTQ one `qlab sweep experiments/ablation_gptq.toml --out results/ablations/gptq` (about two
-# minutes a run on 2 CPU cores).
+# min; it resumes) and the Gemma studies of sections 4-7 into
+# `$QLAB_RESULTS/ablations/<name>/` (each `qlab sweep experiments/ablation_<name>.toml`, resumable; their times are
+# in `results/ablations/README.md`); the MiniLM SmoothQuant one is `python experiments/ablation_smoothquant.py`
+# (about 35 min).
 #
 # Needs the Gemma and MiniLM packages and Debian `fortunes` (the loaders say how to install them).
 
@@ -290,79 +289,74 @@ fig
 # zeropoint per-tensor 56.66, vector-wise 35.84, zeropoint vector-wise 25.72, LLM.int8() 25.83. What does a 270M
 # Gemma 3 have, and which W8A8 scheme does it need?
 #
-# **Setup.** One float pass captures the input of every projection (`qlab.nn.capture`); `qlab.ptq.outlier_dims`
-# counts each layer's outlier features, `qlab.ptq.systematic_outliers` those shared by >= 25% of the layers that
-# read the hidden state. W8A8: int8 per-channel weights with per-tensor (absmax / zeropoint) or per-token
-# activations, and the decomposition (`qlab.Rule(..., outlier_threshold=t)`); perplexity against float with
-# `qlab.evaluate.compare_to_reference(..., any_structure=True)`. Zeroing: `qlab.ptq.zero_input_features`. At the small
-# size the toy Gemma's random weights have no activation above 6, so the toy counts at threshold 2.5.
+# **Setup.** The study `experiments/ablation_llm_int8.toml`. W8A8 runs are `ptq_rtn` with int8 per-channel
+# weights and `act` = `int8` (per-tensor absmax), `int8/asym` (zeropoint), `int8/ch` (per token: "vector-wise") or
+# `int8/ch/asym`, and `int8/ch` with `outlier_threshold` = 4 / 6 / 8 (LLM.int8's decomposition,
+# `qlab.Rule(outlier_threshold=...)`). `zero_outliers` zeroes the systematic outlier features of the hidden state
+# (`qlab.ptq.outlier_dims`, `qlab.ptq.systematic_outliers` on the evaluation tokens) in every q/k/v and gate/up input,
+# or as many random dimensions. The per-layer count below comes from the same float capture
+# (`qlab.experiments.lm_ablations.hidden_inputs`). At the small size the toy Gemma's random weights have no
+# activation above 6: the toy counts at threshold 2.5 and decomposes at 1.7 / 2.5 / 3.3, and `zero_outliers` finds
+# nothing to zero (its row says so).
 
 # %%
-from qlab.evaluate import compare_to_reference
-from qlab.experiments.lm import TINY_TEXT, lm_model
+import tomllib
 
-if SMALL:
-    gm, gtok = lm_model("gemma3_tiny")
-    g_ids = jnp.asarray([gtok.encode(TINY_TEXT).ids[:128]], jnp.int32)
-    THRESHOLD = 2.5
-else:
-    from qlab.data.text import load_austen
+from qlab.experiments.lm_ablations import hidden_inputs
 
-    gm, gtok = lm_model("gemma3")  # loaded once per process (shared with the formats study above)
-    g_ids = jnp.asarray([gtok.encode(load_austen("prideprejudice")).ids[:1024]], jnp.int32)
-    THRESHOLD = 6.0
-PROJ = r"layers/\d+/(attn|mlp)/\w+_proj"
-g_stats = qnn.capture(qnn.quantize_model(gm, [qnn.Rule(PROJ, weight="int8/ch")], allow_unmatched=True), [g_ids],
-                      forward=lambda m, b: m.features(b), stats=("inputs",), max_input_rows=g_ids.shape[1])
-per_layer = pd.DataFrame([dict(layer=p, width=s["inputs"].shape[1],
-                               outliers=len(ptq.outlier_dims(s["inputs"], THRESHOLD)))
-                          for p, s in g_stats.items() if p.endswith(("q_proj", "o_proj", "gate_proj", "down_proj"))])
-hidden = {p: s["inputs"] for p, s in g_stats.items() if p.endswith(("q_proj", "gate_proj"))}
-sys_dims, _ = ptq.systematic_outliers(hidden, THRESHOLD)
+TINY = {"model": "gemma3_tiny", "data": "tiny_text", "eval_tokens": 64}
+TINY_CAL = {"calibration": "tiny_text", "calibration_seqs": 4, "calibration_len": 16}
+
+
+def ablation_study(name, sweeps_small=None, **base_small):
+    """``experiments/ablation_<name>.toml`` and its results folder; at the small size the same study on the toy
+    model, with ``sweeps_small`` in place of its sweeps and ``base_small`` over its base keys."""
+    path = REPO / "experiments" / f"ablation_{name}.toml"
+    if not SMALL:
+        return qx.load_study(path), RESULTS / "ablations" / name
+    cfg = tomllib.loads(path.read_text())
+    base = {**cfg["base"], **TINY, **{k: v for k, v in TINY_CAL.items() if k in cfg["base"]}, **base_small}
+    cfg.update(name=f"nb06_{name}_small", base=base, sweep=sweeps_small or cfg["sweep"])
+    return qx.load_study(cfg), RESULTS / f"nb06_{name}_small"
+
+
+def columns(out, cols):
+    """The stored runs of a study, with those of ``cols`` it has, rounded."""
+    r = qx.load_results(out)
+    return r[[c for c in cols if c in r]].round(4)
+
+
+THRESHOLD = 2.5 if SMALL else 6.0
+int8_study, INT8_OUT = ablation_study("llm_int8", [
+    {"method": ["ptq_rtn"], "act": ["int8", "int8/asym", "int8/ch", "int8/ch/asym"]},
+    {"method": ["ptq_rtn"], "act": ["int8/ch"], "outlier_threshold": [1.7, 2.5, 3.3]},
+    {"method": ["zero_outliers"], "zero_dims": ["random"], "seed": [0]}])
+qx.sweep(int8_study, out=INT8_OUT, progress=False)
+RUN_COLS = ["method", "act", "outlier_threshold", "zero_dims", "seed", "perplexity", "perplexity_se", "ppl_ratio",
+            "ppl_ratio_se", "kl", "top1", "zeroed_features"]
+display(columns(INT8_OUT, RUN_COLS))
+g_inputs = hidden_inputs(*(int8_study.runs[0][k] for k in ("model", "data", "eval_tokens")))
+per_layer = pd.DataFrame([dict(block=int(p.split("/")[1]), layer=p.rsplit("/", 1)[-1],
+                               outliers=len(ptq.outlier_dims(x, THRESHOLD)))
+                          for p, x in g_inputs.items() if p.endswith(("q_proj", "o_proj", "gate_proj", "down_proj"))])
+sys_dims, _ = ptq.systematic_outliers({p: x for p, x in g_inputs.items() if p.endswith(("q_proj", "gate_proj"))},
+                                      THRESHOLD)
 print(f"systematic hidden dimensions at threshold {THRESHOLD}: {sys_dims.tolist()}")
-display(per_layer.pivot_table(index=per_layer.layer.str.split("/").str[1].astype(int),
-                              columns=per_layer.layer.str.rsplit("/", n=1).str[-1], values="outliers"))
-
-# %%
-SCHEMES = {"A8 per-tensor absmax": ("int8", None), "A8 per-tensor zeropoint": ("int8/asym", None),
-           "A8 per-token (vector-wise)": ("int8/ch", None),
-           **{f"vector-wise + decomposition at {t:g}": ("int8/ch", t)
-              for t in (round(THRESHOLD * 2 / 3, 2), THRESHOLD, round(THRESHOLD * 4 / 3, 2))}}
-rows = []
-for name, (act, t) in SCHEMES.items():
-    rules = [qnn.Rule("embed"), qnn.Rule(r"(.*/)?(einsum|dot|matmul|dot_general)_\d+"),
-             qnn.Rule(PROJ, weight="int8/ch", act=act, outlier_threshold=t, int_matmul=False)]
-    c = compare_to_reference(qnn.quantize_model(gm, rules, allow_unmatched=True), gm, g_ids, any_structure=True)
-    rows.append(dict(scheme=name, ppl=c.ppl, ppl_se=c.ppl_se, ratio=c.ppl_ratio, ratio_se=c.ppl_ratio_se))
-hidden_paths = [p for p in g_stats if p.endswith(("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"))]
-if len(sys_dims):
-    pool = np.setdiff1d(np.arange(gm.config.d_model), sys_dims)
-    zero_sets = {"systematic dims zeroed": sys_dims,
-                 **{f"random dims zeroed (seed {s})": np.random.default_rng(s).choice(pool, len(sys_dims), replace=False)
-                    for s in range(3)}}
-    for name, dims in zero_sets.items():
-        c = compare_to_reference(ptq.zero_input_features(gm, {p: dims for p in hidden_paths}), gm, g_ids)
-        rows.append(dict(scheme=name, ppl=c.ppl, ppl_se=c.ppl_se, ratio=c.ppl_ratio, ratio_se=c.ppl_ratio_se))
-small_int8 = pd.DataFrame(rows).round(4)
-small_int8
+per_layer.pivot_table(index="block", columns="layer", values="outliers")
 
 # %% [markdown]
-# The committed full-size run (`results/ablations/llm_int8/`: Gemma 3 270M, 1,024 tokens of Pride and Prejudice),
-# with the paper's Table 1 row each scheme corresponds to:
+# The committed full-size run (`results/ablations/llm_int8/`: Gemma 3 270M, 1,024 tokens of Pride and Prejudice);
+# its README puts each scheme beside the paper's Table 1 row:
 
 # %%
 FULL_INT8 = ABL / "llm_int8"
 if (FULL_INT8 / "runs.csv").is_file():
-    int8_runs = qx.load_results(FULL_INT8)
-    outl = pd.read_csv(FULL_INT8 / "outliers.csv")
-    display(outl.pivot_table(index="block", columns="site", values="outliers"))
-    display(int8_runs[int8_runs.method.isin(["float", "w8a8"])][["scheme", "act", "outlier_threshold", "perplexity",
-                                                                  "perplexity_se", "ppl_ratio", "ppl_ratio_se"]].round(4))
-    z = int8_runs[int8_runs.method.str.startswith("zero")]
-    display(z.groupby("method")[["perplexity", "ppl_ratio"]].agg(["mean", "std"]).round(3))
+    display(pd.read_csv(FULL_INT8 / "outliers.csv").pivot_table(index="block", columns="site", values="outliers"))
+    display(columns(FULL_INT8, RUN_COLS))
     display(Image(filename=str(FULL_INT8 / "outliers.png")))
 else:
-    print(f"{FULL_INT8 / 'runs.csv'} is absent: run `python experiments/ablation_llm_int8.py`.")
+    print(f"{FULL_INT8 / 'runs.csv'} is absent: run `qlab sweep experiments/ablation_llm_int8.toml "
+          "--out results/ablations/llm_int8`.")
 
 # %% [markdown]
 # **What it shows.** Gemma 3 270M *has* systematic outlier features by the paper's definition (14 hidden dimensions
@@ -382,69 +376,45 @@ else:
 # channels matter. Scaling the 1% salient channels by s instead (weights up, activations down, Table 2) gives a U
 # shape: s = 1 / 1.25 / 1.5 / 2 / 4: 23.54 / 12.87 / 12.48 / 11.92 / 12.36.
 #
-# **Setup.** Every projection at `int3/g128/asym` (at the small size the toy's 32-wide layers use groups of 16),
-# channels scored per projection by the mean |x| of a float calibration pass (`qlab.nn.capture`), by the L2 norm of
-# the weight row, or drawn at random (`qlab.ptq.salient_channels`); kept float after RTN of the whole kernel
-# (`qlab.ptq.rtn_keep_float`) or scaled (`qlab.ptq.rtn_scaled`). The effective kernels are swapped into a copy of the
-# float model and scored against it.
+# **Setup.** The study `experiments/ablation_awq_saliency.toml`: every projection at `int3/g128/asym` (at the small
+# size the toy's 32-wide layers use groups of 16); the method `rtn_salient` scores each projection's input channels
+# by the mean |x| of a float calibration pass, by the L2 norm of the weight row, or draws them at random
+# (`saliency`, `qlab.ptq.salient_channels`), then keeps them float after RTN of the whole kernel
+# (`qlab.ptq.rtn_keep_float`) or scales them by `salient_scale` (`qlab.ptq.rtn_scaled`).
 
 # %%
-from qlab.experiments.lm import lm_linears
-
-AWQ_SPEC = "int3/g16/asym" if SMALL else "int3/g128/asym"
-calib_ids = g_ids if SMALL else jnp.asarray(
-    [gtok.encode(load_austen("emma")).ids[1 + 256 * i: 1 + 256 * (i + 1)] for i in range(32)], jnp.int32)
-a_stats = qnn.capture(qnn.quantize_model(gm, [qnn.Rule(PROJ, weight="int8/ch")], allow_unmatched=True),
-                      [calib_ids[i:i + 4] for i in range(0, len(calib_ids), 4)],
-                      forward=lambda m, b: m.features(b), stats=("mean_abs",))
-float_kernels = {p: np.asarray(lin.kernel[...]) for p, lin in lm_linears(gm).items()}
+awq_study, AWQ_OUT = ablation_study("awq_saliency", [
+    {"method": ["rtn_salient"], "saliency": ["activation", "weight", "random"], "salient_fraction": [0.03, 0.1]},
+    {"method": ["rtn_salient"], "salient_fraction": [0.03], "salient_scale": [1.0, 2.0, 4.0]}],
+    weight="int3/g16/asym")
+qx.sweep(awq_study, out=AWQ_OUT, progress=False)
 
 
-def with_kernels(make):
-    """A copy of the float model whose projection kernels are ``make(path, W, index)``."""
-    m = qnn.copy_model(gm)
-    for i, (p, lin) in enumerate(lm_linears(m).items()):
-        lin.kernel.value = jnp.asarray(make(p, float_kernels[p], i))
-    return m
+def saliency_tables(out):
+    """Perplexity with the salient channels kept float (saliency x fraction; random: mean over seeds), and with
+    them scaled by s, beside RTN."""
+    r = qx.load_results(out)
+    kept = r[r["method"].eq("rtn_salient") & r["salient_scale"].isna()]
+    scaled = r[r["method"].eq("rtn_salient") & r["salient_scale"].notna()]
+    rtn = r.loc[r["method"].eq("ptq_rtn"), "perplexity"]
+    display(kept.pivot_table(index="saliency", columns="salient_fraction", values="perplexity").round(2))
+    return scaled[["salient_fraction", "salient_scale", "perplexity", "ppl_ratio"]].assign(rtn=rtn.iloc[0]).round(3)
 
 
-def pick(crit, f, p, W, i):
-    if crit == "activation":
-        return ptq.salient_channels(np.asarray(a_stats[p]["mean_abs"]), f)
-    if crit == "weight":
-        return ptq.salient_channels(np.linalg.norm(W, axis=1), f)
-    return ptq.salient_channels(np.zeros(W.shape[0]), f, seed=i)
-
-
-rows = []
-for crit in ("none (RTN)", "activation", "weight", "random"):
-    for f in (0.01,) if crit == "none (RTN)" else (0.001, 0.01, 0.03):
-        m = with_kernels(lambda p, W, i: ptq.rtn_keep_float(W, AWQ_SPEC, [] if crit == "none (RTN)"
-                                                            else pick(crit, f, p, W, i)))
-        rows.append(dict(kept=crit, fraction=f, ppl=compare_to_reference(m, gm, g_ids).ppl))
-keep = pd.DataFrame(rows).pivot(index="kept", columns="fraction", values="ppl").round(2)
-rows = []
-for s_ in (1.0, 1.25, 1.5, 2.0, 4.0):
-    m = with_kernels(lambda p, W, i: ptq.rtn_scaled(W, AWQ_SPEC, pick("activation", 0.01, p, W, i), s_))
-    rows.append(dict(s=s_, ppl=compare_to_reference(m, gm, g_ids).ppl))
-display(keep)
-pd.DataFrame(rows).round(2)
+saliency_tables(AWQ_OUT)
 
 # %% [markdown]
 # The committed full-size run (`results/ablations/awq_saliency/`: Gemma 3 270M, 32 x 256 calibration tokens of
-# Emma, 1,024 evaluation tokens of Pride and Prejudice; random: mean +- std over 3 seeds):
+# Emma, 1,024 evaluation tokens of Pride and Prejudice; random: mean over 3 seeds):
 
 # %%
 FULL_AWQ = ABL / "awq_saliency"
 if (FULL_AWQ / "runs.csv").is_file():
-    awq_runs = qx.load_results(FULL_AWQ)
-    kf = awq_runs[awq_runs.method == "keep_float"]
-    display(kf.pivot_table(index="criterion", columns="fraction", values="perplexity", aggfunc=["mean", "std"]).round(2))
-    display(awq_runs[awq_runs.method.isin(["float", "rtn", "scale"])][["method", "scale", "perplexity", "perplexity_se",
-                                                                      "ppl_ratio"]].round(3))
+    display(saliency_tables(FULL_AWQ))
     display(Image(filename=str(FULL_AWQ / "saliency.png")))
 else:
-    print(f"{FULL_AWQ / 'runs.csv'} is absent: run `python experiments/ablation_awq_saliency.py`.")
+    print(f"{FULL_AWQ / 'runs.csv'} is absent: run `qlab sweep experiments/ablation_awq_saliency.toml "
+          "--out results/ablations/awq_saliency`.")
 
 # %% [markdown]
 # **What it shows.** As in AWQ's Table 1, the activations pick the channels that matter and the weights do not: at
@@ -460,52 +430,49 @@ else:
 # **Question.** Does Gemma 3 270M show SmoothQuant's U in alpha (section 2: MiniLM does, as OPT-175B does in the
 # paper), and what do its activation statistics say?
 #
-# **Setup.** W8A8 with int8 per-channel weights on every projection (embedding float), activations int8 per tensor
-# with *static* scales (`qlab.ptq.calibrate_activations`: the paper's O3 activations) or per token (dynamic);
-# `qlab.ptq.smoothquant(..., smooth=...)` smooths the inputs that follow a norm (q/k/v after the pre-attention
-# RMSNorm, gate/up after the pre-feedforward one; section 3 checks that these scales are exact in float on the tiny
-# Gemma). Calibration: 32 x 256 tokens of Emma (`qlab.experiments.lm.calibration_windows`), the per-channel absmax of
-# each projection's input from one float pass. At the small size: the toy model, three alphas.
+# **Setup.** The study `experiments/ablation_smoothquant_gemma3.toml`: W8A8 with int8 per-channel weights on every
+# projection (embedding float), activations int8 per tensor with *static* scales (`act_scales = "static"`:
+# `qlab.ptq.calibrate_activations`, the paper's O3) or per token (dynamic); the method `ptq_smoothquant` smooths
+# the inputs that follow a norm (`smooth = "norm_inputs"`: q/k/v after the pre-attention RMSNorm, gate/up after the
+# pre-feedforward one; section 3 checks that these scales are exact in float), `smooth = "none"` is the W8A8
+# baseline. Calibration: 32 x 256 tokens of Emma, the per-channel absmax of each projection's input from one float
+# pass shared by the runs. At the small size: the toy model, three alphas.
 
 # %%
-from qlab.experiments.lm import calibration_windows
+SQ_ALPHAS = [0.0, 0.5, 0.8]
+sq_study, SQ_OUT = ablation_study("smoothquant_gemma3", [
+    {"method": ["ptq_smoothquant"], "act": ["int8"], "act_scales": ["static"], "smooth": ["none"]},
+    {"method": ["ptq_smoothquant"], "act": ["int8"], "act_scales": ["static"], "alpha": SQ_ALPHAS},
+    {"method": ["ptq_smoothquant"], "act": ["int8/ch"], "smooth": ["none"]},
+    {"method": ["ptq_smoothquant"], "act": ["int8/ch"], "alpha": SQ_ALPHAS}])
+qx.sweep(sq_study, out=SQ_OUT, progress=False)
 
-SQ_ALPHAS = (0.0, 0.5, 0.8) if SMALL else tuple(np.round(np.arange(11) * 0.1, 1))
-SQ_SMOOTH = r"layers/\d+/(attn/(q|k|v)_proj|mlp/(gate|up)_proj)"
-cal = calibration_windows("gemma3_tiny" if SMALL else "gemma3", "tiny_text" if SMALL else "emma",
-                          seqs=8 if SMALL else 32, length=16 if SMALL else 256)
-sq_stats = qnn.capture(qnn.quantize_model(gm, [qnn.Rule(PROJ, weight="int8/ch")], allow_unmatched=True),
-                       [jnp.asarray(cal[i:i + 4]) for i in range(0, len(cal), 4)],
-                       forward=lambda m, b: m.features(b), stats=("absmax",))
-rows = []
-for setting, act in (("A8 static per-tensor", "int8"), ("A8 per-token", "int8/ch")):
-    rules = [qnn.Rule("embed"), qnn.Rule(r"(.*/)?(einsum|dot|matmul|dot_general)_\d+"),
-             qnn.Rule(PROJ, weight="int8/ch", act=act, int_matmul=False)]
-    for alpha in (None, *SQ_ALPHAS):
-        qm = (ptq.rtn(gm, rules) if alpha is None
-              else ptq.smoothquant(gm, rules, None, alpha=alpha, calibration_stats=sq_stats, smooth=SQ_SMOOTH))
-        if act == "int8":
-            qm = ptq.calibrate_activations(qm, calibration_stats=sq_stats)
-        c = compare_to_reference(qm, gm, g_ids, any_structure=True)
-        rows.append(dict(setting=setting, alpha="RTN" if alpha is None else alpha, ratio=c.ppl_ratio, kl=c.kl))
-pd.DataFrame(rows).pivot(index="alpha", columns="setting", values="ratio").round(4)
+
+def alpha_table(out):
+    """The paired perplexity ratio to float and KL by alpha ("RTN": no smoothing) and activation scales."""
+    r = qx.load_results(out)
+    r = r[r["method"].eq("ptq_smoothquant")]
+    r = r.assign(alpha=r["alpha"].where(r["smooth"].ne("none"), -1.0))
+    return (r.pivot_table(index="alpha", columns="act_scales", values=["ppl_ratio", "kl"]).round(4)
+            .rename(index={-1.0: "RTN"}))
+
+
+alpha_table(SQ_OUT)
 
 # %% [markdown]
 # The committed full-size run (`results/ablations/smoothquant_gemma3/`: 11 alphas, 1,024 evaluation tokens of Pride
-# and Prejudice; `python experiments/ablation_smoothquant_gemma3.py --eval-tokens 1024`):
+# and Prejudice):
 
 # %%
 FULL_SQG = ABL / "smoothquant_gemma3"
 if (FULL_SQG / "runs.csv").is_file():
-    sqg = qx.load_results(FULL_SQG)
-    sqg = sqg[sqg["method"] != "float"].assign(alpha=lambda t: t["alpha"].fillna(-1.0))
-    display(sqg.pivot_table(index="alpha", columns="series", values=["ppl_ratio", "kl"]).round(4)
-            .rename(index={-1.0: "RTN"}))
+    display(alpha_table(FULL_SQG))
     for png in ("alpha_sweep.png", "layer_ranges.png", "channels.png"):
         if (FULL_SQG / png).is_file():
             display(Image(filename=str(FULL_SQG / png)))
 else:
-    print(f"{FULL_SQG / 'runs.csv'} is absent: run `python experiments/ablation_smoothquant_gemma3.py`.")
+    print(f"{FULL_SQG / 'runs.csv'} is absent: run `qlab sweep experiments/ablation_smoothquant_gemma3.toml "
+          "--out results/ablations/smoothquant_gemma3`.")
 
 # %% [markdown]
 # **What it shows.** Under static per-tensor activation scales Gemma 3 270M has a shallow U: perplexity ratio to

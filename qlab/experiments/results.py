@@ -40,7 +40,7 @@ import pandas as pd
 
 from qlab.numerics import parse_spec
 
-__all__ = ["write_run", "read_runs", "atomic_write_text", "rebuild_tables", "load_results", "runs_dir", "setting_label",
+__all__ = ["study_times", "write_run", "read_runs", "atomic_write_text", "rebuild_tables", "load_results", "runs_dir", "setting_label",
            "method_labels", "method_table", "markdown_table", "result_row", "claim_run", "release_run", "compare_tables",
            "spearman", "predictor_table", "sensitivity_from_layers", "seed_stats"]
 
@@ -488,3 +488,27 @@ def sensitivity_from_layers(layers, config_hash: str) -> pd.DataFrame:
     rank = {lay: i for i, lay in enumerate(rows["layer"])}
     out = out.assign(_r=out["layer"].map(rank)).sort_values(["_r"], kind="stable").drop(columns="_r")
     return out.reset_index(drop=True)
+
+
+def study_times(folders) -> pd.DataFrame:
+    """How long each study took: per study folder (its ``runs.csv``), the runs, the summed wall time of the runs in
+    minutes (calibration captures shared by the runs are in the first run that needs them; loading the model, once
+    per process, is not) and the seconds per run (median and max), with a last ``total`` row.
+
+    Example:
+        >>> import tempfile
+        >>> d = pathlib.Path(tempfile.mkdtemp()) / "a"
+        >>> d.mkdir()
+        >>> pd.DataFrame({"config_hash": ["x", "y"], "wall_s": [60.0, 180.0]}).to_csv(d / "runs.csv", index=False)
+        >>> study_times([d]).values.tolist()
+        [['a', 2, 4.0, 120.0, 180.0], ['total', 2, 4.0, 120.0, 180.0]]
+    """
+    rows = []
+    for f in map(pathlib.Path, folders):
+        w = pd.read_csv(f / "runs.csv")["wall_s"].dropna()
+        rows.append(dict(study=f.name, runs=len(w), minutes=w.sum() / 60, median_s=w.median(), max_s=w.max()))
+    t = pd.DataFrame(rows)
+    every = pd.concat([pd.read_csv(pathlib.Path(f) / "runs.csv")["wall_s"].dropna() for f in folders])
+    total = dict(study="total", runs=int(t.runs.sum()), minutes=t.minutes.sum(), median_s=every.median(),
+                 max_s=every.max())
+    return pd.concat([t, pd.DataFrame([total])], ignore_index=True).round(1)
