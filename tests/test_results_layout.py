@@ -171,34 +171,6 @@ def test_minilm_ptq_writes_the_layout(tmp_path):
     assert (tmp_path / m.STUDY / "cos.png").is_file()
 
 
-def test_ablation_llm_int8_writes_the_layout(tmp_path):
-    import numpy as np
-
-    from qlab.experiments.results import atomic_write_text, write_run
-
-    m = _script("ablation_llm_int8")
-    args = {"model": "gemma3_tiny", "eval_tokens": 64}
-    configs = m.jobs(args)
-    assert len({c["config_hash"] for c in configs}) == len(configs)
-    x = np.zeros((50, 8), np.float32)
-    x[:5, 3] = 9.0
-    stats = {f"layers/{i}/{s}": {"inputs": x} for i in range(4) for s in m.SITE_LAYER.values()}
-    table, systematic = m.outlier_table(stats, {(i, "attn_in"): np.ones(8) for i in range(4)})
-    out = tmp_path / m.STUDY
-    atomic_write_text(out / "outliers.csv", table.to_csv(index=False))
-    for i, c in enumerate(configs):
-        layers = [dict(config_hash=c["config_hash"], layer="layers/0/attn/q_proj", width=8, float_columns=1)] \
-            if c.get("outlier_threshold") else None
-        write_run(out, dict(c, perplexity=10.0 + i, perplexity_se=1.0, ppl_ratio=1.0 + i / 10, ppl_ratio_se=0.01,
-                            kl=i / 100, kl_se=0.001, top1=0.9, quant_s=1.0, eval_s=1.0,
-                            zeroed_features=1 if c["method"].startswith("zero") else None), layers)
-    sysinfo = {k: v[0].tolist() for k, v in systematic.items()}
-    sysinfo["layer_counts_hidden"] = systematic["hidden"][1].tolist()
-    m.write_study(out, args, configs, wall_s=60.0, systematic=sysinfo, capture_s=1.0)
-    assert layout_problems(out) == []
-    assert sysinfo["hidden"] == [3] and (out / "outliers.png").is_file()
-
-
 def test_ablation_awq_saliency_writes_the_layout(tmp_path):
     from qlab.experiments.results import write_run
 
