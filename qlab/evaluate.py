@@ -9,6 +9,9 @@ whole sequences (``seq_len=None``: every token sees all earlier ones) or over no
 stream (``seq_len=n``, see :func:`lm_windows`). A model that exposes ``features(tokens)`` (final hidden
 states) and ``unembed(h)`` (logits) is unembedded ``chunk`` positions at a time, so a long sequence never
 materialises all ``[B, T, vocab]`` logits at once; any other model is called as ``model(tokens) -> logits``.
+A long text is scored as many rows (:func:`bos_rows`: BOS + the next tokens each), ``rows_per_step`` rows per
+compiled call (:func:`token_nll`, :func:`perplexity_with_error`, :func:`compare_to_reference`), and the per-token
+statistics of all rows are pooled before any figure is computed, so a figure does not depend on the step size.
 
 Example:
     >>> from flax import nnx
@@ -30,7 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-__all__ = ["compare_to_reference", "ReferenceComparison", "perplexity_with_error", "predict", "accuracy", "probe_accuracy", "token_nll", "nll", "perplexity", "lm_windows"]
+__all__ = ["compare_to_reference", "ReferenceComparison", "paired_token_stats", "perplexity_with_error",
+           "perplexity_from_nll", "bos_rows", "predict", "accuracy", "probe_accuracy", "token_nll", "nll", "perplexity",
+           "lm_windows"]
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -141,15 +146,97 @@ class ReferenceComparison:
                 "float_perplexity_se": self.ref_ppl_se, "ppl_ratio": self.ppl_ratio, "ppl_ratio_se": self.ppl_ratio_se,
                 "kl": self.kl, "kl_se": self.kl_se, "top1": self.top1, "top1_se": self.top1_se}
 
+    @classmethod
+    def from_token_stats(cls, stats) -> ReferenceComparison:
+        """The figures of per-token statistics ``{"nll", "ref_nll", "kl", "top1"}`` (arrays of any shape, e.g.
+        :func:`paired_token_stats`'s, or several of them concatenated: pooling is concatenation).
+
+        Example:
+            >>> st = {"nll": [1.0, 3.0], "ref_nll": [1.0, 2.0], "kl": [0.0, 0.5], "top1": [1.0, 0.0]}
+            >>> c = ReferenceComparison.from_token_stats(st)
+            >>> c.tokens, round(c.ppl, 4), round(c.ref_ppl, 4), round(c.ppl_ratio, 4), c.kl, c.top1
+            (2, 7.3891, 4.4817, 1.6487, 0.25, 0.5)
+        """
+        cols = {k: np.asarray(stats[k], np.float64).ravel() for k in ("nll", "ref_nll", "kl", "top1")}
+        n = len(cols["nll"])
+        # exp of the float32 mean, as perplexity() computes it, so the figures agree bit for bit
+        ppl = float(np.exp(np.float32(np.mean(cols["nll"].astype(np.float32)))))
+        ref_ppl = float(np.exp(np.float32(np.mean(cols["ref_nll"].astype(np.float32)))))
+        d_mean, d_se = _mean_se(cols["nll"] - cols["ref_nll"])
+        ratio = math.exp(d_mean)
+        kl, kl_se = _mean_se(cols["kl"])
+        top1, top1_se = _mean_se(cols["top1"])
+        return cls(tokens=n, ppl=ppl, ppl_se=ppl * _mean_se(cols["nll"])[1],
+                   ref_ppl=ref_ppl, ref_ppl_se=ref_ppl * _mean_se(cols["ref_nll"])[1],
+                   ppl_ratio=ratio, ppl_ratio_se=ratio * d_se, kl=kl, kl_se=kl_se, top1=top1, top1_se=top1_se)
+
+
+def _row_steps(tokens: np.ndarray, rows_per_step: int | None):
+    """Yield ``(rows, n)``: ``tokens`` [B, T] ``rows_per_step`` rows at a time (all at once when None or >= B); a
+    short last step is padded with copies of its last row, so every step runs one compiled shape (``n``: the real
+    rows, first)."""
+    if rows_per_step is not None and (isinstance(rows_per_step, bool) or not isinstance(rows_per_step, int)
+                                      or rows_per_step < 1):
+        raise ValueError(f"rows_per_step: a positive integer or None, got {rows_per_step!r}")
+    b = tokens.shape[0]
+    if rows_per_step is None or b <= rows_per_step:
+        yield jnp.asarray(tokens), b
+        return
+    for s in range(0, b, rows_per_step):
+        part = tokens[s : s + rows_per_step]
+        n = len(part)
+        if n < rows_per_step:
+            part = np.concatenate([part, np.repeat(part[-1:], rows_per_step - n, axis=0)])
+        yield jnp.asarray(part), n
+
+
+def _token_rows(tokens) -> np.ndarray:
+    tokens = np.asarray(tokens, np.int32)
+    return tokens[None] if tokens.ndim == 1 else tokens
+
+
+def paired_token_stats(model: nnx.Module, reference: nnx.Module, tokens, *, chunk: int = 256,
+                       any_structure: bool = False, rows_per_step: int | None = None) -> dict[str, np.ndarray]:
+    """The per-token figures :func:`compare_to_reference` pools: ``{"nll", "ref_nll", "kl", "top1"}``, each
+    ``[B, T - 1]`` float32 (the NLL of each next token under the model and the reference, KL(reference || model),
+    1.0 where the two argmaxes agree). ``rows_per_step`` rows of ``tokens`` run per compiled call (None: all).
+    :meth:`ReferenceComparison.from_token_stats` turns them (or the concatenation of several calls') into figures.
+
+    Example:
+        >>> import numpy as np
+        >>> from flax import nnx
+        >>> from qlab.models import Transformer, TransformerConfig
+        >>> cfg = TransformerConfig(vocab_size=5, d_model=16, n_layers=1, n_heads=2, d_ff=32, max_len=8)
+        >>> m = Transformer(cfg, rngs=nnx.Rngs(0))
+        >>> st = paired_token_stats(m, m, np.arange(24).reshape(3, 8) % 5, rows_per_step=2)
+        >>> st["nll"].shape, bool((st["nll"] == st["ref_nll"]).all()), float(st["top1"].min())
+        ((3, 7), True, 1.0)
+    """
+    tokens = _token_rows(tokens)
+    if tokens.shape[1] < 2:
+        raise ValueError(f"tokens: need at least 2 per row to score, got shape {tuple(tokens.shape)}")
+    graphdef, state = nnx.split(model)
+    ref_graphdef, ref_state = nnx.split(reference)
+    if ref_graphdef != graphdef and not any_structure:
+        raise ValueError("reference: must have the same structure as model (same modules and shapes), "
+                         "or pass any_structure=True")
+    parts = [{k: np.asarray(v)[:n] for k, v in
+              _paired_token_stats(graphdef, ref_graphdef, state, ref_state, rows, chunk).items()}
+             for rows, n in _row_steps(tokens, rows_per_step)]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
 
 def compare_to_reference(model: nnx.Module, reference: nnx.Module, tokens, *, chunk: int = 256,
-                         any_structure: bool = False) -> ReferenceComparison:
+                         any_structure: bool = False, rows_per_step: int | None = None) -> ReferenceComparison:
     """Score ``model`` against ``reference`` on ``tokens`` (``[T]`` or ``[B, T]``, whole causal sequences as in
     :func:`token_nll`): both perplexities with their errors, the paired perplexity ratio, the mean KL divergence
     and the top-1 agreement. Both models must share one structure (e.g. a quantized copy whose kernels were
     swapped for their dequantized values) unless ``any_structure`` is True (then the reference may be another
     model over the same vocabulary, e.g. the float original of a model whose activations are quantized);
-    both run in one compiled program, logits ``chunk`` positions at a time.
+    both run in one compiled program, logits ``chunk`` positions at a time, ``rows_per_step`` rows of ``tokens``
+    per call (None: all of them; memory grows with ``rows_per_step x chunk``). The per-token figures of all rows
+    are pooled (:func:`paired_token_stats`, :meth:`ReferenceComparison.from_token_stats`), so the result does
+    not depend on ``rows_per_step`` beyond float rounding.
 
     Example:
         >>> import numpy as np
@@ -160,30 +247,13 @@ def compare_to_reference(model: nnx.Module, reference: nnx.Module, tokens, *, ch
         >>> c = compare_to_reference(m, m, np.arange(8) % 5)
         >>> c.ppl == c.ref_ppl == perplexity(m, np.arange(8) % 5), c.ppl_ratio, abs(c.kl) < 1e-6, c.top1
         (True, 1.0, True, 1.0)
+        >>> rows = np.arange(24).reshape(3, 8) % 5
+        >>> c3 = compare_to_reference(m, m, rows, rows_per_step=2)
+        >>> c3.tokens, abs(c3.ppl / compare_to_reference(m, m, rows).ppl - 1) < 1e-6
+        (21, True)
     """
-    tokens = jnp.asarray(tokens, jnp.int32)
-    if tokens.ndim == 1:
-        tokens = tokens[None]
-    if tokens.shape[1] < 2:
-        raise ValueError(f"tokens: need at least 2 per row to score, got shape {tuple(tokens.shape)}")
-    graphdef, state = nnx.split(model)
-    ref_graphdef, ref_state = nnx.split(reference)
-    if ref_graphdef != graphdef and not any_structure:
-        raise ValueError("reference: must have the same structure as model (same modules and shapes), "
-                         "or pass any_structure=True")
-    cols = {k: np.asarray(v, np.float64).ravel()
-            for k, v in _paired_token_stats(graphdef, ref_graphdef, state, ref_state, tokens, chunk).items()}
-    n = len(cols["nll"])
-    # exp of the float32 mean, as perplexity() computes it, so the figures agree bit for bit
-    ppl = float(np.exp(np.float32(np.mean(cols["nll"].astype(np.float32)))))
-    ref_ppl = float(np.exp(np.float32(np.mean(cols["ref_nll"].astype(np.float32)))))
-    d_mean, d_se = _mean_se(cols["nll"] - cols["ref_nll"])
-    ratio = math.exp(d_mean)
-    kl, kl_se = _mean_se(cols["kl"])
-    top1, top1_se = _mean_se(cols["top1"])
-    return ReferenceComparison(tokens=n, ppl=ppl, ppl_se=ppl * _mean_se(cols["nll"])[1],
-                               ref_ppl=ref_ppl, ref_ppl_se=ref_ppl * _mean_se(cols["ref_nll"])[1],
-                               ppl_ratio=ratio, ppl_ratio_se=ratio * d_se, kl=kl, kl_se=kl_se, top1=top1, top1_se=top1_se)
+    return ReferenceComparison.from_token_stats(paired_token_stats(
+        model, reference, tokens, chunk=chunk, any_structure=any_structure, rows_per_step=rows_per_step))
 
 
 def _padded_batches(arrays, batch_size):
@@ -283,25 +353,50 @@ def lm_windows(tokens, seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return inputs, targets, mask
 
 
-def token_nll(model: nnx.Module, tokens, chunk: int = 256) -> np.ndarray:
+def bos_rows(tokens, row_len: int, n_rows: int) -> np.ndarray:
+    """``n_rows`` rows of ``row_len`` tokens cut from a token stream that starts with BOS (as a tokenizer encodes a
+    text): each row is that BOS + the stream's next ``row_len - 1`` tokens, so row 0 is ``tokens[:row_len]`` and
+    every row is scored with the same context length. Raises ValueError when the stream is too short.
+
+    Example:
+        >>> bos_rows([2, 10, 11, 12, 13, 14, 15], row_len=3, n_rows=3).tolist()
+        [[2, 10, 11], [2, 12, 13], [2, 14, 15]]
+    """
+    tokens = np.asarray(tokens, np.int32).ravel()
+    if row_len < 2 or n_rows < 1:
+        raise ValueError(f"bos_rows: row_len >= 2 and n_rows >= 1, got row_len={row_len}, n_rows={n_rows}")
+    need = 1 + n_rows * (row_len - 1)
+    if len(tokens) < need:
+        raise ValueError(f"bos_rows: {n_rows} rows of {row_len} tokens (BOS + {row_len - 1}) need {need} tokens "
+                         f"(BOS + {need - 1}), the stream has {len(tokens)}: room for "
+                         f"{(len(tokens) - 1) // (row_len - 1)} rows")
+    body = tokens[1:need].reshape(n_rows, row_len - 1)
+    return np.concatenate([np.full((n_rows, 1), tokens[0], np.int32), body], axis=1)
+
+
+def token_nll(model: nnx.Module, tokens, chunk: int = 256, *, rows_per_step: int | None = None) -> np.ndarray:
     """Per-token negative log-likelihood (nats) of ``tokens[:, 1:]``, each given every earlier token of its row.
 
     ``tokens``: ``[T]`` or ``[B, T]``; returns ``[B, T - 1]`` float32 (the first token, e.g. BOS, is context
-    only). One causal pass per row; logits are made ``chunk`` positions at a time (see the module docstring).
+    only). One causal pass per row; logits are made ``chunk`` positions at a time (see the module docstring),
+    ``rows_per_step`` rows per compiled call (None: all rows in one).
 
     Example:
         >>> import numpy as np
         >>> from flax import nnx
         >>> from qlab.models import Transformer, TransformerConfig
         >>> cfg = TransformerConfig(vocab_size=5, d_model=16, n_layers=1, n_heads=2, d_ff=32, max_len=8)
-        >>> token_nll(Transformer(cfg, rngs=nnx.Rngs(0)), np.arange(8) % 5, chunk=3).shape
+        >>> m = Transformer(cfg, rngs=nnx.Rngs(0))
+        >>> token_nll(m, np.arange(8) % 5, chunk=3).shape
         (1, 7)
+        >>> rows = np.arange(24).reshape(3, 8) % 5
+        >>> bool(np.allclose(token_nll(m, rows, rows_per_step=2), token_nll(m, rows), atol=1e-6))
+        True
     """
-    tokens = jnp.asarray(tokens, jnp.int32)
-    if tokens.ndim == 1:
-        tokens = tokens[None]
     graphdef, state = nnx.split(model)
-    return np.asarray(_causal_nll(graphdef, state, tokens, chunk))
+    parts = [np.asarray(_causal_nll(graphdef, state, rows, chunk))[:n]
+             for rows, n in _row_steps(_token_rows(tokens), rows_per_step)]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def nll(model: nnx.Module, tokens, seq_len: int | None = None, batch_size: int = 32, *, chunk: int = 256) -> float:
@@ -355,11 +450,31 @@ def perplexity(model: nnx.Module, tokens, seq_len: int | None = None, batch_size
     return math.exp(nll(model, tokens, seq_len, batch_size, chunk=chunk))
 
 
-def perplexity_with_error(model: nnx.Module, tokens, *, chunk: int = 256) -> tuple[float, float]:
+def perplexity_from_nll(nll) -> tuple[float, float]:
+    """``(perplexity, standard error)`` of per-token NLLs (any shape; several evaluations' concatenated pool
+    exactly): ``exp(mean)`` (in float32 for float32 NLLs, as :func:`perplexity` takes it) and, by the delta method,
+    ``ppl * std(nll) / sqrt(n)``, as llama.cpp reports it (nan for a single token).
+
+    Example:
+        >>> import numpy as np
+        >>> ppl, se = perplexity_from_nll(np.log(np.array([2.0, 8.0], np.float32)))
+        >>> round(ppl, 4), round(se, 4)
+        (4.0, 2.7726)
+    """
+    nll = np.asarray(nll).ravel()
+    ppl = float(np.exp(nll.mean()))
+    se = ppl * float(nll.std(ddof=1)) / math.sqrt(len(nll)) if len(nll) > 1 else math.nan
+    return ppl, se
+
+
+def perplexity_with_error(model: nnx.Module, tokens, *, chunk: int = 256,
+                          rows_per_step: int | None = None) -> tuple[float, float]:
     """``(perplexity, standard error)`` over whole sequences: the perplexity is exactly
     :func:`perplexity`'s (``seq_len=None``); its standard error comes from the per-token NLLs by the delta
-    method, ``ppl * std(nll) / sqrt(n)``, as llama.cpp reports it. Tokens are treated as independent, so on
-    running text (whose NLLs are correlated) it is a lower bound on the true uncertainty.
+    method, ``ppl * std(nll) / sqrt(n)``, as llama.cpp reports it (:func:`perplexity_from_nll`). Tokens are
+    treated as independent, so on running text (whose NLLs are correlated) it is a lower bound on the true
+    uncertainty. ``rows_per_step``: rows of ``tokens`` per compiled call (:func:`token_nll`); all rows' NLLs
+    are pooled.
 
     Example:
         >>> import numpy as np
@@ -371,7 +486,4 @@ def perplexity_with_error(model: nnx.Module, tokens, *, chunk: int = 256) -> tup
         >>> ppl == perplexity(m, np.arange(8) % 5), 0 < se < ppl
         (True, True)
     """
-    nlls = token_nll(model, tokens, chunk).ravel()
-    ppl = float(np.exp(nlls.mean()))
-    se = ppl * float(nlls.std(ddof=1)) / math.sqrt(len(nlls)) if len(nlls) > 1 else math.nan
-    return ppl, se
+    return perplexity_from_nll(token_nll(model, tokens, chunk, rows_per_step=rows_per_step))

@@ -1,5 +1,6 @@
 """qlab.evaluate's language-model scoring: one per-token NLL, whole sequences or windows, chunked logits."""
 
+import dataclasses
 import math
 
 import jax
@@ -119,3 +120,36 @@ def test_compare_to_reference_rejects_other_structures_and_short_rows():
         evaluate.compare_to_reference(other, ref, np.arange(8) % 11)
     with pytest.raises(ValueError, match="tokens"):
         evaluate.compare_to_reference(ref, ref, np.arange(1))
+
+
+def test_rows_per_step_pools_the_per_token_figures_exactly():
+    """Rows scored a few per call (a short last call padded) give the per-token figures of one call over all
+    rows, and the summaries pool them: the same figures, to float rounding."""
+    ref = _model()
+    model = _perturbed(ref)
+    tokens = np.random.default_rng(2).integers(0, 11, (5, 13))
+    whole = evaluate.compare_to_reference(model, ref, tokens, chunk=4)
+    stepped = evaluate.compare_to_reference(model, ref, tokens, chunk=4, rows_per_step=2)
+    assert stepped.tokens == whole.tokens == 5 * 12
+    for k, v in dataclasses.asdict(whole).items():
+        np.testing.assert_allclose(getattr(stepped, k), v, rtol=1e-5, atol=1e-7, err_msg=k)
+    st = evaluate.paired_token_stats(model, ref, tokens, chunk=4, rows_per_step=3)
+    assert {k: v.shape for k, v in st.items()} == {k: (5, 12) for k in ("nll", "ref_nll", "kl", "top1")}
+    # pooling is concatenation: two halves' statistics, concatenated, give the whole's figures
+    a = evaluate.paired_token_stats(model, ref, tokens[:2], chunk=4)
+    b = evaluate.paired_token_stats(model, ref, tokens[2:], chunk=4)
+    pooled = evaluate.ReferenceComparison.from_token_stats({k: np.concatenate([a[k], b[k]]) for k in a})
+    np.testing.assert_allclose(pooled.ppl_ratio_se, whole.ppl_ratio_se, rtol=1e-5)
+    ppl, se = evaluate.perplexity_with_error(model, tokens, rows_per_step=4)
+    np.testing.assert_allclose([ppl, se], [whole.ppl, whole.ppl_se], rtol=1e-4)
+    with pytest.raises(ValueError, match="rows_per_step"):
+        evaluate.token_nll(model, tokens, rows_per_step=0)
+
+
+def test_bos_rows_cut_a_stream_and_say_when_it_is_too_short():
+    ids = np.arange(100, 131)
+    rows = evaluate.bos_rows(ids, 4, 10)
+    assert rows.shape == (10, 4) and (rows[:, 0] == 100).all() and rows[0].tolist() == [100, 101, 102, 103]
+    assert rows[:, 1:].ravel().tolist() == list(range(101, 131))  # every text token once, in order
+    with pytest.raises(ValueError, match=r"need 34 tokens \(BOS \+ 33\), the stream has 31: room for 10 rows"):
+        evaluate.bos_rows(ids, 4, 11)

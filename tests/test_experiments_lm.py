@@ -62,6 +62,9 @@ def test_lm_keys_normalized_and_image_hashes_unchanged():
     ({**LM, **CAL, "method": "ptq_gptq", "act_order": "yes"}, "act_order = 'yes' must be true or false"),
     ({**LM, **CAL, "method": "ptq_gptq", "sequential": 1}, "sequential = 1 must be true or false"),
     ({**LM, "eval_tokens": 0}, "eval_tokens = 0 must be a positive integer"),
+    ({**LM, "eval_tokens": 1500}, "eval_tokens = 1500: above 1024 it must be a multiple of 1024 (rows of BOS + 1023 "
+                                  "text tokens), e.g. 1024 or 2048"),
+    ({**LM, "method": "float", "eval_tokens": 3000}, "eval_tokens = 3000: above 1024 it must be a multiple of 1024"),
     ({**LM, "model": "gemma4"}, "model = 'gemma4' is unknown; allowed: mlp, cnn, gemma3, gemma3_tiny"),
     ({**LM, "evaltokens": 5}, "unknown key 'evaltokens'"),
 ])
@@ -69,6 +72,37 @@ def test_lm_validation_errors(cfg, words):
     with pytest.raises(ConfigError) as e:
         load_study({"name": "x", "base": cfg}, check=False)
     assert words in str(e.value)
+
+
+def test_lm_long_evaluation_runs_in_rows_of_1024(tmp_path):
+    """eval_tokens > 1024: rows of BOS + 1,023 text tokens, 4 per compiled call (5 rows: one call of 4, one padded),
+    the per-token figures pooled."""
+    from qlab.evaluate import bos_rows, perplexity_from_nll, token_nll
+
+    study = {"name": "long", "base": {**LM, "data": "austen", "eval_tokens": 5 * 1024, "weight": "int4/g16"},
+             "sweep": {"method": ["float", "ptq_rtn"]}}
+    tab = sweep(study, out=tmp_path, progress=False)
+    model, tok = lm.lm_model("gemma3_tiny")
+    ids = lm._eval_ids("gemma3_tiny", "austen", 5 * 1024)
+    enc = tok.encode(lm._text("austen")).ids
+    assert np.asarray(ids).tolist() == bos_rows(enc, 1024, 5).tolist()
+    assert np.asarray(ids[0]).tolist() == enc[:1024]  # row 0: the 1,024-token evaluation
+    ppl, se = perplexity_from_nll(token_nll(model, ids))  # one call over all rows
+    fl, q = tab.iloc[0], tab.iloc[1]
+    assert fl["perplexity"] == pytest.approx(ppl, rel=1e-5) and fl["perplexity_se"] == pytest.approx(se, rel=1e-4)
+    assert q["float_perplexity"] == fl["perplexity"] and q["perplexity"] != fl["perplexity"]
+    assert q["ppl_ratio"] == pytest.approx(q["perplexity"] / q["float_perplexity"], rel=1e-5)
+
+
+def test_lm_evaluation_longer_than_the_text_is_an_error(tmp_path):
+    with pytest.raises(Exception, match=r"eval_tokens = 1024 is more than the data text 'tiny_text' holds: it has "
+                                        r"566 tokens \(BOS \+ 565\), room for eval_tokens <= 566"):
+        r = expand({"base": {**LM, "method": "float", "eval_tokens": 1024}})[0]
+        r.method.run(r)
+    with pytest.raises(Exception, match=r"eval_tokens = 1048576 is more than the data text 'austen' holds: it has "
+                                        r"\d+ tokens .*room for eval_tokens <= \d+ \(\d+ rows of BOS \+ 1023\)"):
+        r = expand({"base": {**LM, "data": "austen", "method": "float", "eval_tokens": 1024 * 1024}})[0]
+        r.method.run(r)
 
 
 def test_lm_group_size_checked_before_running(tmp_path):

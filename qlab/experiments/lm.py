@@ -12,7 +12,9 @@ GPTQ / AWQ calibrate it as the tied output head, on the final hidden states. The
 (q.k^T, p.v) stay float. Weight-only runs are evaluated through the float model with their effective kernels
 swapped in (one compiled evaluation for every spec); runs that quantize inputs (``act``; ``ptq_rtn``'s
 ``outlier_threshold``: LLM.int8's decomposition) evaluate the quantized model itself. Each run reports ``perplexity``
-on the first ``eval_tokens`` tokens of the ``data`` text with its standard error over tokens (``perplexity_se``),
+on the first ``eval_tokens`` tokens of the ``data`` text with its standard error over tokens (``perplexity_se``;
+up to 1,024 tokens one sequence, beyond that rows of 1,024: BOS + the next 1,023 text tokens each, a few rows per
+compiled call, their per-token figures pooled),
 ``float_perplexity`` (and ``float_perplexity_se``), ``perplexity_increase``, the paired figures against the float
 model on the same tokens (``ppl_ratio`` with ``ppl_ratio_se``, mean KL divergence ``kl``, top-1 agreement ``top1``,
 each with its ``_se``; see :func:`qlab.evaluate.compare_to_reference`), ``collapsed`` (perplexity above the vocabulary
@@ -48,7 +50,7 @@ import pandas as pd
 from qlab import analysis, ptq
 from qlab import nn as qnn
 from qlab.data.text import AUSTEN_NOVELS, load_austen, load_text
-from qlab.evaluate import compare_to_reference, perplexity_with_error
+from qlab.evaluate import bos_rows, compare_to_reference, perplexity_with_error
 from qlab.models import gemma3 as G
 from qlab.train import lm_loss, train
 
@@ -170,6 +172,7 @@ def search_costs(run):
 
 
 def _check(run) -> None:
+    _check_eval(run)
     if run.get("outlier_threshold") is not None and run.act is None:
         raise ValueError(f"outlier_threshold = {run['outlier_threshold']} decomposes the quantized inputs: set act "
                          "(e.g. act = \"int8/ch\", LLM.int8's per-token int8)")
@@ -240,16 +243,65 @@ def _text(name: str) -> str:
     return TINY_TEXT if name == "tiny_text" else load_austen("prideprejudice" if name == "austen" else name)
 
 
+#: Evaluations of more than this many tokens run in rows of this many: BOS + the next EVAL_ROW - 1 text tokens.
+EVAL_ROW = 1024
+#: Rows per compiled evaluation call; each row's logits are made 256 // rows positions at a time, so a call holds
+#: about as many logits (256 x vocab per model) as a one-row evaluation.
+_EVAL_ROWS_PER_STEP = 4
+
+
+def _eval_rows(eval_tokens: int) -> tuple[int, int]:
+    """``(row_len, n_rows)`` of an evaluation of ``eval_tokens`` tokens: one row up to ``EVAL_ROW``, beyond that
+    ``eval_tokens / EVAL_ROW`` rows of ``EVAL_ROW`` (a multiple of it is required).
+
+    Example:
+        >>> _eval_rows(64), _eval_rows(1024), _eval_rows(86016)
+        ((64, 1), (1024, 1), (1024, 84))
+    """
+    if eval_tokens <= EVAL_ROW:
+        return eval_tokens, 1
+    if eval_tokens % EVAL_ROW:
+        raise ValueError(f"eval_tokens = {eval_tokens}: above {EVAL_ROW} it must be a multiple of {EVAL_ROW} (rows "
+                         f"of BOS + {EVAL_ROW - 1} text tokens), e.g. {eval_tokens // EVAL_ROW * EVAL_ROW} or "
+                         f"{(eval_tokens // EVAL_ROW + 1) * EVAL_ROW}")
+    return EVAL_ROW, eval_tokens // EVAL_ROW
+
+
+def _check_eval(run) -> None:
+    """Study-load check of ``eval_tokens`` (the text's length is checked when the run evaluates: that needs the
+    tokenizer)."""
+    _eval_rows(int(run["eval_tokens"]))
+
+
 @functools.lru_cache(maxsize=8)
 def _eval_ids(model: str, data: str, eval_tokens: int):
-    _, tok = lm_model(model)
-    return jnp.asarray([tok.encode(_text(data)).ids[:eval_tokens]], jnp.int32)
+    """``[n_rows, row_len]`` int32: the evaluation rows (:func:`_eval_rows`, :func:`qlab.evaluate.bos_rows`)."""
+    row_len, n_rows = _eval_rows(eval_tokens)
+    ids = lm_model(model)[1].encode(_text(data)).ids
+    if len(ids) < 1 + n_rows * (row_len - 1):
+        room = (len(ids) - 1) // (EVAL_ROW - 1) * EVAL_ROW if len(ids) > EVAL_ROW else len(ids)
+        raise ValueError(f"eval_tokens = {eval_tokens} is more than the data text {data!r} holds: it has {len(ids)} "
+                         f"tokens (BOS + {len(ids) - 1}), room for eval_tokens <= {room}"
+                         + (f" ({room // EVAL_ROW} rows of BOS + {EVAL_ROW - 1})" if room > EVAL_ROW else ""))
+    return jnp.asarray(bos_rows(ids, row_len, n_rows))
+
+
+def _eval_kw(ids) -> dict:
+    """How :mod:`qlab.evaluate` runs the evaluation rows ``ids`` (one row: as before rows existed, bit for bit)."""
+    return {"chunk": 256 // min(len(ids), _EVAL_ROWS_PER_STEP), "rows_per_step": _EVAL_ROWS_PER_STEP}
+
+
+def _act_eval_kw(ids) -> dict:
+    """:func:`_eval_kw` for a model that quantizes its inputs (half the logit chunk: its quantizers hold more)."""
+    kw = _eval_kw(ids)
+    return {**kw, "chunk": max(1, kw["chunk"] // 2)}
 
 
 @functools.lru_cache(maxsize=8)
 def _float_ppl(model: str, data: str, eval_tokens: int) -> tuple[float, float, float]:
+    ids = _eval_ids(model, data, eval_tokens)
     t = time.perf_counter()
-    ppl, se = perplexity_with_error(lm_model(model)[0], _eval_ids(model, data, eval_tokens))
+    ppl, se = perplexity_with_error(lm_model(model)[0], ids, **_eval_kw(ids))
     return ppl, se, time.perf_counter() - t
 
 
@@ -373,8 +425,9 @@ def _weights_swapped(model, kernels: dict):
 
 def _perplexity_with(run, kernels: dict) -> tuple[float, float]:
     """Perplexity (and its standard error) of the shared float model with ``kernels`` swapped in."""
+    ids = _eval_ids(run["model"], run["data"], int(run["eval_tokens"]))
     with _weights_swapped(lm_model(run["model"])[0], kernels) as model:
-        return perplexity_with_error(model, _eval_ids(run["model"], run["data"], int(run["eval_tokens"])))
+        return perplexity_with_error(model, ids, **_eval_kw(ids))
 
 
 def _quantizes_inputs(rules) -> bool:
@@ -400,12 +453,13 @@ def _evaluate(run, quantize) -> tuple[dict, Any]:
     quant_s = time.perf_counter() - tq - extra.pop("shared_s", 0.0)
     kernels = extra.pop("kernels", None)
     te = time.perf_counter()
+    ids = _eval_ids(*key)
     if _quantizes_inputs(rules):  # activation quantizers (or outlier decomposition) run in the quantized model
-        c = compare_to_reference(qm, model, _eval_ids(*key), any_structure=True, chunk=128)
+        c = compare_to_reference(qm, model, ids, any_structure=True, **_act_eval_kw(ids))
     else:
         reference = nnx.clone(model)  # the float model, in variables of its own (merge would share them)
         with _weights_swapped(model, _effective_kernels(qm) if kernels is None else kernels):
-            c = compare_to_reference(model, reference, _eval_ids(*key))
+            c = compare_to_reference(model, reference, ids, **_eval_kw(ids))
     metrics = {"perplexity": c.ppl, "perplexity_se": c.ppl_se, "float_perplexity": fppl, "float_perplexity_se": fse,
                "perplexity_increase": c.ppl - fppl, **_comparison_metrics(c, model.config.vocab_size), **size_metrics(qm),
                "quant_s": quant_s, "eval_s": time.perf_counter() - te, **extra, **search_metrics}
@@ -414,7 +468,7 @@ def _evaluate(run, quantize) -> tuple[dict, Any]:
     return metrics, layers if alloc is None else search.chosen_columns(layers, *alloc)
 
 
-@register("float", family="lm")
+@register("float", family="lm", check=_check_eval)
 def run_float(run, progress=False):
     """The float model's perplexity on the evaluation text."""
     model, _ = lm_model(run["model"])

@@ -218,7 +218,7 @@ def systematic_hidden_dims(inputs: dict) -> np.ndarray:
     return ptq.systematic_outliers(hidden)[0]
 
 
-@register("zero_outliers", family="lm", reads=("zero_dims",))
+@register("zero_outliers", family="lm", reads=("zero_dims",), check=lm._check_eval)
 def run_zero_outliers(run, progress=False):
     """The systematic outlier features (or as many random dimensions, ``zero_dims``) zeroed in every q/k/v and
     gate/up projection's input: LLM.int8's "remove the outliers" test."""
@@ -231,7 +231,8 @@ def run_zero_outliers(run, progress=False):
     feats = zero_features(list(inputs), width, dims, int(run["seed"]) if run["zero_dims"] == "random" else None)
     qm = ptq.zero_input_features(model, feats)
     te = time.perf_counter()
-    c = compare_to_reference(qm, model, lm._eval_ids(*key), any_structure=True, chunk=128)
+    ids = lm._eval_ids(*key)
+    c = compare_to_reference(qm, model, ids, any_structure=True, **lm._act_eval_kw(ids))
     fppl, fse, _ = lm._float_ppl(*key)
     zeroed = next(iter(feats.values())) if feats else np.zeros(0, np.int64)
     metrics = {"perplexity": c.ppl, "perplexity_se": c.ppl_se, "float_perplexity": fppl, "float_perplexity_se": fse,
