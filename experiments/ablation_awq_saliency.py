@@ -139,15 +139,17 @@ def rtn_check(runs: pd.DataFrame) -> dict | None:
         >>> r = pd.DataFrame({"method": ["ptq_rtn", "rtn_salient"], "salient_scale": [None, 1.0],
         ...                   "perplexity": [90.0, 90.0], "kl": [1.0, 1.0], "top1": [0.3, 0.3]})
         >>> rtn_check(r)
-        {'s1': 90.0, 'rtn': 90.0, 'same': True}
+        {'s1': 90.0, 'rtn': 90.0, 'same': True, 'exact': True}
     """
     sc = scaled_runs(runs)
     s1, rtn = sc[np.isclose(sc.salient_scale, 1.0)], _one(runs, "ptq_rtn")
     if not len(s1) or rtn is None:
         return None
     s1 = s1.iloc[0]
-    same = all(np.isclose(float(s1[c]), float(rtn[c]), rtol=1e-6, atol=0) for c in ("perplexity", "kl", "top1"))
-    return {"s1": float(s1.perplexity), "rtn": float(rtn.perplexity), "same": bool(same)}
+    cols = ("perplexity", "kl", "top1")
+    same = all(np.isclose(float(s1[c]), float(rtn[c]), rtol=1e-6, atol=0) for c in cols)
+    return {"s1": float(s1.perplexity), "rtn": float(rtn.perplexity), "same": bool(same),
+            "exact": all(float(s1[c]) == float(rtn[c]) for c in cols)}
 
 
 def _model(runs: pd.DataFrame) -> str:
@@ -281,7 +283,8 @@ def readme(runs: pd.DataFrame, study, source: str) -> str:
         check_txt = "(the s = 1 run or the RTN run is not stored)"
     elif check["same"]:
         check_txt = (f"The s = 1 row is a check: `Q(1 W) / 1 = Q(W)`, and it equals the plain RTN run "
-                     f"(`ptq_rtn`, perplexity {check['rtn']:.4g}) in perplexity, KL and top-1.")
+                     f"(`ptq_rtn`, perplexity {check['rtn']:.4g}) in perplexity, KL and top-1"
+                     f"{' bit for bit' if check['exact'] else ' (to 6 significant digits)'}.")
     else:
         check_txt = (f"**The s = 1 row differs from the plain RTN run** (perplexity {check['s1']:.6g} against "
                      f"{check['rtn']:.6g}), though `Q(1 W) / 1 = Q(W)`.")
