@@ -171,22 +171,6 @@ def test_minilm_ptq_writes_the_layout(tmp_path):
     assert (tmp_path / m.STUDY / "cos.png").is_file()
 
 
-def test_ablation_awq_saliency_writes_the_layout(tmp_path):
-    from qlab.experiments.results import write_run
-
-    m = _script("ablation_awq_saliency")
-    args = {"model": "gemma3_tiny", "eval_tokens": 64}
-    configs = m.jobs(args)
-    assert len({c["config_hash"] for c in configs}) == len(configs)
-    out = tmp_path / m.STUDY
-    for i, c in enumerate(configs):
-        write_run(out, dict(c, perplexity=10.0 + i, perplexity_se=1.0, ppl_ratio=1.0 + i / 10, ppl_ratio_se=0.01,
-                            kl=0.1, kl_se=0.01, top1=0.9, float_weight_share=0.01, quant_s=1.0, eval_s=1.0))
-    m.write_study(out, args, configs, wall_s=60.0, capture_s=1.0)
-    assert layout_problems(out) == []
-    assert "| activation" in (out / "README.md").read_text()
-
-
 def test_ablation_smoothquant_gemma3_writes_the_layout(tmp_path):
     import numpy as np
 
