@@ -36,7 +36,7 @@ import pandas as pd
 
 import qlab.experiments as qx
 from qlab import plot
-from qlab.experiments.results import seed_stats
+from qlab.experiments.results import range_labels, seed_stats
 
 
 def ablations_folder() -> pathlib.Path:
@@ -92,8 +92,7 @@ SMALL_RANGE = {
     ],
 }
 rg = study_table("range_granularity", "ablation_range_granularity.toml", SMALL_RANGE)
-rg = rg.assign(range_setting=[r if s or pd.isna(s) or r == "minmax" else f"{r} asym"
-                              for r, s in zip(rg["range"], rg["symmetric"])])
+rg = rg.assign(range_setting=range_labels(rg))  # "mse asym" for asymmetric MSE; minmax is asymmetric by name
 rtn = rg[rg["method"] == "ptq_rtn"]
 stats = seed_stats(rtn, "accuracy", by=["granularity", "range_setting", "bits"], scale=100)
 print("float: " + seed_stats(rg[rg["method"] == "float"], "accuracy", by=[], scale=100)["mean ± std"].iloc[0] + " %")
@@ -105,9 +104,8 @@ stats.pivot(index=["granularity", "range_setting"], columns="bits", values="mean
 # MSE clearly beats min-max; per-channel beats per-tensor, most at low bits.
 
 # %%
-fig = plot.metric_vs_bits(rg.assign(series=[f"{r}" if m != "float" else "float" for r, m in zip(rg["range_setting"], rg["method"])]),
-                    y="accuracy", x="bits", hue="series", by="granularity",
-                    title="RTN weights: range setting x granularity (mean ± std over seeds)")
+fig = plot.metric_vs_bits(rg, y="accuracy", x="bits", hue="range_setting", by="granularity",
+                          title="RTN weights: range setting x granularity (mean ± std over seeds)")
 if not SMALL:
     plot.save(fig, FULL / "range_granularity" / "range_vs_bits.png")
 fig

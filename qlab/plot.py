@@ -28,8 +28,9 @@ from matplotlib.figure import Figure
 
 from qlab.numerics import Fixed, PerTensor, fake_quant, parse_spec, sqnr_db
 
-__all__ = ["figure", "QFigure", "quant_grid", "pareto", "pareto_front", "metric_vs_bits", "layer_bars", "weight_histogram", "save",
-           "channel_maxima", "LABELS", "series_labels", "study_figures", "save_study_figures"]
+__all__ = ["figure", "QFigure", "quant_grid", "pareto", "pareto_front", "metric_vs_bits", "metric_vs_bits_panels",
+           "layer_bars", "weight_histogram", "save", "channel_maxima", "LABELS", "series_labels", "study_figures",
+           "save_study_figures"]
 
 #: Axis labels (with units) for the usual result columns.
 LABELS = {
@@ -47,6 +48,7 @@ LABELS = {
     "wall_s": "wall time (s)",
     "params": "parameters",
     "perplexity": "perplexity",
+    "ppl_ratio": "perplexity / float perplexity",
 }
 
 
@@ -118,9 +120,9 @@ def _mark_collapsed(ax, rows, x: str, label: str | None = None) -> None:
     top = ax.get_xaxis_transform()
     ax.scatter(rows[x], [0.97] * len(rows), marker="x", color="C3", transform=top, zorder=5, clip_on=False,
                label=f"collapsed ({len(rows)})")
-    for _, row in rows.iterrows():
-        if label is not None:
-            ax.annotate(str(row[label]), (row[x], 0.97), xycoords=top, xytext=(3, -9), textcoords="offset points",
+    if label is not None:  # one annotation per x: the labels of the runs that collapsed there, one a line
+        for at, names in rows.groupby(x, sort=False)[label].agg(lambda v: "\n".join(dict.fromkeys(map(str, v)))).items():
+            ax.annotate(names, (at, 0.97), xycoords=top, xytext=(3, -4), textcoords="offset points", va="top",
                         fontsize=6, color="C3")
 
 
@@ -202,13 +204,16 @@ def pareto(table, x: str = "model_mib", y: str = "accuracy", hue: str | None = "
 def metric_vs_bits(table, y: str = "accuracy", x: str = "bits_per_weight", hue: str = "method",
                    by: str | None = "granularity", *, ax=None, title: str | None = None,
                    reference: str | None = "float", logy: bool | None = None, logx: bool = False,
-                   collapsed: str | None = None) -> Figure:
+                   collapsed: str | None = None, collapsed_label: str | None = None,
+                   colors: dict | None = None) -> Figure:
     """``y`` against bits/weight (or any numeric ``x``, e.g. ``bits`` or a learning rate with ``logx``), one line
     per ``hue`` (and per ``by`` value, as line styles); runs at one ``x`` of a line (seeds) are averaged, error
     bars: their standard deviation (:func:`qlab.experiments.results.seed_stats` gives the same numbers as a
     table). Rows whose ``hue`` equals ``reference`` (float) are drawn as a horizontal line (their mean).
     ``logy``: a log y axis (default: when positive ``y`` spans > 100x).
-    ``collapsed``: a boolean column whose true rows are drawn as crosses on the top edge (see :func:`pareto`).
+    ``collapsed``: a boolean column whose true rows are drawn as crosses on the top edge (see :func:`pareto`),
+    annotated with their ``collapsed_label`` column if given. ``colors``: a colour per ``hue`` value (default: the
+    colour cycle in order of appearance).
 
     Example:
         >>> import pandas as pd
@@ -230,10 +235,11 @@ def metric_vs_bits(table, y: str = "accuracy", x: str = "bits_per_weight", hue: 
         name = name if isinstance(name, tuple) else (name,)
         agg = g.groupby(x)[y].agg(["mean", "std"]).reset_index().sort_values(x)
         ls = styles[by_vals.index(name[-1]) % len(styles)] if by and by in t and len(name) == len(keys) else "-"
+        color = (colors or {}).get(name[0]) if keys and keys[0] == hue else None
         ax.errorbar(agg[x], agg["mean"], yerr=agg["std"].fillna(0), marker="o", ms=4, ls=ls, capsize=2,
-                    label=" / ".join(str(n) for n in name))
-    _mark_collapsed(ax, gone, x)
-    if _wide(t[y].dropna(), 100) if logy is None else logy:
+                    label=" / ".join(str(n) for n in name), color=color)
+    _mark_collapsed(ax, gone, x, collapsed_label if collapsed_label and collapsed_label in gone else None)
+    if (_wide(t[y].dropna(), 100) if logy is None else logy) and (t[y] > 0).any():  # nothing drawn: stay linear
         ax.set_yscale("log")
     if logx:
         ax.set_xscale("log")
@@ -243,6 +249,44 @@ def metric_vs_bits(table, y: str = "accuracy", x: str = "bits_per_weight", hue: 
     ax.legend(fontsize=7, ncol=2 if len(ax.get_lines()) > 6 else 1)
     if title:
         ax.set_title(title)
+    return fig
+
+
+def metric_vs_bits_panels(table, panel: str = "granularity", *, y: str = "accuracy", x: str = "bits_per_weight",
+                          hue: str = "method", reference: str | None = "float", logy: bool | None = None,
+                          title: str | None = None, **kw) -> Figure:
+    """:func:`metric_vs_bits` once per value of ``panel`` (side by side, one shared y axis, in order of first
+    appearance), the ``reference`` rows (float, whose ``panel`` is empty) drawn in every panel; ``kw`` go to
+    :func:`metric_vs_bits` (``collapsed``, ``logx``). ``logy``: default when positive ``y`` spans > 100x overall.
+    A ``hue`` value keeps one colour in every panel (the cycle without C3, the colour of collapsed runs' crosses,
+    which are annotated with their ``hue``).
+
+    Example:
+        >>> import pandas as pd
+        >>> t = pd.DataFrame({"method": ["float", "q", "q", "q"], "granularity": [None, "tensor", "ch", "ch"],
+        ...                   "bits": [None, 4, 4, 8], "ppl_ratio": [1.0, 3.0, 1.5, 1.0]})
+        >>> [ax.get_title() for ax in metric_vs_bits_panels(t, y="ppl_ratio", x="bits").axes]
+        ['granularity = tensor', 'granularity = ch']
+    """
+    import pandas as pd  # noqa: PLC0415 -- keeps `import qlab.plot` light
+
+    is_ref = (table[hue] == reference) if reference is not None and hue in table else pd.Series(False, index=table.index)
+    ref, rest = table[is_ref], table[~is_ref]
+    values = list(dict.fromkeys(rest[panel]))
+    if logy is None:
+        logy = _wide(table[y].dropna(), 100)
+    fig = figure(figsize=(1.0 + 4.4 * max(len(values), 1), 4.4))
+    axes = fig.subplots(1, max(len(values), 1), sharey=True, squeeze=False)[0]
+    cycle = [f"C{i}" for i in range(10) if i != 3]
+    colors = {h: cycle[i % len(cycle)] for i, h in enumerate(dict.fromkeys(rest[hue]))} if hue in rest else None
+    kw.setdefault("collapsed_label", hue)
+    for ax, v in zip(axes, values):
+        metric_vs_bits(pd.concat([ref, rest[rest[panel] == v]]), y=y, x=x, hue=hue, by=None, reference=reference,
+                       logy=logy, ax=ax, title=f"{panel} = {v}", colors=colors, **kw)
+    for ax in axes[1:]:
+        ax.set_ylabel("")
+    if title:
+        fig.suptitle(title)
     return fig
 
 

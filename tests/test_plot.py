@@ -101,3 +101,16 @@ def test_metric_vs_bits_error_bars_are_the_seed_std():
     spans = [seg[1][1] - seg[0][1] for seg in bars.get_segments()]
     np.testing.assert_allclose(spans, [2 * 0.1, 0.0], atol=1e-9)
     assert plot.metric_vs_bits(t.assign(lr=t["bits"] * 1e-3), x="lr", by=None, logx=True).axes[0].get_xscale() == "log"
+
+
+def test_panels_keep_a_hue_colour_and_name_the_collapsed_runs():
+    t = pd.DataFrame({"method": ["float"] + ["ptq_rtn"] * 6, "granularity": [None] + ["tensor"] * 3 + ["ch"] * 3,
+                      "range": ["float", "absmax", "mse", "mse", "absmax", "mse", "mse"],
+                      "bits": [None, 4, 4, 8, 4, 4, 8], "ppl_ratio": [1.0, 3e9, 20.0, 1.1, 3.0, 4.0, 1.0],
+                      "collapsed": [False, True, False, False, False, False, False]})
+    fig = plot.metric_vs_bits_panels(t, "granularity", y="ppl_ratio", x="bits", hue="range", collapsed="collapsed")
+    tensor, ch = fig.axes
+    colour = {ax: {c.get_label(): c.lines[0].get_color() for c in ax.containers} for ax in (tensor, ch)}
+    assert colour[tensor]["mse"] == colour[ch]["mse"] != "C3"  # absmax drew no line per tensor: mse keeps its colour
+    assert [a.get_text() for a in tensor.texts] == ["absmax"] and not ch.texts  # the collapsed run, by its range
+    assert tensor.get_yscale() == ch.get_yscale() == "log" and tensor.get_ylim()[1] < 1e3

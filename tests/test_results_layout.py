@@ -197,3 +197,26 @@ def test_ablation_smoothquant_gemma3_writes_the_layout(tmp_path):
     assert layout_problems(out) == []
     assert all((out / f).is_file() for f in ("alpha_sweep.png", "layer_ranges.png", "channels.png", "layers.csv"))
     assert "| RTN (no smoothing) |" in (out / "README.md").read_text()
+
+
+def test_ablation_range_gemma3_writes_the_layout(tmp_path):
+    """The README script of the range-setting study reads its runs (made-up metrics here) into the layout."""
+    import qlab.experiments as qx
+    from qlab.experiments.results import atomic_write_text, rebuild_tables, result_row, write_run
+
+    m = _script("ablation_range_gemma3")
+    study = qx.load_study(ROOT / m.STUDY, check=False)
+    out = tmp_path / study.name
+    for i, run in enumerate(study.runs):
+        quantized = run.method.name != "float"
+        metrics = dict(perplexity=10.0 + i, perplexity_se=1.0, ppl_ratio=1.0 + i / 10 * quantized,
+                       ppl_ratio_se=0.01 * quantized, kl=i / 100, top1=0.9, collapsed=i == 3, quantized_params=100,
+                       bits_per_weight=run["bits"] if quantized else 32.0)
+        layers = [dict(layer="layers/0/attn/q_proj", params=100, weight_sqnr_db=20.0 + i)] if quantized else None
+        write_run(out, result_row(study.name, run, metrics, {"jax_version": "test"}, wall_s=1.0), layers)
+    atomic_write_text(out / "study.json", json.dumps({"name": study.name, "source": m.STUDY}))
+    rebuild_tables(out, [r.config_hash for r in study.runs])
+    t = m.write(out)
+    assert layout_problems(out) == []
+    assert len(t) == len(study.runs) and (out / "range_vs_bits.png").is_file()
+    assert "collapsed (ppl" in (out / "README.md").read_text()

@@ -42,7 +42,8 @@ from qlab.numerics import parse_spec
 
 __all__ = ["study_times", "write_run", "read_runs", "atomic_write_text", "rebuild_tables", "load_results", "runs_dir", "setting_label",
            "method_labels", "method_table", "markdown_table", "result_row", "claim_run", "release_run", "compare_tables",
-           "spearman", "predictor_table", "sensitivity_from_layers", "seed_stats"]
+           "spearman", "predictor_table", "sensitivity_from_layers", "seed_stats", "range_labels", "range_table",
+           "RANGE_ORDER"]
 
 
 def runs_dir(out) -> pathlib.Path:
@@ -412,6 +413,70 @@ def seed_stats(table, metric: str = "accuracy", by=None, *, scale: float = 1.0, 
         text = f"{mean:.{digits}f}" + ("" if math.isnan(std) else f" ± {std:.{digits}f}")
         rows.append([*key, len(v), mean, std, text])
     return pd.DataFrame(rows, columns=[*by, "n", "mean", "std", "mean ± std"])
+
+
+#: the order range-setting tables list their ranges in (others follow, as first seen)
+RANGE_ORDER = ("absmax", "minmax", "p99.9", "mse", "mse asym")
+
+
+def range_labels(table) -> list[str]:
+    """The range setting of each run as a range-setting study names it: the ``range`` token, with ``" asym"`` added
+    for an asymmetric run of a symmetric-named range (``"mse asym"``; ``minmax`` is asymmetric by name: in qlab the
+    token picks the method and ``symmetric`` the shape, and symmetric min-max is absmax); ``"float"`` for float runs.
+
+    Example:
+        >>> t = pd.DataFrame({"method": ["float", "ptq_rtn", "ptq_rtn", "ptq_rtn"], "range": [None, "mse", "mse", "minmax"],
+        ...                   "symmetric": [None, True, False, False]})
+        >>> range_labels(t)
+        ['float', 'mse', 'mse asym', 'minmax']
+    """
+    sym = table["symmetric"] if "symmetric" in table else [True] * len(table)
+    out = []
+    for m, r, s in zip(table["method"], table["range"], sym):
+        if m == "float" or not isinstance(r, str):
+            out.append("float" if m == "float" else str(r))
+        elif s is False or str(s).lower() in ("false", "0", "0.0"):
+            out.append(r if r == "minmax" else f"{r} asym")
+        else:
+            out.append(r)
+    return out
+
+
+def range_table(table, metrics=("bits_per_weight", "perplexity", "ppl_ratio", "ppl_ratio_se", "kl", "top1")
+                ) -> pd.DataFrame:
+    """A range-setting study's runs, one row each: ``granularity``, ``bits``, ``range`` (:func:`range_labels`), the
+    ``metrics`` present and ``collapsed``; float first, then per tensor before per channel before groups, bits from
+    high to low, ranges in :data:`RANGE_ORDER`. Runs differing only in seed stay separate rows
+    (:func:`seed_stats` folds them).
+
+    Example:
+        >>> t = pd.DataFrame({"method": ["ptq_rtn", "ptq_rtn", "float"], "granularity": ["ch", "tensor", None],
+        ...                   "bits": [4, 4, None], "range": ["mse", "absmax", None], "symmetric": [True, True, None],
+        ...                   "ppl_ratio": [1.2, 3.0, 1.0], "collapsed": [False, False, False]})
+        >>> range_table(t, metrics=("ppl_ratio",))[["granularity", "range", "ppl_ratio"]].values.tolist()
+        [['-', 'float', 1.0], ['tensor', 'absmax', 3.0], ['ch', 'mse', 1.2]]
+    """
+    t = table.assign(range=range_labels(table))
+    t["granularity"] = [("-" if m == "float" else g) for m, g in zip(t["method"], t["granularity"])]
+    seen = list(dict.fromkeys(t["range"]))
+    r_key = {r: i for i, r in enumerate(["float", *RANGE_ORDER, *[r for r in seen if r not in RANGE_ORDER]])}
+
+    def g_key(g):
+        if g == "-":
+            return (0, 0)
+        if g == "tensor":
+            return (1, 0)
+        if g == "ch":
+            return (2, 0)
+        return (3, int(g[1:]) if str(g).startswith("g") and str(g)[1:].isdigit() else 0)
+
+    bits = t["bits"].fillna(99).astype(float).tolist()
+    keys = [(g_key(g), -b, r_key[r]) for g, b, r in zip(t["granularity"], bits, t["range"])]
+    order = sorted(range(len(t)), key=keys.__getitem__)
+    cols = ["granularity", "bits", "range", *[m for m in metrics if m in t], *(["collapsed"] if "collapsed" in t else [])]
+    out = t.iloc[order][cols].reset_index(drop=True)
+    out["bits"] = out["bits"].astype("Int64") if out["bits"].notna().any() else out["bits"]
+    return out
 
 
 def markdown_table(table, *, index: bool = False, floatfmt: str = ".4g") -> str:
