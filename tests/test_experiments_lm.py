@@ -83,7 +83,7 @@ def test_lm_long_evaluation_runs_in_rows_of_1024(tmp_path):
              "sweep": {"method": ["float", "ptq_rtn"]}}
     tab = sweep(study, out=tmp_path, progress=False)
     model, tok = lm.lm_model("gemma3_tiny")
-    ids = lm._eval_ids("gemma3_tiny", "austen", 5 * 1024)
+    ids = lm.eval_ids("gemma3_tiny", "austen", 5 * 1024)
     enc = tok.encode(lm._text("austen")).ids
     assert np.asarray(ids).tolist() == bos_rows(enc, 1024, 5).tolist()
     assert np.asarray(ids[0]).tolist() == enc[:1024]  # row 0: the 1,024-token evaluation

@@ -58,7 +58,9 @@ from . import methods, search
 from .methods import SEARCH_KEYS, SPEC_KEYS, Family, layer_table, register, register_family, size_metrics
 from .study import BUILTIN_RULE_SETS
 
-__all__ = ["lm_model", "lm_linears", "layer_shapes", "search_costs", "calibration_windows", "TINY_TEXT"]
+__all__ = ["lm_model", "lm_linears", "layer_shapes", "search_costs", "calibration_windows", "TINY_TEXT", "evaluate_run",
+           "float_pass_stats", "check_run", "check_eval_tokens", "eval_ids", "eval_kwargs", "float_perplexity",
+           "comparison_metrics"]
 
 #: A short text for ``data`` / ``calibration`` = "tiny_text" (tests).
 TINY_TEXT = ("the cat sat at the inn. the heat in the attic was a trial, and the cat ran. "
@@ -171,8 +173,16 @@ def search_costs(run):
                             bool(run["search_embed"]))
 
 
-def _check(run) -> None:
-    _check_eval(run)
+def check_run(run) -> None:
+    """The study-load checks of an lm run that quantizes: ``eval_tokens``, ``outlier_threshold`` (needs ``act``), its
+    rules against the model's layers (or its search); raises ValueError (the study reports it as a ConfigError).
+
+    Example:
+        >>> from qlab.experiments import expand
+        >>> check_run(expand({"base": {"model": "gemma3_tiny", "data": "tiny_text", "eval_tokens": 64,
+        ...                            "weight": "int4/g16"}})[0])
+    """
+    check_eval_tokens(run)
     if run.get("outlier_threshold") is not None and run.act is None:
         raise ValueError(f"outlier_threshold = {run['outlier_threshold']} decomposes the quantized inputs: set act "
                          "(e.g. act = \"int8/ch\", LLM.int8's per-token int8)")
@@ -267,15 +277,26 @@ def _eval_rows(eval_tokens: int) -> tuple[int, int]:
     return EVAL_ROW, eval_tokens // EVAL_ROW
 
 
-def _check_eval(run) -> None:
+def check_eval_tokens(run) -> None:
     """Study-load check of ``eval_tokens`` (the text's length is checked when the run evaluates: that needs the
-    tokenizer)."""
+    tokenizer).
+
+    Example:
+        >>> from qlab.experiments import expand
+        >>> check_eval_tokens(expand({"base": {"model": "gemma3_tiny", "data": "tiny_text", "method": "float",
+        ...                                    "eval_tokens": 2048}})[0])
+    """
     _eval_rows(int(run["eval_tokens"]))
 
 
 @functools.lru_cache(maxsize=8)
-def _eval_ids(model: str, data: str, eval_tokens: int):
-    """``[n_rows, row_len]`` int32: the evaluation rows (:func:`_eval_rows`, :func:`qlab.evaluate.bos_rows`)."""
+def eval_ids(model: str, data: str, eval_tokens: int):
+    """``[n_rows, row_len]`` int32: the evaluation rows (:func:`_eval_rows`, :func:`qlab.evaluate.bos_rows`).
+
+    Example:
+        >>> eval_ids("gemma3_tiny", "tiny_text", 64).shape
+        (1, 64)
+    """
     row_len, n_rows = _eval_rows(eval_tokens)
     ids = lm_model(model)[1].encode(_text(data)).ids
     if len(ids) < 1 + n_rows * (row_len - 1):
@@ -286,22 +307,31 @@ def _eval_ids(model: str, data: str, eval_tokens: int):
     return jnp.asarray(bos_rows(ids, row_len, n_rows))
 
 
-def _eval_kw(ids) -> dict:
-    """How :mod:`qlab.evaluate` runs the evaluation rows ``ids`` (one row: as before rows existed, bit for bit)."""
-    return {"chunk": 256 // min(len(ids), _EVAL_ROWS_PER_STEP), "rows_per_step": _EVAL_ROWS_PER_STEP}
+def eval_kwargs(ids, quantized_inputs: bool = False) -> dict:
+    """How :mod:`qlab.evaluate` runs the evaluation rows ``ids`` (:func:`eval_ids`; one row: as before rows existed,
+    bit for bit): the logit ``chunk`` and ``rows_per_step``; half the chunk for a model that quantizes its inputs
+    (its quantizers hold more).
 
-
-def _act_eval_kw(ids) -> dict:
-    """:func:`_eval_kw` for a model that quantizes its inputs (half the logit chunk: its quantizers hold more)."""
-    kw = _eval_kw(ids)
-    return {**kw, "chunk": max(1, kw["chunk"] // 2)}
+    Example:
+        >>> eval_kwargs(np.zeros((1, 1024))), eval_kwargs(np.zeros((8, 1024)), quantized_inputs=True)
+        ({'chunk': 256, 'rows_per_step': 4}, {'chunk': 32, 'rows_per_step': 4})
+    """
+    chunk = 256 // min(len(ids), _EVAL_ROWS_PER_STEP)
+    return {"chunk": max(1, chunk // 2) if quantized_inputs else chunk, "rows_per_step": _EVAL_ROWS_PER_STEP}
 
 
 @functools.lru_cache(maxsize=8)
-def _float_ppl(model: str, data: str, eval_tokens: int) -> tuple[float, float, float]:
-    ids = _eval_ids(model, data, eval_tokens)
+def float_perplexity(model: str, data: str, eval_tokens: int) -> tuple[float, float, float]:
+    """``(perplexity, its standard error, seconds)`` of the float model on the evaluation rows (once per process).
+
+    Example:
+        >>> ppl, se, _ = float_perplexity("gemma3_tiny", "tiny_text", 64)
+        >>> ppl > 1 and 0 < se < ppl
+        True
+    """
+    ids = eval_ids(model, data, eval_tokens)
     t = time.perf_counter()
-    ppl, se = perplexity_with_error(lm_model(model)[0], ids, **_eval_kw(ids))
+    ppl, se = perplexity_with_error(lm_model(model)[0], ids, **eval_kwargs(ids))
     return ppl, se, time.perf_counter() - t
 
 
@@ -356,9 +386,16 @@ def _calibration_forward(with_head: bool):
     return (lambda m, b: m(b)) if with_head else (lambda m, b: m.features(b))
 
 
-def _float_pass_stats(model_name: str, calibration: str, seqs: int, length: int, with_head: bool = False):
+def float_pass_stats(model_name: str, calibration: str, seqs: int, length: int, with_head: bool = False):
     """Calibration statistics of every projection's input (and of the tied head's, ``with_head``), captured once
-    (one float pass) per process."""
+    (one float pass) per process: per layer ``hessian``, ``mean_abs``, ``absmax``, up to 512 ``inputs`` rows and the token ``count``, as
+    :func:`qlab.nn.capture` returns them. The runs of a process that share a calibration setting share them.
+
+    Example:
+        >>> st = float_pass_stats("gemma3_tiny", "tiny_text", 2, 16)
+        >>> sorted(st["layers/0/attn/q_proj"])
+        ['absmax', 'count', 'hessian', 'inputs', 'mean_abs']
+    """
     key = (model_name, calibration, seqs, length, with_head)
     if key not in _stats_cache:
         _stats_cache.clear()  # large (Hessians): keep one set
@@ -396,14 +433,20 @@ def _calibration_args(run, rules) -> tuple[dict, dict]:
         return dict(calibration_batches=[jnp.asarray(calib[i:i + 4]) for i in range(0, len(calib), 4)],
                     forward=_calibration_forward(with_head), sequential=True), extra
     t = time.perf_counter()
-    stats = _float_pass_stats(*key, with_head)
+    stats = float_pass_stats(*key, with_head)
     extra["shared_s"] = time.perf_counter() - t
     return dict(calibration_batches=None, calibration_stats=stats), extra
 
 
-def _comparison_metrics(c, vocab_size: int) -> dict:
+def comparison_metrics(c, vocab_size: int) -> dict:
     """The paired figures against the float model, and ``collapsed``: perplexity above the vocabulary size
-    (worse than a uniform guess), which tables and plots show as collapsed rather than as a number."""
+    (worse than a uniform guess), which tables and plots show as collapsed rather than as a number.
+
+    Example:
+        >>> from qlab.evaluate import ReferenceComparison
+        >>> comparison_metrics(ReferenceComparison(8, 12.0, 1.0, 10.0, 0.9, 1.2, 0.01, 0.05, 0.01, 0.9, 0.03), 10)["collapsed"]
+        True
+    """
     return {"ppl_ratio": c.ppl_ratio, "ppl_ratio_se": c.ppl_ratio_se, "kl": c.kl, "kl_se": c.kl_se,
             "top1": c.top1, "top1_se": c.top1_se, "collapsed": bool(c.ppl > vocab_size)}
 
@@ -425,9 +468,9 @@ def _weights_swapped(model, kernels: dict):
 
 def _perplexity_with(run, kernels: dict) -> tuple[float, float]:
     """Perplexity (and its standard error) of the shared float model with ``kernels`` swapped in."""
-    ids = _eval_ids(run["model"], run["data"], int(run["eval_tokens"]))
+    ids = eval_ids(run["model"], run["data"], int(run["eval_tokens"]))
     with _weights_swapped(lm_model(run["model"])[0], kernels) as model:
-        return perplexity_with_error(model, ids, **_eval_kw(ids))
+        return perplexity_with_error(model, ids, **eval_kwargs(ids))
 
 
 def _quantizes_inputs(rules) -> bool:
@@ -435,15 +478,26 @@ def _quantizes_inputs(rules) -> bool:
     return any(r.act is not None or r.outlier_threshold is not None for r in rules)
 
 
-def _evaluate(run, quantize) -> tuple[dict, Any]:
+def evaluate_run(run, quantize) -> tuple[dict, Any]:
     """Quantize the shared model's projections with ``quantize(model, rules) -> (qmodel, extra metrics)``
     and evaluate the result through the float model with the effective (fake-quantized) kernels swapped
     in, so every spec shares one compiled evaluation; ``extra["kernels"]`` (popped) overrides those kernels
-    (``{path: effective kernel}``). Runs that quantize activations evaluate the quantized model itself."""
+    (``{path: effective kernel}``). Runs that quantize activations evaluate the quantized model itself. Returns
+    ``(metrics, per-layer table)``: the building block of the family's quantizing methods.
+
+    Example:
+        >>> from qlab import ptq
+        >>> from qlab.experiments import expand
+        >>> run = expand({"base": {"model": "gemma3_tiny", "data": "tiny_text", "eval_tokens": 64,
+        ...                        "weight": "int8/ch"}})[0]
+        >>> metrics, layers = evaluate_run(run, lambda model, rules: (ptq.rtn(model, rules), {}))
+        >>> metrics["ppl_ratio"] > 0, len(layers) > 0
+        (True, True)
+    """
     t0 = time.perf_counter()
     model, _ = lm_model(run["model"])
     key = (run["model"], run["data"], int(run["eval_tokens"]))
-    fppl, fse, _ = _float_ppl(*key)
+    fppl, fse, _ = float_perplexity(*key)
     linears = lm_linears(model)
     order = list(linears)
     own, search_metrics, alloc = _search_rules(run, model) if run.search is not None else (run.rules, {}, None)
@@ -453,44 +507,44 @@ def _evaluate(run, quantize) -> tuple[dict, Any]:
     quant_s = time.perf_counter() - tq - extra.pop("shared_s", 0.0)
     kernels = extra.pop("kernels", None)
     te = time.perf_counter()
-    ids = _eval_ids(*key)
+    ids = eval_ids(*key)
     if _quantizes_inputs(rules):  # activation quantizers (or outlier decomposition) run in the quantized model
-        c = compare_to_reference(qm, model, ids, any_structure=True, **_act_eval_kw(ids))
+        c = compare_to_reference(qm, model, ids, any_structure=True, **eval_kwargs(ids, quantized_inputs=True))
     else:
         reference = nnx.clone(model)  # the float model, in variables of its own (merge would share them)
         with _weights_swapped(model, _effective_kernels(qm) if kernels is None else kernels):
-            c = compare_to_reference(model, reference, ids, **_eval_kw(ids))
+            c = compare_to_reference(model, reference, ids, **eval_kwargs(ids))
     metrics = {"perplexity": c.ppl, "perplexity_se": c.ppl_se, "float_perplexity": fppl, "float_perplexity_se": fse,
-               "perplexity_increase": c.ppl - fppl, **_comparison_metrics(c, model.config.vocab_size), **size_metrics(qm),
+               "perplexity_increase": c.ppl - fppl, **comparison_metrics(c, model.config.vocab_size), **size_metrics(qm),
                "quant_s": quant_s, "eval_s": time.perf_counter() - te, **extra, **search_metrics}
     metrics["method_s"] = time.perf_counter() - t0
     layers = layer_table(qm, order)
     return metrics, layers if alloc is None else search.chosen_columns(layers, *alloc)
 
 
-@register("float", family="lm", check=_check_eval)
+@register("float", family="lm", check=check_eval_tokens)
 def run_float(run, progress=False):
     """The float model's perplexity on the evaluation text."""
     model, _ = lm_model(run["model"])
-    fppl, fse, eval_s = _float_ppl(run["model"], run["data"], int(run["eval_tokens"]))
+    fppl, fse, eval_s = float_perplexity(run["model"], run["data"], int(run["eval_tokens"]))
     return {"perplexity": fppl, "perplexity_se": fse, "float_perplexity": fppl, "float_perplexity_se": fse,
             "perplexity_increase": 0.0, "ppl_ratio": 1.0, "ppl_ratio_se": 0.0, "kl": 0.0, "kl_se": 0.0, "top1": 1.0,
             "top1_se": 0.0, "collapsed": bool(fppl > model.config.vocab_size),
             **size_metrics(qnn.quantize_model(model, (), allow_unmatched=True)), "eval_s": eval_s}, None
 
 
-@register("ptq_rtn", family="lm", reads=(*SPEC_KEYS, *SEARCH_KEYS, "outlier_threshold"), check=_check,
+@register("ptq_rtn", family="lm", reads=(*SPEC_KEYS, *SEARCH_KEYS, "outlier_threshold"), check=check_run,
           search_reads=("calibration", "calibration_seqs", "calibration_len", "search_embed"),
           rule_keys=("outlier_threshold",), int_matmul=False)
 def run_ptq_rtn(run, progress=False):
     """Round-to-nearest quantization of the projections (and their inputs: ``act``, ``outlier_threshold``)."""
-    return _evaluate(run, lambda model, rules: (ptq.rtn(model, rules), {"calib_tokens": 0}))
+    return evaluate_run(run, lambda model, rules: (ptq.rtn(model, rules), {"calib_tokens": 0}))
 
 
-@register("ptq_hqq", family="lm", reads=SPEC_KEYS, check=_check)
+@register("ptq_hqq", family="lm", reads=SPEC_KEYS, check=check_run)
 def run_ptq_hqq(run, progress=False):
     """HQQ (half-quadratic zero point and scale search, no calibration data) of the projections."""
-    return _evaluate(run, lambda model, rules: (ptq.hqq(model, rules), {"calib_tokens": 0}))
+    return evaluate_run(run, lambda model, rules: (ptq.hqq(model, rules), {"calib_tokens": 0}))
 
 
 
@@ -511,14 +565,14 @@ def _gptq(run, model, rules) -> tuple[Any, dict]:
     return qm, {**extra, "gptq_reused": 0}
 
 
-@register("ptq_gptq", family="lm", reads=(*SPEC_KEYS, *_CALIBRATION_KEYS, "act_order", *SEARCH_KEYS), check=_check,
+@register("ptq_gptq", family="lm", reads=(*SPEC_KEYS, *_CALIBRATION_KEYS, "act_order", *SEARCH_KEYS), check=check_run,
           search_reads=("search_embed",))
 def run_ptq_gptq(run, progress=False):
     """GPTQ of the projections (``act_order``), calibrated on the ``calibration`` text."""
-    return _evaluate(run, lambda model, rules: _gptq(run, model, rules))
+    return evaluate_run(run, lambda model, rules: _gptq(run, model, rules))
 
 
-@register("ptq_awq", family="lm", reads=(*SPEC_KEYS, *_CALIBRATION_KEYS), check=_check)
+@register("ptq_awq", family="lm", reads=(*SPEC_KEYS, *_CALIBRATION_KEYS), check=check_run)
 def run_ptq_awq(run, progress=False):
     """AWQ of the projections, calibrated on the ``calibration`` text."""
 
@@ -526,7 +580,7 @@ def run_ptq_awq(run, progress=False):
         cal, extra = _calibration_args(run, rules)
         return ptq.awq(model, rules, max_input_rows=512, **cal), extra
 
-    return _evaluate(run, quantize)
+    return evaluate_run(run, quantize)
 
 
 def _is_projection_kernel(path, _value) -> bool:
@@ -556,7 +610,7 @@ def qat_batches(run) -> np.ndarray:
 
 
 @register("qat", family="lm", reads=(*SPEC_KEYS, *_CALIBRATION_KEYS, "act_order", "qat_init", "qat_steps",
-                                     "qat_learning_rate", "batch_size", "qat_seq_len"), check=_check)
+                                     "qat_learning_rate", "batch_size", "qat_seq_len"), check=check_run)
 def run_qat(run, progress=False):
     """Weight QAT (STE, Adam) of the projections' kernels from RTN or GPTQ (``qat_init``) on the ``calibration``
     text; the calibration keys and ``act_order`` set up the GPTQ start."""
@@ -579,4 +633,4 @@ def run_qat(run, progress=False):
         return qm, {**extra, "init_perplexity": init_ppl, "qat_first_loss": hist.loss[0],
                     "qat_final_loss": hist.final_loss, "qat_tokens": int(batches[:, :, 1:].size), "qat_s": hist.seconds}
 
-    return _evaluate(run, quantize)
+    return evaluate_run(run, quantize)

@@ -5,7 +5,7 @@ features zeroed, against random dimensions). LLM.int8's activation schemes and d
 with ``act`` and ``outlier_threshold`` (:mod:`qlab.experiments.lm`).
 
 Calibration statistics come from one float pass per calibration setting, shared by the runs of a process
-(``lm._float_pass_stats``); the outlier features of ``zero_outliers`` from one float pass over the evaluation
+(``lm.float_pass_stats``); the outlier features of ``zero_outliers`` from one float pass over the evaluation
 tokens. Every run reports the lm family's metrics (perplexity with its se, the paired ratio to float, KL, top-1).
 
 Example:
@@ -47,7 +47,7 @@ SITES = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj"
 
 
 def _stats(run):
-    return lm._float_pass_stats(run["model"], run["calibration"], int(run["calibration_seqs"]),
+    return lm.float_pass_stats(run["model"], run["calibration"], int(run["calibration_seqs"]),
                                 int(run["calibration_len"]))
 
 
@@ -81,7 +81,7 @@ def smoothing_rows(stats: dict, kernels: dict, alpha: float, smooth: str | None)
 
 
 def _check_smoothquant(run) -> None:
-    lm._check(run)
+    lm.check_run(run)
     if run["act_scales"] != "static":
         return
     if run.act is None:
@@ -112,7 +112,7 @@ def run_ptq_smoothquant(run, progress=False):
                                             if L.act_quant is not None)
         return qm, extra
 
-    metrics, layers = lm._evaluate(run, quantize)
+    metrics, layers = lm.evaluate_run(run, quantize)
     model = lm.lm_model(run["model"])[0]
     kernels = {p: np.asarray(lin.kernel[...]) for p, lin in lm.lm_linears(model).items()}
     rows = smoothing_rows(_stats(run), kernels, float(run["alpha"]), smooth)
@@ -143,7 +143,7 @@ def salient_rows(saliency: str, fraction: float, kernel, act_mean_abs, seed: int
 
 
 def _check_salient(run) -> None:
-    lm._check(run)
+    lm.check_run(run)
     if not 0 < run["salient_fraction"] < 1:
         raise ValueError(f"salient_fraction = {run['salient_fraction']} must be in (0, 1)")
     if run["rules"] != "all" or run.act is not None:
@@ -173,7 +173,7 @@ def run_rtn_salient(run, progress=False):
         return ptq.rtn(model, rules), {"kernels": kernels, "float_weight_share": kept / total, "calib_tokens": calib,
                                        "shared_s": shared}
 
-    return lm._evaluate(run, quantize)
+    return lm.evaluate_run(run, quantize)
 
 
 # --------------------------------------------------------------------------- LLM.int8's outlier features
@@ -184,7 +184,7 @@ def hidden_inputs(model_name: str, data: str, eval_tokens: int) -> dict:
     """``{projection path: its input on the evaluation tokens}`` (``[positions, features]`` float32) of the
     float model: what LLM.int8's outlier features are counted on."""
     model = lm.lm_model(model_name)[0]
-    ids = lm._eval_ids(model_name, data, eval_tokens)
+    ids = lm.eval_ids(model_name, data, eval_tokens)
     qm0 = qnn.quantize_model(model, [qnn.Rule("|".join(map(re.escape, lm.lm_linears(model))), weight="int8/ch")],
                              allow_unmatched=True)
     stats = qnn.capture(qm0, [ids], forward=lambda m, b: m.features(b), stats=("inputs",),
@@ -218,7 +218,7 @@ def systematic_hidden_dims(inputs: dict) -> np.ndarray:
     return ptq.systematic_outliers(hidden)[0]
 
 
-@register("zero_outliers", family="lm", reads=("zero_dims",), check=lm._check_eval)
+@register("zero_outliers", family="lm", reads=("zero_dims",), check=lm.check_eval_tokens)
 def run_zero_outliers(run, progress=False):
     """The systematic outlier features (or as many random dimensions, ``zero_dims``) zeroed in every q/k/v and
     gate/up projection's input: LLM.int8's "remove the outliers" test."""
@@ -231,12 +231,12 @@ def run_zero_outliers(run, progress=False):
     feats = zero_features(list(inputs), width, dims, int(run["seed"]) if run["zero_dims"] == "random" else None)
     qm = ptq.zero_input_features(model, feats)
     te = time.perf_counter()
-    ids = lm._eval_ids(*key)
-    c = compare_to_reference(qm, model, ids, any_structure=True, **lm._act_eval_kw(ids))
-    fppl, fse, _ = lm._float_ppl(*key)
+    ids = lm.eval_ids(*key)
+    c = compare_to_reference(qm, model, ids, any_structure=True, **lm.eval_kwargs(ids, quantized_inputs=True))
+    fppl, fse, _ = lm.float_perplexity(*key)
     zeroed = next(iter(feats.values())) if feats else np.zeros(0, np.int64)
     metrics = {"perplexity": c.ppl, "perplexity_se": c.ppl_se, "float_perplexity": fppl, "float_perplexity_se": fse,
-               "perplexity_increase": c.ppl - fppl, **lm._comparison_metrics(c, model.config.vocab_size),
+               "perplexity_increase": c.ppl - fppl, **lm.comparison_metrics(c, model.config.vocab_size),
                "zeroed_features": len(zeroed), "zeroed_dims": " ".join(map(str, zeroed)),
                "systematic_dims": " ".join(map(str, dims)), "eval_s": time.perf_counter() - te,
                "method_s": time.perf_counter() - t0}
