@@ -315,11 +315,14 @@ def readme(runs: pd.DataFrame, sm: pd.DataFrame, channels: pd.DataFrame | None, 
 
 {study.description}.
 
-**Setup.** The study `{source}`, run with `qlab sweep {STUDY} --out {OUT}`, then `python
-experiments/ablation_smoothquant_gemma3.py --readme` for this file and the plots (`python
-experiments/ablation_smoothquant_gemma3.py` does both): {len(runs)} runs, {f['wall_min']:.0f} min summed over the
-runs' `wall_s` ({env}, shared CPU cores); the first run of a sweep process also loads the model and captures the
-calibration statistics (the longest run: {f['wall_first']:.0f} s). Every `ptq_smoothquant` run (`runs.csv`: `smooth`,
+**Setup.** The study `{source}`, run with
+
+    qlab sweep {STUDY} --out {OUT}
+    python experiments/ablation_smoothquant_gemma3.py --readme
+
+(the second writes this file and the plots; without `--readme` the script runs the sweep too): {len(runs)} runs,
+{f['wall_min']:.0f} min summed over the runs' `wall_s` ({env}, shared CPU cores); the first run of a sweep process
+also loads the model and captures the calibration statistics (the longest run: {f['wall_first']:.0f} s). Every `ptq_smoothquant` run (`runs.csv`: `smooth`,
 `alpha`, `act`, `act_scales`) quantizes the weights of every attention / MLP projection int8 per output channel
 (symmetric absmax; the tied embedding and the attention's own products float) and their inputs int8, either with
 static per-tensor scales (`act_scales = "static"`: one range per layer, the calibration maximum of the layer's input

@@ -51,7 +51,7 @@ def test_report_of_the_tiny_study(tmp_path):
     text = (out / "README.md").read_text()
     assert "| RTN (no smoothing) |" in text and "| 0.5 |" in text
     assert "qlab sweep experiments/ablation_smoothquant_gemma3.toml --out results/ablations/smoothquant_gemma3" in text
-    assert "python\nexperiments/ablation_smoothquant_gemma3.py --readme" in text
+    assert "python experiments/ablation_smoothquant_gemma3.py --readme" in text
     assert "`layers/0/attn/q_proj`" in text and "## What it shows" in text
     sm = m.smoothing(runs, qx.load_results(out, layers=True)[1])
     assert sorted(set(sm.proj)) == ["gate_proj", "k_proj", "q_proj", "up_proj", "v_proj"]
