@@ -21,6 +21,7 @@ from the study's calibration capture (:func:`channel_table`: loads the model) an
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -145,14 +146,16 @@ def facts(runs: pd.DataFrame, sm: pd.DataFrame, channels: pd.DataFrame | None) -
     pt_sq, pt_rtn = c.get("per_token", (runs.iloc[:0], None))
     if len(st_sq) and st_rtn is not None:
         best = st_sq.loc[st_sq["ppl_ratio"].idxmin()]
-        last = st_sq.iloc[-1]
+        last, prev = st_sq.iloc[-1], st_sq.iloc[max(len(st_sq) - 2, 0)]
+        near = st_sq[st_sq.ppl_ratio <= best.ppl_ratio + best.ppl_ratio_se].alpha
         f.update(st_rtn=st_rtn.ppl_ratio, st_a0=st_sq.iloc[0].ppl_ratio, st_a0_alpha=st_sq.iloc[0].alpha,
                  st_best=best.ppl_ratio, st_best_se=best.ppl_ratio_se, st_best_alpha=best.alpha,
                  st_last=last.ppl_ratio, st_last_alpha=last.alpha, st_kl_rtn=st_rtn.kl, st_kl_best=best.kl,
                  st_kl_last=last.kl, st_best_pct=100 * (best.ppl_ratio - 1),
                  st_gap_removed=100 * (1 - np.log(best.ppl_ratio) / np.log(st_rtn.ppl_ratio)),
                  st_se_lo=st_sq.ppl_ratio_se.min(), st_se_hi=st_sq.ppl_ratio_se.max(),
-                 st_near=", ".join(f"{a:.1f}" for a in st_sq[st_sq.ppl_ratio <= best.ppl_ratio + best.ppl_ratio_se].alpha),
+                 st_near=f"{near.min():.1f}-{near.max():.1f}" if len(near) > 1 else f"{best.alpha:.1f}",
+                 st_prev=prev.ppl_ratio, st_prev_alpha=prev.alpha,
                  st_range_rtn=st_rtn.get("static_range_max", np.nan))
         smoothed = st_sq[st_sq["alpha"] > 0]["static_range_max"] if "static_range_max" in st_sq else pd.Series([])
         lo, hi = smoothed.min(), smoothed.max()
@@ -170,7 +173,8 @@ def facts(runs: pd.DataFrame, sm: pd.DataFrame, channels: pd.DataFrame | None) -
         n = int(sm["block"].max()) + 1
         q, g = s0[s0.proj == "q_proj"], s0[s0.proj == "gate_proj"]
         qg_late = s0[s0.proj.isin(["q_proj", "gate_proj"]) & (s0.block >= 2)]
-        f.update(blocks=n, late=f"2-{n - 1}", act_ratio_lo=qg_late.act_ratio.min(), act_ratio_hi=qg_late.act_ratio.max(),
+        f.update(blocks=n, late=f"2-{n - 1}", act_ratio_lo=qg_late.act_ratio.min(),
+                 act_ratio_hi=qg_late.act_ratio.max(),
                  qkv_ratio_late=q[q.block >= 2].act_ratio.median(), gu_ratio_late=g[g.block >= 2].act_ratio.median(),
                  q_max_01=" and ".join(f"{v:.0f}" for v in q[q.block <= 1].act_absmax),
                  q_max_late=q[q.block >= 2].act_absmax.median(),
@@ -181,7 +185,8 @@ def facts(runs: pd.DataFrame, sm: pd.DataFrame, channels: pd.DataFrame | None) -
             late_ = r[r.block >= 2]
             key = f"{a:.1f}".replace(".", "")
             qr, gr = late_[late_.proj == "q_proj"], late_[late_.proj == "gate_proj"]
-            f[f"w_sm_q_{key}"], f[f"w_sm_g_{key}"] = qr.weight_ratio_smoothed.median(), gr.weight_ratio_smoothed.median()
+            f[f"w_sm_q_{key}"] = qr.weight_ratio_smoothed.median()
+            f[f"w_sm_g_{key}"] = gr.weight_ratio_smoothed.median()
             f[f"a_sm_q_{key}"] = qr.act_ratio_smoothed.median()
             qe = r[(r.block <= 1) & (r.proj == "q_proj")]
             f[f"a_sm_q01_{key}"] = " / ".join(f"{v:.1f}" for v in qe.act_ratio_smoothed)
@@ -194,7 +199,8 @@ def facts(runs: pd.DataFrame, sm: pd.DataFrame, channels: pd.DataFrame | None) -
         st_pos = st_pos[st_pos["alpha"] > 0]
         smax = sm[sm["alpha"] > 0].groupby("alpha")["act_absmax_smoothed"].max()
         if len(st_pos) and "static_range_max" in st_pos:
-            unsmoothed = all(smax.get(a, np.inf) < r * (1 - 1e-4) for a, r in zip(st_pos.alpha, st_pos.static_range_max))
+            unsmoothed = all(smax.get(a, np.inf) < r * (1 - 1e-4)
+                             for a, r in zip(st_pos.alpha, st_pos.static_range_max))
             f["st_range_who"] = "an unsmoothed layer" if unsmoothed else "at some alphas a smoothed input"
         # which input sets the largest static range, where it is a smoothed layer's (unsmoothed ones are not in sm)
         for key, t, col, what in (("st_range_a0", _at(sm, 0.0), "act_absmax_smoothed", " after smoothing"),
@@ -208,8 +214,11 @@ def facts(runs: pd.DataFrame, sm: pd.DataFrame, channels: pd.DataFrame | None) -
                  **{f"ch_ratio_{a:.1f}".replace(".", ""): _ratio(channels[f"smoothed_{a}"]) for a in CHANNEL_ALPHAS
                     if f"smoothed_{a}" in channels})
     q = runs[runs["method"] != "float"]
-    f.update(quant_lo=q.quant_s.min(), quant_hi=q.quant_s.max(), eval_lo=q.eval_s.min(), eval_hi=q.eval_s.max(),
-             wall_min=runs.wall_s.sum() / 60, wall_first=runs.wall_s.max())
+    first = q.wall_s > 4 * q.wall_s.median()  # a sweep process's first run: model load, float eval, capture
+    f.update(quant_med=q.quant_s.median(), quant_lo=q.quant_s.min(), quant_hi=q.quant_s.max(),
+             eval_med=q.eval_s.median(), eval_lo=q.eval_s.min(), eval_hi=q.eval_s.max(),
+             wall_min=runs.wall_s.sum() / 60, wall_first=", ".join(f"{v:.0f}" for v in q.wall_s[first]) or "none",
+             wall_lo=q.wall_s[~first].min(), wall_hi=q.wall_s[~first].max())
     return f
 
 
@@ -302,14 +311,15 @@ def range_table(sm: pd.DataFrame) -> str:
     return pd.DataFrame(rows).to_markdown(index=False)
 
 
-def readme(runs: pd.DataFrame, sm: pd.DataFrame, channels: pd.DataFrame | None, layer: str, study) -> str:
-    """The study's README.md: what ran, the alpha table, the activation ranges, the plots, the findings."""
+def readme(runs: pd.DataFrame, sm: pd.DataFrame, channels: pd.DataFrame | None, layer: str, study,
+           source: str = STUDY) -> str:
+    """The study's README.md: what ran (``source``: the study file, as ``study.json`` records it), the alpha
+    table, the activation ranges, the plots, the findings."""
     fl = runs[runs.method == "float"]
     f_ppl = f"{float(fl.perplexity.iloc[0]):.2f} +- {float(fl.perplexity_se.iloc[0]):.2f}" if len(fl) else "?"
     r0 = runs[runs.method != "float"].iloc[0]
     f = facts(runs, sm, channels)
     f["ch_block"] = layer.split("/")[1]
-    source = study.source or STUDY
     env = f"jax {r0.get('jax_version', '?')}, {r0.get('backend', '?')}"
     return f"""# Ablation 3 on Gemma 3 270M: SmoothQuant's alpha
 
@@ -321,8 +331,9 @@ def readme(runs: pd.DataFrame, sm: pd.DataFrame, channels: pd.DataFrame | None, 
     python experiments/ablation_smoothquant_gemma3.py --readme
 
 (the second writes this file and the plots; without `--readme` the script runs the sweep too): {len(runs)} runs,
-{f['wall_min']:.0f} min summed over the runs' `wall_s` ({env}, shared CPU cores); the first run of a sweep process
-also loads the model and captures the calibration statistics (the longest run: {f['wall_first']:.0f} s). Every `ptq_smoothquant` run (`runs.csv`: `smooth`,
+{f['wall_min']:.0f} min summed over the runs' `wall_s` ({env}); the first run of a sweep process also loads the
+model, evaluates float and captures the calibration statistics ({f['wall_first']} s here), the others took
+{f['wall_lo']:.0f}-{f['wall_hi']:.0f} s (times: `runs.csv`). Every `ptq_smoothquant` run (`runs.csv`: `smooth`,
 `alpha`, `act`, `act_scales`) quantizes the weights of every attention / MLP projection int8 per output channel
 (symmetric absmax; the tied embedding and the attention's own products float) and their inputs int8, either with
 static per-tensor scales (`act_scales = "static"`: one range per layer, the calibration maximum of the layer's input
@@ -377,28 +388,30 @@ FINDINGS = """## What it shows
 
 | paper | qlab (Gemma 3 270M, W8 per-channel) | agrees? |
 |---|---|---|
-| O3 (static per-tensor activations): U shape in alpha, best 0.4-0.6 (OPT-175B) | static per-tensor: RTN {st_rtn:.3f}, alpha 0 {st_a0:.3f}, falling to {st_best:.3f} +- {st_best_se:.3f} at {st_best_alpha:.1f} (within one paired se of it: alpha {st_near}), rising to {st_last:.3f} at {st_last_alpha:.1f}; KL {st_kl_rtn:.3f} (RTN) -> {st_kl_best:.3f} ({st_best_alpha:.1f}) -> {st_kl_last:.3f} ({st_last_alpha:.1f}) | partly: a shallow U with its bottom late, not at 0.4-0.6; neighbouring alphas differ by about one paired se ({st_se_lo:.3f}-{st_se_hi:.3f}), so the U's shape is clear only across the range |
+| O3 (static per-tensor activations): U shape in alpha, best 0.4-0.6 (OPT-175B) | static per-tensor: RTN {st_rtn:.3f}, alpha 0 {st_a0:.3f}, falling to {st_best:.3f} +- {st_best_se:.3f} at {st_best_alpha:.1f} (within one paired se of it: alpha {st_near}), rising to {st_prev:.3f} / {st_last:.3f} at {st_prev_alpha:.1f} / {st_last_alpha:.1f}; KL {st_kl_rtn:.3f} (RTN) -> {st_kl_best:.3f} ({st_best_alpha:.1f}) -> {st_kl_last:.3f} ({st_last_alpha:.1f}) | partly: a shallow U with its bottom at {st_near}, not 0.4-0.6; neighbouring alphas differ by about one paired se ({st_se_lo:.3f}-{st_se_hi:.3f}), so the U's shape is clear only across the range |
 | per-token activations hide much of the effect | per-token: ratio {pt_lo:.3f}-{pt_hi:.3f} at every alpha (RTN {pt_rtn:.3f}), no monotone trend (the values scatter by a few of their paired se, {pt_se:.3f}); KL halves, {pt_kl_rtn:.3f} (RTN) -> {pt_kl_lo:.3f}-{pt_kl_hi:.3f} for alpha >= 0.2 | yes |
 | SmoothQuant W8A8 close to float (O3, OPT-175B) | static per-tensor stays {st_best_pct:.0f}% above float at its best; per-token is within {pt_pct_lo:.0f}-{pt_pct_hi:.0f}% with or without smoothing | no (static) |
 
-- **Why the U is shallow and its bottom late.** Before smoothing, the normed inputs have channel max/median ratios
-  of {act_ratio_lo:.1f}-{act_ratio_hi:.1f} over blocks {late} (q/k/v: median {qkv_ratio_late:.1f}; gate/up: {gu_ratio_late:.1f}) and absolute maxima far
-  above the rest of the model in blocks 0-1 (q/k/v input max {q_max_01}, against a median of {q_max_late:.0f} in the other
-  blocks): the outlier channels the paper describes (in `channels.png`, block {ch_block}'s q/k/v input: max/median
-  {ch_ratio:.1f}, largest on dimension {ch_dim}, one of the 14 systematic outlier dimensions of `results/ablations/llm_int8`;
-  {ch_ratio_05:.1f} after alpha 0.5, {ch_ratio_08:.1f} after 0.8), plus the whole-vector scale of blocks 0-1 that
-  `results/ablations/llm_int8` found (every one of the 640 dimensions above 6 there). The weights are flat (max/median
-  row ratio {w_ratio_lo:.1f}-{w_ratio_hi:.1f}, median {w_ratio_qkv:.1f} / {w_ratio_gu:.1f}), so migrating costs them little, and with per-channel weight
-  scales the smoothed rows (max/median {w_sm_q_08:.1f} / {w_sm_g_08:.1f} at alpha 0.8, {w_sm_q_10:.1f} / {w_sm_g_10:.1f} at 1.0) still quantize well: the
-  right arm of the U rises late and only a little, as MiniLM's per-channel columns showed. At alpha 0.5 the
-  smoothed inputs still have max/median {a_sm_q_05:.1f} (q/k/v) and {a_sm_q01_05} in blocks 0-1 (ranges {a_max_q01_05}); at 0.8
-  they are nearly flat ({a_sm_lo_08:.1f}-{a_sm_hi_08:.1f}), which is where the static series is best.
+- **Why the U is shallow and its bottom late.** Before smoothing, the normed inputs have channel max/median
+  ratios of {act_ratio_lo:.1f}-{act_ratio_hi:.1f} over blocks {late} (q/k/v: median {qkv_ratio_late:.1f}; gate/up: {gu_ratio_late:.1f}) and
+  absolute maxima far above the rest of the model in blocks 0-1 (q/k/v input max {q_max_01}, against a median
+  of {q_max_late:.0f} in the other blocks): the outlier channels the paper describes (in `channels.png`, block {ch_block}'s
+  q/k/v input: max/median {ch_ratio:.1f}, largest on dimension {ch_dim}, one of the 14 systematic outlier dimensions
+  of `results/ablations/llm_int8`; {ch_ratio_05:.1f} after alpha 0.5, {ch_ratio_08:.1f} after 0.8), plus the whole-vector
+  scale of blocks 0-1 that `results/ablations/llm_int8` found (every one of the 640 dimensions above 6 there).
+  The weights are flat (q_proj / gate_proj max/median row ratio {w_ratio_lo:.1f}-{w_ratio_hi:.1f}, median {w_ratio_qkv:.1f} / {w_ratio_gu:.1f}),
+  so migrating costs them little, and with per-channel weight scales the smoothed rows (max/median
+  {w_sm_q_08:.1f} / {w_sm_g_08:.1f} at alpha 0.8, {w_sm_q_10:.1f} / {w_sm_g_10:.1f} at 1.0) still quantize well: the right arm of the U rises
+  late and only a little, as MiniLM's per-channel columns showed. At alpha 0.5 the smoothed inputs still have
+  max/median {a_sm_q_05:.1f} (q/k/v) and {a_sm_q01_05} in blocks 0-1 (ranges {a_max_q01_05}); at 0.8 they are nearly
+  flat ({a_sm_lo_08:.1f}-{a_sm_hi_08:.1f}), and the static series is best around there (alpha {st_near}).
 - **Why static per-tensor W8A8 stays far from float.** SmoothQuant (as the paper) leaves o_proj and down_proj
-  unsmoothed, and their static per-tensor ranges are large: the largest static range of the model after smoothing is
-  {st_range} (`static_range_max` in `runs.csv`: {st_range_who}; {st_range_a0:.0f} at alpha 0{st_range_a0_src}, and
-  {st_range_rtn:.0f} before smoothing{st_range_rtn_src}). `results/ablations/llm_int8` found 286 and 41 outlier features (maxima 78 and 97) in the
-  attention output of blocks 0 and 1, o_proj's input. Smoothing removes at most {st_gap_removed:.0f}% of the log-perplexity
-  gap of RTN (ratio {st_rtn:.3f} -> {st_best:.3f}); the rest is not attributed layer by layer here (no per-layer error was
+  unsmoothed, and their static per-tensor ranges are large: the largest static range of the model after
+  smoothing is {st_range} (`static_range_max` in `runs.csv`: {st_range_who}; {st_range_a0:.0f} at
+  alpha 0{st_range_a0_src}, and {st_range_rtn:.0f} before smoothing{st_range_rtn_src}).
+  `results/ablations/llm_int8` found 286 and 41 outlier features (maxima 78 and 97) in the attention output of
+  blocks 0 and 1, o_proj's input. Smoothing removes at most {st_gap_removed:.0f}% of the log-perplexity gap of RTN
+  (ratio {st_rtn:.3f} -> {st_best:.3f}); the rest is not attributed layer by layer here (no per-layer error was
   measured in this study).
 - **Per-token scales** already handle the outlier channels token by token, so perplexity is flat in alpha within
   its paired se, as the paper says; KL, whose se (about {pt_kl_se:.3f}) is small against its changes, still halves with
@@ -411,8 +424,11 @@ FINDINGS = """## What it shows
 - Departures: weights int8 *per channel* (the paper's O3 has per-tensor weights), which flattens the right arm; one
   270M model and 1,024 evaluation tokens (paper: OPT-175B, zero-shot accuracy and WikiText); static ranges are the
   calibration maxima over 32 x 256 tokens of Emma (no percentile clipping); fake-quantized float32 products, the
-  attention's own products and the tied embedding float. Per run timings: `runs.csv` (`quant_s` {quant_lo:.0f}-{quant_hi:.0f} s,
-  `eval_s` {eval_lo:.0f}-{eval_hi:.0f} s, both models in one pass).
+  attention's own products and the tied embedding float.
+- Time: per run `quant_s` median {quant_med:.0f} s ({quant_lo:.0f}-{quant_hi:.0f}) and `eval_s` (both models in one pass) median
+  {eval_med:.0f} s ({eval_lo:.0f}-{eval_hi:.0f}), in `runs.csv`. The sweep ran on 2 CPU cores shared with other jobs, in two
+  processes: the first was killed for memory (the machine's other jobs) after its first run, and the second
+  resumed the study.
 """
 
 
@@ -431,7 +447,8 @@ def write(out: Path, study) -> None:
     channels = pd.read_csv(path)
     plot(out, runs, sm)
     qplot.save(qplot.channel_maxima(channels, layer, log=True), out / "channels.png")
-    atomic_write_text(out / "README.md", readme(runs, sm, channels, layer, study))
+    recorded = json.loads((out / "study.json").read_text()).get("source") if (out / "study.json").is_file() else None
+    atomic_write_text(out / "README.md", readme(runs, sm, channels, layer, study, recorded or STUDY))
     print(alpha_table(runs))
 
 
