@@ -120,7 +120,7 @@ def channel_table(runs: pd.DataFrame, layer: str) -> pd.DataFrame:
     from qlab.experiments import lm
 
     r = runs[runs["method"] == "ptq_smoothquant"].iloc[0]
-    stats = lm._float_pass_stats(r["model"], r["calibration"], int(r["calibration_seqs"]), int(r["calibration_len"]))
+    stats = lm.float_pass_stats(r["model"], r["calibration"], int(r["calibration_seqs"]), int(r["calibration_len"]))
     a = np.asarray(stats[layer]["absmax"], np.float32)
     W = np.asarray(lm.lm_linears(lm.lm_model(r["model"])[0])[layer].kernel[...])
     ch = {"channel": np.arange(len(a)), "absmax": a, "weight_absmax": np.abs(W).max(1)}

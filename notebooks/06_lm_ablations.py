@@ -479,7 +479,7 @@ else:
 # %% [markdown]
 # **What it shows.** Under static per-tensor activation scales Gemma 3 270M has a shallow U: perplexity ratio to
 # float 1.561 for RTN W8A8, 1.511 at alpha 0, best 1.320 +- 0.033 at 0.7, 1.428 at 1.0 (the paper: best 0.4-0.6).
-# The normed inputs carry outlier channels (max/median 7-19; q/k/v input maxima 316 / 257 in blocks 0-1) while the
+# The normed inputs carry outlier channels (max/median 7-20; q/k/v input maxima 316 / 257 in blocks 0-1) while the
 # weights are flat (max/median row 2-5), and per-channel weight scales absorb what is migrated, so the right arm
 # rises late. Static W8A8 stays 32% above float at best: o_proj and down_proj, unsmoothed as in the paper, keep
 # static ranges up to 139. With per-token scales perplexity is flat in alpha (1.009-1.039, RTN 1.023, se 0.007)

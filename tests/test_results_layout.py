@@ -171,34 +171,6 @@ def test_minilm_ptq_writes_the_layout(tmp_path):
     assert (tmp_path / m.STUDY / "cos.png").is_file()
 
 
-def test_ablation_smoothquant_gemma3_writes_the_layout(tmp_path):
-    import numpy as np
-
-    from qlab.experiments.results import atomic_write_text, write_run
-
-    m = _script("ablation_smoothquant_gemma3")
-    args = {"model": "gemma3_tiny", "eval_tokens": 64}
-    configs = m.jobs(args)
-    assert len({c["config_hash"] for c in configs}) == len(configs)
-    out = tmp_path / m.STUDY
-    rng = np.random.default_rng(0)
-    stats = {f"layers/{b}/{p}": {"absmax": rng.uniform(1, 9, 8)} for b in range(3)
-             for p in ("attn/q_proj", "attn/o_proj", "mlp/gate_proj")}
-    kernels = {p: rng.normal(size=(8, 4)) for p in stats}
-    for i, c in enumerate(configs):
-        layers = m.layer_rows(stats, kernels, c["alpha"], c["config_hash"]) if c.get("alpha") is not None else None
-        assert layers is None or {r["layer"] for r in layers} == {p for p in stats if "o_proj" not in p}
-        write_run(out, dict(c, perplexity=10.0 + i, perplexity_se=1.0, ppl_ratio=1.0 + i / 100, ppl_ratio_se=0.01,
-                            kl=0.1, kl_se=0.01, top1=0.9, quant_s=1.0, eval_s=1.0), layers)
-    a = rng.uniform(1, 9, 8)
-    atomic_write_text(out / "channels.csv", pd.DataFrame({"channel": np.arange(8), "absmax": a,
-                                                          "smoothed_0.5": np.sqrt(a)}).to_csv(index=False))
-    m.write_study(out, args, configs, wall_s=60.0, capture_s=1.0, channel_layer="layers/1/attn/q_proj")
-    assert layout_problems(out) == []
-    assert all((out / f).is_file() for f in ("alpha_sweep.png", "layer_ranges.png", "channels.png", "layers.csv"))
-    assert "| RTN (no smoothing) |" in (out / "README.md").read_text()
-
-
 def test_ablation_range_gemma3_writes_the_layout(tmp_path):
     """The README script of the range-setting study reads its runs (made-up metrics here) into the layout."""
     import qlab.experiments as qx
