@@ -1,7 +1,8 @@
 """Ablation 6, Gemma 3 270M half (range setting and granularity): the README and figure of its study folder.
 
     qlab sweep experiments/ablation_range_gemma3.toml --out results/ablations/range_gemma3   # the runs (resumable)
-    python experiments/ablation_range_gemma3.py [--out results/ablations/range_gemma3]        # README.md + figure
+    python experiments/ablation_range_gemma3.py --readme [--out results/ablations/range_gemma3]   # README.md + figure
+    (without --readme the script runs the sweep first)
 
 Reads the stored runs only (``qlab.experiments.load_results``) and writes ``range_vs_bits.png`` (perplexity ratio
 to float against bits, one panel per granularity, one line per range setting: ``qlab.plot.metric_vs_bits_panels``)
@@ -11,7 +12,6 @@ projections from ``layers.csv``). Every figure in the README is read from the ru
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -155,7 +155,7 @@ is [range_granularity](../range_granularity/README.md).
 
 **What ran.** `{COMMAND}`
 (source: `{STUDY}`; the same as `.venv/bin/python -m qlab.cli sweep ...`), then
-`python experiments/ablation_range_gemma3.py` for this file and `range_vs_bits.png` (`pareto.png`,
+`python experiments/ablation_range_gemma3.py --readme` for this file and `range_vs_bits.png` (`pareto.png`,
 `perplexity_vs_bits.png` and `layers.png` are the sweep's own figures). {len(runs)} runs in one process:
 {span:.0f} min wall from the first run's start to the last one's end ({total:.0f} min summed over runs; finished
 {day}), on 2 CPU cores shared with another Gemma sweep, jax {runs['jax_version'].iloc[0]}.
@@ -197,11 +197,6 @@ def write(out) -> pd.DataFrame:
     return table(runs, layers)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=str(ROOT / "results/ablations/range_gemma3"))
-    print(write(ap.parse_args().out).to_string())
-
-
 if __name__ == "__main__":
-    main()
+    qx.study_script(__doc__, ROOT / STUDY, ROOT / "results/ablations/range_gemma3",
+                    lambda out, study: print(write(out).to_string()))
