@@ -4,7 +4,6 @@ Gemma 3 (fewer fractions, seeds and scales than the real study)."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import pathlib
 import re
@@ -15,17 +14,11 @@ import tomllib
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from test_results_layout import layout_problems  # noqa: E402
+from test_results_layout import layout_problems, load_script  # noqa: E402
 
 import qlab.experiments as qx  # noqa: E402
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("experiment_ablation_awq_saliency",
-                                                  ROOT / "experiments" / "ablation_awq_saliency.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def tiny_study(m) -> dict:
@@ -44,7 +37,7 @@ def tiny_study(m) -> dict:
 
 
 def test_awq_saliency_report_on_the_tiny_study(tmp_path):
-    m = _script()
+    m = load_script("ablation_awq_saliency")
     # the toy study stands for the study file: study.json records that file as its source
     study = dataclasses.replace(qx.load_study(tiny_study(m)), source=m.STUDY)
     out = tmp_path / "awq_saliency"
@@ -78,7 +71,7 @@ def test_awq_saliency_report_on_the_tiny_study(tmp_path):
 
 def test_awq_saliency_report_lists_runs_not_stored(tmp_path):
     """``--readme`` on a partial folder: the report is written, the runs not stored are listed as not run."""
-    m = _script()
+    m = load_script("ablation_awq_saliency")
     d = tiny_study(m)
     d["sweep"] = d["sweep"][:1]
     study = dataclasses.replace(qx.load_study(d), source=m.STUDY)

@@ -4,7 +4,6 @@ run end to end on the tiny Gemma, then the report written from its stored runs."
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import pathlib
 import tomllib
 
@@ -12,17 +11,11 @@ import numpy as np
 import pandas as pd
 
 import qlab.experiments as qx
-from test_results_layout import layout_problems
+from test_results_layout import layout_problems, load_script
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("experiment_ablation_llm_int8",
-                                                  ROOT / "experiments" / "ablation_llm_int8.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _synthetic_outliers(m, blocks: int, positions: int) -> pd.DataFrame:
@@ -41,7 +34,7 @@ def _synthetic_outliers(m, blocks: int, positions: int) -> pd.DataFrame:
 
 
 def test_llm_int8_study_and_report_on_the_tiny_gemma(tmp_path):
-    m = _script()
+    m = load_script("ablation_llm_int8")
     cfg = tomllib.loads((ROOT / m.STUDY).read_text())
     cfg["base"].update(model="gemma3_tiny", data="tiny_text", eval_tokens=64)
     study = dataclasses.replace(qx.load_study(cfg), source=m.STUDY)

@@ -2,7 +2,6 @@
 alphas, a short text) end to end, then the report's channels.csv, plots and README in the study layout."""
 
 import dataclasses
-import importlib.util
 import pathlib
 import tomllib
 
@@ -10,21 +9,16 @@ import numpy as np
 import pandas as pd
 
 import qlab.experiments as qx
-from test_results_layout import layout_problems
+from test_results_layout import layout_problems, load_script
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "ablation_smoothquant_gemma3.py"
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("experiment_ablation_smoothquant_gemma3", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_report_of_the_tiny_study(tmp_path):
-    m = _script()
+    m = load_script("ablation_smoothquant_gemma3")
     cfg = tomllib.loads((ROOT / m.STUDY).read_text())
     cfg["base"].update(model="gemma3_tiny", data="tiny_text", eval_tokens=64, calibration="tiny_text",
                        calibration_seqs=4, calibration_len=16)

@@ -110,7 +110,8 @@ def test_layout_check_catches_departures(tmp_path):
     assert "experiments/nowhere.toml does not exist" in problems
 
 
-def _script(name: str):
+def load_script(name: str):
+    """The module of ``experiments/<name>.py``."""
     spec = importlib.util.spec_from_file_location(f"experiment_{name}", ROOT / "experiments" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -120,7 +121,7 @@ def _script(name: str):
 def test_qat_fashion_mnist_writes_the_layout(tmp_path):
     from qlab.experiments.results import write_run
 
-    m = _script("qat_fashion_mnist")
+    m = load_script("qat_fashion_mnist")
     args = dict(train_size=100, float_epochs=1, qat_epochs=1, batch_size=32, lr=1e-3, qat_lr=3e-4, seed=0)
     rows = [dict(m.run_config(args, "float", 32, 32, "-", 100), test_accuracy=0.8, train_seconds=1.0, model_mib=1.0)]
     for bits, quantizer in m.CONFIGS:
@@ -141,7 +142,7 @@ def test_qat_fashion_mnist_writes_the_layout(tmp_path):
 def test_qat_austen_writes_the_layout(tmp_path):
     from qlab.experiments.results import write_run
 
-    m = _script("qat_austen")
+    m = load_script("qat_austen")
     args = dict(float_steps=10, qat_steps=5, batch_size=4, seq_len=16, d_model=16, layers=1, val_chars=100,
                 lr=2e-3, qat_lr=3e-4, seed=0)
     runs_in = [("float", "float"), ("ptq_rtn", "W8A8"), ("qat", "W8A8"), ("ptq_rtn", "W4g32"), ("qat", "W4g32"),
@@ -159,7 +160,7 @@ def test_qat_austen_writes_the_layout(tmp_path):
 def test_minilm_ptq_writes_the_layout(tmp_path):
     from qlab.experiments.results import write_run
 
-    m = _script("minilm_ptq")
+    m = load_script("minilm_ptq")
     args = {"n_eval": 30, "n_calib": 8}
     configs = [m.run_config(args, *job) for job in m.jobs()]
     assert len({c["config_hash"] for c in configs}) == len(configs)
@@ -176,7 +177,7 @@ def test_ablation_range_gemma3_writes_the_layout(tmp_path):
     import qlab.experiments as qx
     from qlab.experiments.results import atomic_write_text, rebuild_tables, result_row, write_run
 
-    m = _script("ablation_range_gemma3")
+    m = load_script("ablation_range_gemma3")
     study = qx.load_study(ROOT / m.STUDY, check=False)
     out = tmp_path / study.name
     for i, run in enumerate(study.runs):
