@@ -573,19 +573,11 @@ else:
 # %%
 from qlab.experiments.results import range_labels, range_table
 
-if SMALL:
-    range_study = {"name": "nb06_range_small",
-                   "base": {"model": "gemma3_tiny", "data": "tiny_text", "eval_tokens": 64},
-                   "include": [{"method": "float"}],
-                   "sweep": [{"method": ["ptq_rtn"], "granularity": ["tensor", "ch"], "bits": [8, 3],
-                              "symmetric": [True], "range": ["absmax", "mse"]},
-                             {"method": ["ptq_rtn"], "granularity": ["tensor", "ch"], "bits": [8, 3],
-                              "symmetric": [False], "range": ["minmax"]}]}
-    RANGE_OUT = RESULTS / "nb06_range_small"
-else:
-    range_study = REPO / "experiments" / "ablation_range_gemma3.toml"
-    RANGE_OUT = RESULTS / "ablations" / "range_gemma3"
-range_runs = qx.sweep(qx.load_study(range_study), out=RANGE_OUT, progress=False)
+range_study, RANGE_OUT = ablation_study("range_gemma3", [
+    {"method": ["ptq_rtn"], "granularity": ["tensor", "ch"], "bits": [8, 3], "symmetric": [True],
+     "range": ["absmax", "mse"]},
+    {"method": ["ptq_rtn"], "granularity": ["tensor", "ch"], "bits": [8, 3], "symmetric": [False], "range": ["minmax"]}])
+range_runs = qx.sweep(range_study, out=RANGE_OUT, progress=False)
 RANGE_COLS = ("bits_per_weight", "perplexity", "ppl_ratio", "ppl_ratio_se", "kl", "top1")
 
 
